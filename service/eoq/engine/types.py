@@ -1,0 +1,138 @@
+"""Plain data passed into and out of the engine. No torch, no protobuf.
+
+The engine's contract: ``EngineRequest`` goes in; a stream of ``RequestOutput`` comes out, one per engine step
+that produced something for the request, the last one with ``finished=True``. ``SchedulerStats`` describe one
+step; the metrics module turns them (and finished requests' ``RequestTimings``) into Prometheus series.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from eoq.errors import InvalidArgument
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # end-of-answer token or a stop string
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # aborted: client cancel, deadline, shutdown
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request sampling. ``validate`` checks it once, at the door, with messages that say what is wrong."""
+
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # (0, 1]; 1 = off
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages repeats (HF semantics)
+    max_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings, matched on the detokenized text
+    stop_token_ids: tuple[int, ...] = ()  # extra stop tokens beyond the model's end-of-answer tokens
+    ignore_eos: bool = False  # benchmarks: the model's end-of-answer tokens do not stop generation
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, *, max_tokens_limit: int, max_stop_strings: int = 16, max_stop_length: int = 256) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgument(f"top_p must be in (0, 1] (0 = off), got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidArgument(f"repetition_penalty must be > 0 (0 = off), got {self.repetition_penalty}")
+        if self.max_tokens < 1:
+            raise InvalidArgument(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens > max_tokens_limit:
+            raise InvalidArgument(f"max_tokens must be <= {max_tokens_limit}, got {self.max_tokens}")
+        if len(self.stop) > max_stop_strings:
+            raise InvalidArgument(f"at most {max_stop_strings} stop strings are allowed, got {len(self.stop)}")
+        for s in self.stop:
+            if not s:
+                raise InvalidArgument("stop strings must not be empty")
+            if len(s) > max_stop_length:
+                raise InvalidArgument(f"stop strings must be at most {max_stop_length} characters, got {len(s)}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InvalidArgument(f"seed must be in [0, 2**64), got {self.seed}")
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """One generation request. ``cache_salt`` keeps tenants' prefix caches apart (it enters every block hash)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    cache_salt: str = ""
+    arrival_time: float = 0.0  # time.monotonic(); set by the engine when added if 0
+
+
+@dataclass(slots=True)
+class RequestTimings:
+    """Monotonic timestamps of one request's life, reported with its last output."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def queue_seconds(self) -> float:
+        return (self.first_scheduled - self.arrival) if self.first_scheduled is not None else 0.0
+
+    @property
+    def ttft_seconds(self) -> float:
+        return (self.first_token - self.arrival) if self.first_token is not None else 0.0
+
+    @property
+    def total_seconds(self) -> float:
+        return (self.finished - self.arrival) if self.finished is not None else 0.0
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one engine step produced for one request.
+
+    ``token_ids`` are the tokens whose text is in ``text`` (text held back for a possible stop string holds its
+    tokens back too). The last output has ``finished=True`` and a ``finish_reason``.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_completion_tokens: int = 0
+    num_cached_tokens: int = 0
+    timings: RequestTimings | None = None  # on the last output
+    error: str | None = None  # set when the request failed inside the engine
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    """One engine step, for the metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # used blocks / all blocks, 0..1
+    num_batched_seqs: int = 0
+    num_batched_tokens: int = 0
+    num_preemptions: int = 0  # in this step
+    prefix_cache_queries: int = 0  # prompt tokens looked up in this step
+    prefix_cache_hits: int = 0  # of those, found in the cache
+    num_prompt_tokens: int = 0  # prompt tokens of requests admitted in this step
+    num_generated_tokens: int = 0  # tokens sampled in this step
+    step_seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class EngineStepResult:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    stats: SchedulerStats | None = None

@@ -1,0 +1,43 @@
+"""Typed errors raised below the API layer. ``eoq.api.errors`` maps each kind to one gRPC status code.
+
+Nothing here imports grpc: the engine, the chat layer and the stores raise these, and the servicer's single
+interceptor turns them into statuses whose message says what was wrong.
+"""
+
+from __future__ import annotations
+
+
+class EoqError(Exception):
+    """Base class: the message is shown to the client, so it says what was wrong and, if possible, what to do."""
+
+
+class InvalidArgument(EoqError):
+    """The request itself is wrong (empty message, prompt beyond the context window, bad sampling values)."""
+
+
+class NotFound(EoqError):
+    """An unknown id, or one that belongs to another tenant."""
+
+
+class ResourceExhausted(EoqError):
+    """The server is full right now (the waiting queue is at its bound); retrying later may succeed."""
+
+
+class Unavailable(EoqError):
+    """A dependency (Redis) cannot be reached, or the server is shutting down; retrying later may succeed."""
+
+
+class Aborted(EoqError):
+    """A concurrency conflict, e.g. a second question on a conversation whose answer is still streaming."""
+
+
+class Unauthenticated(EoqError):
+    """No API key, or an unknown one."""
+
+
+class PermissionDenied(EoqError):
+    """A known key that may not do this."""
+
+
+class ConfigError(EoqError):
+    """Bad settings at start; the message names the setting to change."""

@@ -14,14 +14,18 @@ Invariants every implementation keeps (the contract tests in ``tests/chat/test_s
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
+import json
+import math
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 from eoq.engine.types import FinishReason
-from eoq.errors import Aborted, Unavailable
+from eoq.errors import Aborted, InvalidArgument, Unavailable
 
 # Called with (operation name, seconds) after each backend operation, and (operation, None) on a failure.
 LatencyObserver = Callable[[str, float | None], None]
@@ -108,3 +112,37 @@ class ConversationStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+# Page tokens. Both stores order a tenant's conversations by (updated_at, id), newest first, and a page token
+# is the position of the last conversation returned; the next page starts strictly after it, so conversations
+# created while a client pages land before the cursor and never shift, duplicate or hide older ones.
+
+
+def encode_page_token(updated_at: float, conversation_id: str) -> str:
+    """An opaque token for the position just after ``(updated_at, conversation_id)``."""
+    # json writes floats with repr, which round-trips exactly: the cursor compares equal to the stored score.
+    raw = json.dumps([updated_at, conversation_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def decode_page_token(token: str) -> tuple[float, str]:
+    """The ``(updated_at, conversation_id)`` inside ``token``. Raises ``InvalidArgument`` for any other string."""
+    try:
+        value = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+    except (UnicodeEncodeError, binascii.Error, ValueError) as e:
+        raise InvalidArgument(
+            f"invalid page_token {token[:40]!r}: pass the next_page_token of a previous page"
+        ) from e
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or isinstance(value[0], bool)
+        or not isinstance(value[0], (int, float))
+        or not math.isfinite(value[0])
+        or not isinstance(value[1], str)
+    ):
+        raise InvalidArgument(
+            f"invalid page_token {token[:40]!r}: pass the next_page_token of a previous page"
+        )
+    return float(value[0]), value[1]

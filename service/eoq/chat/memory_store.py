@@ -1,0 +1,200 @@
+"""The in-process conversation store, used when the server runs without ``--redis-url``.
+
+It keeps the same contract as ``RedisConversationStore`` (time-to-live refreshed on use, leases that expire,
+tenant isolation, atomic turns, cursor paging), so the contract tests in ``tests/chat/test_store.py`` run
+against both. Conversations live in this process only: not shared between replicas, lost on restart.
+
+Every method runs on the event loop without awaiting in the middle of a change, which is what makes a turn
+atomic and the store coroutine-safe. It is not thread-safe: call it from one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from eoq.chat.store import (
+    Conversation,
+    ConversationBusy,
+    StoredMessage,
+    decode_page_token,
+    encode_page_token,
+)
+from eoq.errors import InvalidArgument, NotFound
+
+logger = logging.getLogger(__name__)
+
+# Expired conversations are dropped when touched, and by a sweep at most this often (create/list), so an idle
+# store's memory does not grow with conversations nobody reads again.
+_SWEEP_INTERVAL_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class _Record:
+    tenant: str
+    system_prompt: str | None
+    created_at: float  # unix seconds
+    updated_at: float
+    expires_at: float  # time.monotonic()
+    messages: list[StoredMessage] = field(default_factory=list)
+
+    def to_conversation(self, conversation_id: str, with_messages: bool) -> Conversation:
+        return Conversation(
+            id=conversation_id,
+            tenant=self.tenant,
+            system_prompt=self.system_prompt,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            message_count=len(self.messages),
+            messages=tuple(self.messages) if with_messages else (),
+        )
+
+
+@dataclass(slots=True)
+class _Lease:
+    token: str
+    expires_at: float  # time.monotonic()
+
+
+class MemoryConversationStore:
+    """``ConversationStore`` in a dict. ``ttl_seconds``: idle time after which a conversation is gone;
+    ``lock_ttl_seconds``: expiry of a lock whose holder stopped renewing it (renewed every third of it)."""
+
+    def __init__(self, ttl_seconds: float, lock_ttl_seconds: float = 30.0) -> None:
+        if ttl_seconds <= 0:
+            raise ValueError(f"ttl_seconds must be > 0, got {ttl_seconds}")
+        if lock_ttl_seconds <= 0:
+            raise ValueError(f"lock_ttl_seconds must be > 0, got {lock_ttl_seconds}")
+        self._ttl = ttl_seconds
+        self._lock_ttl = lock_ttl_seconds
+        self._records: dict[str, _Record] = {}
+        self._ids_by_tenant: dict[str, set[str]] = {}
+        self._leases: dict[str, _Lease] = {}
+        self._next_sweep = 0.0
+
+    @property
+    def description(self) -> str:
+        return "in-process (not shared between replicas, lost on restart)"
+
+    async def create(self, tenant: str, system_prompt: str | None) -> Conversation:
+        self._sweep()
+        conversation_id = uuid.uuid4().hex
+        now = time.time()
+        record = _Record(tenant, system_prompt, now, now, time.monotonic() + self._ttl)
+        self._records[conversation_id] = record
+        self._ids_by_tenant.setdefault(tenant, set()).add(conversation_id)
+        return record.to_conversation(conversation_id, with_messages=True)
+
+    async def get(self, tenant: str, conversation_id: str) -> Conversation:
+        record = self._live(tenant, conversation_id)
+        record.expires_at = time.monotonic() + self._ttl
+        return record.to_conversation(conversation_id, with_messages=True)
+
+    async def list(self, tenant: str, page_size: int, page_token: str = "") -> tuple[list[Conversation], str]:
+        if page_size < 1:
+            raise InvalidArgument(f"page_size must be at least 1, got {page_size}")
+        cursor = decode_page_token(page_token) if page_token else None
+        self._sweep()
+        now = time.monotonic()
+        positions = sorted(
+            (
+                (record.updated_at, conversation_id)
+                for conversation_id in self._ids_by_tenant.get(tenant, ())
+                if (record := self._records.get(conversation_id)) is not None and record.expires_at > now
+            ),
+            reverse=True,
+        )
+        if cursor is not None:
+            positions = [p for p in positions if p < cursor]
+        page = positions[:page_size]
+        next_token = encode_page_token(*page[-1]) if len(positions) > page_size else ""
+        return [self._records[cid].to_conversation(cid, with_messages=False) for _, cid in page], next_token
+
+    async def delete(self, tenant: str, conversation_id: str) -> None:
+        self._live(tenant, conversation_id)
+        self._drop(conversation_id)
+
+    async def append_turn(
+        self,
+        tenant: str,
+        conversation_id: str,
+        user: StoredMessage,
+        assistant: StoredMessage,
+        system_prompt: str | None = None,
+    ) -> Conversation:
+        record = self._live(tenant, conversation_id)
+        record.messages += (user, assistant)
+        if system_prompt is not None:
+            record.system_prompt = system_prompt
+        record.updated_at = time.time()
+        record.expires_at = time.monotonic() + self._ttl
+        return record.to_conversation(conversation_id, with_messages=False)
+
+    @asynccontextmanager
+    async def lock(self, tenant: str, conversation_id: str) -> AsyncIterator[None]:
+        self._live(tenant, conversation_id)
+        lease = self._leases.get(conversation_id)
+        if lease is not None and lease.expires_at > time.monotonic():
+            raise ConversationBusy(
+                f"conversation {conversation_id} is busy: another answer is still streaming"
+            )
+        token = secrets.token_hex(16)
+        self._leases[conversation_id] = _Lease(token, time.monotonic() + self._lock_ttl)
+        renewal = asyncio.create_task(
+            self._keep_alive(conversation_id, token), name=f"eoq-lease-{conversation_id}"
+        )
+        try:
+            yield
+        finally:
+            renewal.cancel()
+            lease = self._leases.get(conversation_id)
+            if lease is not None and lease.token == token:  # never release another holder's lease
+                del self._leases[conversation_id]
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def _keep_alive(self, conversation_id: str, token: str) -> None:
+        while True:
+            await asyncio.sleep(self._lock_ttl / 3)
+            lease = self._leases.get(conversation_id)
+            if lease is None or lease.token != token:
+                logger.warning("lost the lock of conversation %s: it expired and was taken", conversation_id)
+                return
+            lease.expires_at = time.monotonic() + self._lock_ttl
+
+    def _live(self, tenant: str, conversation_id: str) -> _Record:
+        """The tenant's unexpired conversation; ``NotFound`` for unknown, expired or another tenant's ids."""
+        record = self._records.get(conversation_id)
+        if record is not None and record.expires_at <= time.monotonic():
+            self._drop(conversation_id)
+            record = None
+        if record is None or record.tenant != tenant:
+            raise NotFound(f"conversation {conversation_id} not found")
+        return record
+
+    def _drop(self, conversation_id: str) -> None:
+        record = self._records.pop(conversation_id)
+        ids = self._ids_by_tenant[record.tenant]
+        ids.discard(conversation_id)
+        if not ids:
+            del self._ids_by_tenant[record.tenant]
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _SWEEP_INTERVAL_SECONDS
+        for conversation_id in [cid for cid, r in self._records.items() if r.expires_at <= now]:
+            self._drop(conversation_id)
+        for conversation_id in [cid for cid, lease in self._leases.items() if lease.expires_at <= now]:
+            del self._leases[conversation_id]

@@ -1,0 +1,148 @@
+"""Assembling an engine core from settings: device and dtype, the model, and a KV cache sized from a budget."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from eoq.engine.block_manager import BlockManager
+from eoq.engine.core import EngineCore
+from eoq.engine.device import dtype_name, select_device, select_dtype
+from eoq.engine.model.loader import build_model, context_length, load_config, load_tokenizer, read_state_dict
+from eoq.engine.runner import ModelRunner
+from eoq.engine.scheduler import Scheduler
+from eoq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GiB = 1024**3
+DEFAULT_CPU_KV_GB = 1.0
+DEFAULT_GPU_KV_FRACTION = 0.85  # of the GPU memory still free once the weights are loaded
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What the engine needs, picklable (the engine may run in its own process)."""
+
+    checkpoint: Path  # a transformers-format folder (see model.loader.resolve_checkpoint)
+    model_name: str
+    device: str = "auto"
+    dtype: str = "auto"
+    kv_cache_memory_gb: float | None = None
+    block_size: int = 16
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None
+    seed: int = 0
+    extra_eos_token_ids: tuple[int, ...] = ()  # e.g. the chat template's end-of-turn token
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    context_length: int
+    dtype: str
+    device: str
+    vocab_size: int
+    kv_cache_tokens: int
+    kv_bytes_per_token: int
+    num_blocks: int
+    block_size: int
+    eos_token_ids: tuple[int, ...] = field(default=())
+
+
+def eos_token_ids(checkpoint: Path, tokenizer: PreTrainedTokenizerBase, config) -> set[int]:
+    """The model's end tokens: the tokenizer's EOS, the config's and the generation config's."""
+    ids: set[int] = set()
+
+    def add(value) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(tokenizer.eos_token_id)
+    add(getattr(config, "eos_token_id", None))
+    if (checkpoint / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        add(GenerationConfig.from_pretrained(checkpoint).eos_token_id)
+    return ids
+
+
+def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
+    t0 = time.monotonic()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = select_device(cfg.device)
+    dtype = select_dtype(cfg.dtype, device)
+    config = load_config(cfg.checkpoint)
+    tokenizer = load_tokenizer(cfg.checkpoint)
+    model_len = context_length(config)
+    if cfg.max_model_len is not None:
+        if cfg.max_model_len > model_len:
+            raise ConfigError(f"--max-model-len {cfg.max_model_len} exceeds the model's context ({model_len} tokens)")
+        model_len = cfg.max_model_len
+    state = read_state_dict(cfg.checkpoint)
+    model = build_model(config, model_len, device, dtype, state)
+    del state
+
+    bytes_per_token = model.kv_spec.bytes_per_token(dtype)
+    budget = _kv_budget_bytes(cfg, device)
+    num_blocks = int(budget // (bytes_per_token * cfg.block_size))
+    capacity = num_blocks * cfg.block_size
+    if capacity < model_len:
+        need_gb = model_len * bytes_per_token / GiB
+        raise ConfigError(
+            f"the KV cache budget ({budget / GiB:.3g} GiB) holds {capacity} tokens, less than one full-length "
+            f"sequence ({model_len} tokens at {bytes_per_token} bytes each): raise --kv-cache-memory-gb to at "
+            f"least {need_gb:.3g} or lower --max-model-len"
+        )
+    eos = eos_token_ids(cfg.checkpoint, tokenizer, config) | set(cfg.extra_eos_token_ids)
+    blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+    scheduler = Scheduler(blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+    runner = ModelRunner(model, num_blocks, cfg.block_size, device, dtype, cfg.seed)
+    core = EngineCore(runner, scheduler, tokenizer, frozenset(eos))
+    info = ModelInfo(
+        name=cfg.model_name,
+        architecture=model.architecture,
+        context_length=model_len,
+        dtype=dtype_name(dtype),
+        device=str(device),
+        vocab_size=model.vocab_size,
+        kv_cache_tokens=capacity,
+        kv_bytes_per_token=bytes_per_token,
+        num_blocks=num_blocks,
+        block_size=cfg.block_size,
+        eos_token_ids=tuple(sorted(eos)),
+    )
+    log.info(
+        "model %s (%s) on %s in %s, context %d tokens, loaded in %.1f s; KV cache %.2f GiB = %d tokens "
+        "(%d blocks of %d, %d bytes/token) = %d full-length or ~%d sequences of 1k tokens; %s threads",
+        info.name, info.architecture, info.device, info.dtype, model_len, time.monotonic() - t0,
+        num_blocks * cfg.block_size * bytes_per_token / GiB, capacity, num_blocks, cfg.block_size, bytes_per_token,
+        capacity // model_len, capacity // 1024, torch.get_num_threads(),
+    )
+    return core, info
+
+
+def _kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> float:
+    if cfg.kv_cache_memory_gb is not None:
+        return cfg.kv_cache_memory_gb * GiB
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free * DEFAULT_GPU_KV_FRACTION
+    return DEFAULT_CPU_KV_GB * GiB
+
+
+def default_num_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

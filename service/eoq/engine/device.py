@@ -1,0 +1,61 @@
+"""Device and dtype selection, decided once when the model loads."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from eoq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def select_device(setting: str) -> torch.device:
+    """'auto' = the first CUDA device when there is one, else the CPU."""
+    if setting == "auto":
+        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {setting!r} is not a device (use auto, cpu, cuda or cuda:N): {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {setting}: CUDA is not available here; use --device cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda:0")
+        elif device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {setting}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {setting}: only cpu and cuda are supported")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 GEMMs run several times faster than fp32 there (oneDNN uses them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def select_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """'auto' = bfloat16 on CUDA (fp16 where the GPU lacks bf16) and on CPUs with fast bf16, else float32."""
+    if setting != "auto":
+        if setting not in DTYPES:
+            raise ConfigError(f"--dtype {setting!r}: use auto, float32, bfloat16 or float16")
+        dtype = DTYPES[setting]
+        if device.type == "cpu" and dtype == torch.float16:
+            log.warning("float16 on the CPU is slow; bfloat16 or float32 is better here")
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,1 @@
+"""Our decoders (GPT-2 and Llama families) and how checkpoints become them."""

@@ -1,0 +1,94 @@
+"""Causal self-attention over the paged KV cache.
+
+Tokens of one engine step are flattened into one dimension, decodes first (one token each), then prefill
+chunks sequence by sequence. Every layer writes the new tokens' K/V into their cache slots, then:
+- decodes attend together: all their blocks are gathered in one ``index_select`` straight into the layout the
+  batched matmuls want, (kv_heads, D, max_blocks * block_size, head_dim), padding masked out. This runs
+  ~10x faster on the CPU than SDPA's flash kernel over an advanced-indexing gather (measured at 32 sequences
+  of ~320 tokens: 0.8 ms vs 6.5-12 ms per layer), whose strided K/V it cannot use directly;
+- each prefill chunk attends to its sequence's earlier tokens (cached prefix or earlier chunks) plus itself,
+  causally, with SDPA; a chunk with no earlier tokens attends to its own K/V, with no gather.
+The cache of one layer is head-major, (num_kv_heads, num_blocks, block_size, head_dim), so a gather of
+blocks is contiguous per head; slot = block * block_size + offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    query_start: int  # index of the chunk's first token in the step's flattened tokens
+    query_len: int
+    context_start: int  # this sequence's tokens already in the cache before the chunk (its first position)
+    block_ids: torch.Tensor | None = None  # (n_blocks,) blocks covering context_start + query_len; None if start 0
+    mask: torch.Tensor | None = None  # (query_len, context_start + query_len) bool, True = attend
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot of each new token
+    num_decodes: int = 0
+    decode_blocks: torch.Tensor | None = None  # (D * max_blocks,) int64: block tables, padded with block 0
+    decode_bias: torch.Tensor | None = None  # (1, D, 1, max_blocks * block_size) model dtype: 0 or -inf (padding)
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def paged_attention(
+    q: torch.Tensor,  # (T, nh, hd)
+    k: torch.Tensor,  # (T, nkv, hd)
+    v: torch.Tensor,  # (T, nkv, hd)
+    k_cache: torch.Tensor,  # (nkv, num_blocks, bs, hd)
+    v_cache: torch.Tensor,  # (nkv, num_blocks, bs, hd)
+    meta: AttentionMetadata,
+) -> torch.Tensor:  # (T, nh * hd)
+    T, nh, hd = q.shape
+    nkv = k.shape[1]
+    gqa = nkv != nh
+    k_cache.view(nkv, -1, hd).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.view(nkv, -1, hd).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    out = torch.empty(T, nh, hd, dtype=q.dtype, device=q.device)
+
+    D = meta.num_decodes
+    if D:
+        out[:D] = _decode_attention(q[:D], k_cache, v_cache, meta)
+
+    for p in meta.prefills:
+        s, n = p.query_start, p.query_len
+        qp = q[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, nh, n, hd)
+        if p.context_start == 0:
+            kp = k[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, nkv, n, hd)
+            vp = v[s : s + n].transpose(0, 1).unsqueeze(0)
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa)
+        else:
+            assert p.block_ids is not None
+            ctx = p.context_start + n
+            kp = k_cache.index_select(1, p.block_ids).view(nkv, -1, hd)[:, :ctx].unsqueeze(0)  # (1, nkv, ctx, hd)
+            vp = v_cache.index_select(1, p.block_ids).view(nkv, -1, hd)[:, :ctx].unsqueeze(0)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, enable_gqa=gqa)
+        out[s : s + n] = op[0].transpose(0, 1)  # (n, nh, hd)
+    return out.view(T, nh * hd)
+
+
+def _decode_attention(
+    q: torch.Tensor,  # (D, nh, hd)
+    k_cache: torch.Tensor,  # (nkv, num_blocks, bs, hd)
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:  # (D, nh, hd)
+    D, nh, hd = q.shape
+    nkv = k_cache.shape[0]
+    assert meta.decode_blocks is not None and meta.decode_bias is not None
+    L = meta.decode_bias.shape[-1]
+    k = k_cache.index_select(1, meta.decode_blocks).view(nkv, D, L, hd)  # (nkv, D, L, hd)
+    v = v_cache.index_select(1, meta.decode_blocks).view(nkv, D, L, hd)  # (nkv, D, L, hd)
+    qh = (q * hd**-0.5).view(D, nkv, nh // nkv, hd).transpose(0, 1)  # (nkv, D, G, hd)
+    scores = torch.matmul(qh, k.transpose(-1, -2))  # (nkv, D, G, L)
+    scores += meta.decode_bias
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (nkv, D, G, L)
+    o = torch.matmul(probs, v)  # (nkv, D, G, hd)
+    return o.transpose(0, 1).reshape(D, nh, hd)

@@ -1,0 +1,75 @@
+"""What every decoder family provides to the runner."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from eoq.engine.model.attention import AttentionMetadata
+from eoq.engine.model.linear import Linear
+
+
+@dataclass(frozen=True, slots=True)
+class KVSpec:
+    """The shape of one token's K/V in one layer; the runner sizes the cache from it."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
+
+
+class DecoderModel(nn.Module):
+    """A causal decoder over the paged KV cache. It knows nothing of scheduling.
+
+    ``forward`` takes the step's flattened new tokens and returns float32 logits for the rows in
+    ``logits_indices`` only (the last token of each sequence that samples), so a prefill chunk that doesn't end
+    its prompt costs no LM-head work.
+    """
+
+    architecture: str
+    kv_spec: KVSpec
+    vocab_size: int
+    max_positions: int
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (T,) int64
+        positions: torch.Tensor,  # (T,) int64
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (num_blocks, bs, nkv, hd) x 2
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,  # (S,) int64
+    ) -> torch.Tensor:  # (S, vocab) float32
+        raise NotImplementedError
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a transformers-format state dict (names as in the checkpoint) into this model."""
+        raise NotImplementedError
+
+    def linears(self) -> Iterator[Linear]:
+        return (m for m in self.modules() if isinstance(m, Linear))
+
+    def prepare(self) -> None:
+        """Called once after the weights are loaded and moved: picks the matmul kernels."""
+        for lin in self.linears():
+            lin.prepare()
+
+
+def take(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """Pop a checkpoint tensor, with a message naming the missing one (a broken or foreign checkpoint)."""
+    try:
+        return state.pop(name)
+    except KeyError:
+        raise KeyError(f"checkpoint has no tensor {name!r}") from None
+
+
+def copy_into(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(value)

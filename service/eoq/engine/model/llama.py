@@ -1,0 +1,163 @@
+"""The Llama family: RoPE (with the checkpoint's scaling), RMSNorm, SwiGLU, grouped-query attention.
+
+Covers Llama, SmolLM2, Mistral-style and Qwen2 checkpoints, tied or untied embeddings. Follows transformers'
+``modeling_llama.py`` numerically (the fidelity tests hold it to 1e-4 in float32); the differences are in
+layout only: q/k/v and gate/up are fused into single matmuls, and attention runs over the paged KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from eoq.engine.model.attention import AttentionMetadata, paged_attention
+from eoq.engine.model.base import DecoderModel, KVSpec, copy_into, take
+from eoq.engine.model.linear import Linear, RMSNorm
+from eoq.errors import ConfigError
+
+# RoPE types whose frequencies do not depend on the sequence length (a cached K must never change).
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+
+
+def rope_parameters(config: PretrainedConfig) -> dict:
+    params = getattr(config, "rope_parameters", None)
+    if params is None:  # older configs
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params = dict(params)
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the attention scaling of the checkpoint's RoPE (transformers computes them)."""
+    params = rope_parameters(config)
+    rope_type = params["rope_type"]
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ConfigError(
+            f"RoPE type {rope_type!r} changes with the sequence length, which a KV cache cannot follow; "
+            f"supported: {', '.join(STATIC_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        base = float(params["rope_theta"])
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        return inv_freq, 1.0
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, hidden: int, nh: int, nkv: int, hd: int, inter: int, eps: float, qkv_bias: bool,
+                 o_bias: bool, mlp_bias: bool) -> None:
+        super().__init__()
+        self.nh, self.nkv, self.hd, self.inter = nh, nkv, hd, inter
+        self.input_norm = RMSNorm(hidden, eps)
+        self.qkv = Linear(hidden, (nh + 2 * nkv) * hd, bias=qkv_bias)
+        self.o_proj = Linear(nh * hd, hidden, bias=o_bias)
+        self.post_norm = RMSNorm(hidden, eps)
+        self.gate_up = Linear(hidden, 2 * inter, bias=mlp_bias)
+        self.down = Linear(inter, hidden, bias=mlp_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        nh, nkv, hd = self.nh, self.nkv, self.hd
+        qkv = self.qkv(self.input_norm(x))  # (T, (nh + 2 nkv) hd)
+        # q and k are adjacent in the fused output: rotate both with one set of ops.
+        qk = qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd)  # (T, nh + nkv, hd)
+        qk = qk * cos + qk.view(T, nh + nkv, 2, hd // 2).flip(2).view(T, nh + nkv, hd) * sin
+        v = qkv[:, (nh + nkv) * hd :].view(T, nkv, hd)  # (T, nkv, hd)
+        attn = paged_attention(qk[:, :nh], qk[:, nh:], v, kv[0], kv[1], meta)  # (T, nh hd)
+        x = x + self.o_proj(attn)
+        gate, up = self.gate_up(self.post_norm(x)).split(self.inter, dim=-1)  # (T, inter) x 2
+        return x + self.down(F.silu(gate) * up)
+
+
+class LlamaDecoder(DecoderModel):
+    architecture = "llama"
+
+    def __init__(self, config: PretrainedConfig, max_positions: int) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        nh = config.num_attention_heads
+        nkv = getattr(config, "num_key_value_heads", None) or nh
+        hd = getattr(config, "head_dim", None) or hidden // nh
+        if nh % nkv:
+            raise ConfigError(f"num_attention_heads ({nh}) is not a multiple of num_key_value_heads ({nkv})")
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act {act!r} is not supported for {config.model_type} (only silu)")
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = attention_bias or config.model_type == "qwen2"
+        self.tie_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.vocab_size = config.vocab_size
+        self.max_positions = max_positions
+        self.kv_spec = KVSpec(config.num_hidden_layers, nkv, hd)
+        self.embed = nn.Embedding(config.vocab_size, hidden)
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            LlamaLayer(hidden, nh, nkv, hd, config.intermediate_size, config.rms_norm_eps, qkv_bias,
+                       attention_bias, bool(getattr(config, "mlp_bias", False)))
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.lm_head = Linear(hidden, config.vocab_size, bias=False)
+        inv_freq, scaling = rope_inv_freq(config, hd)
+        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]  # (P, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (P, hd)
+        half = hd // 2
+        sin = emb.sin() * scaling
+        # rotate_half(x) * sin == flip_halves(x) * [-sin_1, sin_2]: one flip instead of slice/neg/cat.
+        sin[:, :half] = -sin[:, :half]
+        self.register_buffer("cos_table", emb.cos() * scaling, persistent=False)  # (P, hd)
+        self.register_buffer("sin_table", sin, persistent=False)  # (P, hd)
+
+    def forward(self, input_ids, positions, kv_caches, meta, logits_indices):
+        x = self.embed(input_ids)  # (T, hidden)
+        cos = self.cos_table[positions].to(x.dtype).unsqueeze(1)  # (T, 1, hd)
+        sin = self.sin_table[positions].to(x.dtype).unsqueeze(1)  # (T, 1, hd)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv, meta)
+        x = self.norm(x[logits_indices])  # (S, hidden)
+        return self.lm_head(x).float()  # (S, vocab)
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = {k.removeprefix("model."): t for k, t in state.items()}
+        if "embed_tokens.weight" not in state and self.tie_embeddings and "lm_head.weight" in state:
+            state["embed_tokens.weight"] = state.pop("lm_head.weight")  # a tied checkpoint saved under the head's name
+        copy_into(self.embed.weight, take(state, "embed_tokens.weight"), "embed_tokens.weight")
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            for name in ("weight", "bias"):
+                parts = [state.pop(f"{p}self_attn.{x}_proj.{name}", None) for x in "qkv"]
+                target = getattr(layer.qkv, name)
+                if target is not None:
+                    if any(t is None for t in parts):
+                        raise KeyError(f"checkpoint lacks {p}self_attn.q/k/v_proj.{name}")
+                    copy_into(target, torch.cat(parts, 0), f"{p}self_attn.qkv.{name}")
+            copy_into(layer.o_proj.weight, take(state, f"{p}self_attn.o_proj.weight"), f"{p}o_proj")
+            if layer.o_proj.bias is not None:
+                copy_into(layer.o_proj.bias, take(state, f"{p}self_attn.o_proj.bias"), f"{p}o_proj.bias")
+            gate_up = torch.cat([take(state, f"{p}mlp.gate_proj.weight"), take(state, f"{p}mlp.up_proj.weight")], 0)
+            copy_into(layer.gate_up.weight, gate_up, f"{p}mlp.gate_up")
+            copy_into(layer.down.weight, take(state, f"{p}mlp.down_proj.weight"), f"{p}mlp.down_proj")
+            if layer.gate_up.bias is not None:
+                bias = torch.cat([take(state, f"{p}mlp.gate_proj.bias"), take(state, f"{p}mlp.up_proj.bias")], 0)
+                copy_into(layer.gate_up.bias, bias, f"{p}mlp.gate_up.bias")
+                copy_into(layer.down.bias, take(state, f"{p}mlp.down_proj.bias"), f"{p}mlp.down_proj.bias")
+            copy_into(layer.input_norm.weight, take(state, f"{p}input_layernorm.weight"), f"{p}input_layernorm")
+            copy_into(layer.post_norm.weight, take(state, f"{p}post_attention_layernorm.weight"),
+                      f"{p}post_attention_layernorm")
+        copy_into(self.norm.weight, take(state, "norm.weight"), "norm.weight")
+        head = state.pop("lm_head.weight", None)
+        if head is None or self.tie_embeddings:
+            self.lm_head.weight = self.embed.weight  # tied: one tensor, not a copy
+        else:
+            copy_into(self.lm_head.weight, head, "lm_head.weight")
+        state.pop("rotary_emb.inv_freq", None)
+        leftovers = [k for k in state if not k.endswith("rotary_emb.inv_freq")]
+        if leftovers:
+            raise KeyError(f"checkpoint has tensors this Llama-family decoder does not use: {leftovers[:5]}")

@@ -1,0 +1,142 @@
+"""The model runner: owns the device tensors (weights, KV cache), turns a scheduler output into model inputs,
+runs the decoder and samples.
+
+It reads sequences (tokens, positions, block tables) but never changes them: the engine core applies the
+results.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from eoq.engine.model.attention import AttentionMetadata, PrefillChunk
+from eoq.engine.model.base import DecoderModel
+from eoq.engine.sampler import Sampler, SamplingBatch
+from eoq.engine.scheduler import SchedulerOutput
+from eoq.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, device: torch.device,
+                 dtype: torch.dtype, seed: int = 0) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        spec = model.kv_spec
+        # One allocation for the whole cache: (layers, K/V, kv_heads, blocks, block_size, head_dim).
+        self.kv_cache = torch.zeros(spec.num_layers, 2, spec.num_kv_heads, num_blocks, block_size, spec.head_dim,
+                                    dtype=dtype, device=device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_layers)]
+        self.sampler = Sampler(device, seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[int]:
+        """Run one step. Returns the sampled token of each sequence that samples, in the order of
+        ``sampling_sequences(out)``."""
+        input_ids, positions, meta, logits_indices, sampling = self._prepare(out)
+        logits = self.model(input_ids, positions, self.kv_caches, meta, logits_indices)  # (S, V)
+        if not sampling:
+            return []
+        batch = SamplingBatch.build(
+            [s.sampling for s in sampling],
+            [s.token_ids for s in sampling] if any(s.sampling.repetition_penalty != 1.0 for s in sampling) else [],
+            [self._generator(s) for s in sampling],
+            self.device,
+        )
+        return self.sampler(logits, batch).tolist()
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state (its generator) once the request has ended."""
+        self._generators.pop(request_id, None)
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        seed = seq.sampling.seed
+        if seed is None or seq.sampling.is_greedy:
+            return None
+        g = self._generators.get(seq.request_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(seed)
+            self._generators[seq.request_id] = g
+        return g
+
+    def _prepare(self, out: SchedulerOutput):
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        logits_indices: list[int] = []
+        sampling: list[Sequence] = []
+
+        D = len(out.decodes)
+        decode_blocks = decode_bias = None
+        if D:
+            ctx_lens = []
+            width = 0
+            for seq in out.decodes:
+                p = seq.num_computed_tokens
+                ids.append(seq.token_ids[p])
+                pos.append(p)
+                slots.append(seq.block_ids[p // bs] * bs + p % bs)
+                ctx_lens.append(p + 1)
+                width = max(width, p // bs + 1)
+            tables: list[int] = []
+            for seq in out.decodes:
+                row = seq.block_ids[:width]
+                tables.extend(row)
+                tables.extend([0] * (width - len(row)))
+            decode_blocks = torch.tensor(tables, dtype=torch.int64)  # (D * width,)
+            lens = torch.tensor(ctx_lens, dtype=torch.int64)
+            pad = torch.arange(width * bs).unsqueeze(0) >= lens.unsqueeze(1)  # (D, L)
+            decode_bias = torch.zeros(D, width * bs, dtype=self.dtype).masked_fill_(pad, float("-inf"))
+            decode_bias = decode_bias.view(1, D, 1, width * bs)
+            logits_indices.extend(range(D))
+            sampling.extend(out.decodes)
+
+        chunks: list[PrefillChunk] = []
+        for c in out.prefills:
+            seq, n = c.seq, c.num_new_tokens
+            start = seq.num_computed_tokens
+            q0 = len(ids)
+            ids.extend(seq.token_ids[start : start + n])
+            p = torch.arange(start, start + n)
+            pos.extend(range(start, start + n))
+            nb = -(-(start + n) // bs)
+            table = torch.tensor(seq.block_ids[:nb], dtype=torch.int64)
+            slots.extend((table[p // bs] * bs + p % bs).tolist())
+            chunk = PrefillChunk(q0, n, start)
+            if start > 0:
+                chunk.block_ids = table.to(self.device)
+                chunk.mask = (torch.arange(start + n).unsqueeze(0) <= p.unsqueeze(1)).to(self.device)  # (n, start+n)
+            chunks.append(chunk)
+            if c.samples:
+                logits_indices.append(q0 + n - 1)
+                sampling.append(seq)
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decodes=D,
+            decode_blocks=decode_blocks.to(dev) if decode_blocks is not None else None,
+            decode_bias=decode_bias.to(dev) if decode_bias is not None else None,
+            prefills=chunks,
+        )
+        return (
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(pos, dtype=torch.int64, device=dev),
+            meta,
+            torch.tensor(logits_indices, dtype=torch.int64, device=dev),
+            sampling,
+        )
+
+
+def sampling_sequences(out: SchedulerOutput) -> list[Sequence]:
+    """The sequences that sample this step, in the order ``ModelRunner.execute`` returns their tokens."""
+    return list(out.decodes) + [c.seq for c in out.prefills if c.samples]

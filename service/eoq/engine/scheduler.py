@@ -1,0 +1,164 @@
+"""Iteration-level continuous batching (Orca / vLLM v1 style).
+
+Every step gets a token budget. Running sequences go first, oldest first: a decode takes one token, a prompt
+being prefilled in chunks takes what is left of the budget. Then waiting requests join, oldest first, while the
+budget, the running-sequence limit and the KV cache allow; each takes its prefix-cache hits and as much of its
+prompt as fits (long prompts are prefilled over several steps, mixed with the others' decodes). Finished
+sequences leave at once (``finish``).
+
+When a running sequence cannot get a block for its next token, the newest running sequence is preempted: its
+blocks are freed and it goes back to the front of the queue, to be recomputed from its tokens later (its
+blocks stay in the prefix cache, so the recompute is mostly cache hits). Nobody starves: the queue is FCFS,
+preempted requests go back to its front, and the oldest running sequence is always served first.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from eoq.engine.block_manager import BlockManager
+from eoq.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """This chunk reaches the sequence's last token, so the step samples its next token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What the runner computes in one step: decodes (one token each) first, then prompt chunks."""
+
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    prefix_cache_queries: int = 0  # prompt tokens of newly admitted sequences
+    prefix_cache_hits: int = 0  # of those, taken from the prefix cache
+    num_prompt_tokens: int = 0  # prompt tokens of sequences admitted for the first time
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(c.num_new_tokens for c in self.prefills)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.decodes) + len(self.prefills)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 watermark: float = 0.01) -> None:
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        # Admit a new sequence only if this many blocks stay free, so decodes rarely need a preemption.
+        self.watermark_blocks = int(watermark * block_manager.num_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first
+        self.num_preemptions_total = 0
+
+    # --- queue changes ---
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the scheduler (finished, failed or aborted) and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.blocks.free(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # --- the step ---
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.allocate_slots(seq, n):
+                victim = self.running[-1]
+                if id(victim) in scheduled:  # never preempt what this step already computes
+                    victim = seq
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.add(id(seq))
+                self._add_to_output(out, seq, n)
+                budget -= n
+                i += 1
+                continue
+            # seq itself was preempted: everything after it (newer) is gone too or still unscheduled
+            if seq not in self.running:
+                continue
+
+        if out.preempted:
+            return out  # the cache is tight: admit nobody new this step
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits, num_hit = self.blocks.get_computed_blocks(seq)
+            n = min(seq.num_tokens - num_hit, budget)
+            needed = self.blocks.blocks_needed(num_hit + n) - len(hits)
+            if self.running and self.blocks.num_free_blocks - needed < self.watermark_blocks:
+                break
+            if not self.blocks.allocate_slots(seq, n, hits):
+                break
+            self.waiting.popleft()
+            seq.num_computed_tokens = num_hit
+            if seq.num_cached_tokens < 0:  # first admission (not a recompute after preemption)
+                seq.num_cached_tokens = num_hit
+                out.prefix_cache_queries += seq.num_tokens
+                out.prefix_cache_hits += num_hit
+                out.num_prompt_tokens += seq.num_prompt_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._add_to_output(out, seq, n)
+            budget -= n
+        return out
+
+    def _add_to_output(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        if n == 1 and seq.num_computed_tokens == seq.num_tokens - 1:
+            out.decodes.append(seq)
+        else:
+            out.prefills.append(ScheduledChunk(seq, n))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(seq)
+
+    def update_computed(self, out: SchedulerOutput) -> None:
+        """After the runner ran ``out``: the scheduled tokens are now in the cache; full blocks become cacheable."""
+        for seq in out.decodes:
+            seq.num_computed_tokens += 1
+            self.blocks.cache_full_blocks(seq, seq.num_computed_tokens)
+        for chunk in out.prefills:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+            self.blocks.cache_full_blocks(chunk.seq, chunk.seq.num_computed_tokens)

@@ -133,3 +133,22 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+# --- the real default model ---------------------------------------------------------------------------------
+
+
+def model_cache_dir() -> Path:
+    """Where converted checkpoints are cached for the test run: the user's eoq cache, so a machine converts the
+    default GGUF file once (about 20 s) across test runs and `eoq serve` starts."""
+    from eoq.config import default_cache_dir
+
+    return default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint():
+    """The default model (SmolLM2-135M-Instruct) as a transformers-format checkpoint folder."""
+    from eoq.engine.model.loader import resolve_checkpoint
+
+    return resolve_checkpoint("default", model_cache_dir())

@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     port: int = Field(50051, description="gRPC port")
     metrics_port: int = Field(9400, description="Prometheus /metrics port (0 = off)")
     grace_period_seconds: float = Field(30.0, description="on SIGTERM, how long streaming answers may finish")
+    max_connection_age_seconds: float | None = Field(
+        None, description="close client connections after this age so they re-resolve (e.g. 300 behind k8s)"
+    )
+    max_connection_age_grace_seconds: float = Field(
+        600.0, description="how long a closing connection's streams may finish (above the longest answer)"
+    )
+    keepalive_time_seconds: float = Field(30.0, description="server keepalive ping interval")
+    keepalive_timeout_seconds: float = Field(10.0, description="close a connection whose ping gets no answer")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- conversations ---

@@ -41,3 +41,7 @@ class PermissionDenied(EoqError):
 
 class ConfigError(EoqError):
     """Bad settings at start; the message names the setting to change."""
+
+
+class InternalError(EoqError):
+    """Something failed inside the server (a bug or a failed model step); maps to INTERNAL."""

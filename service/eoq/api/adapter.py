@@ -1,0 +1,115 @@
+"""Protobuf <-> internal types, in one place. No other module below the API imports the generated code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from eoq._proto.chat.v1 import chat_pb2 as pb
+from eoq.chat.service import AnswerEvent, Usage
+from eoq.chat.store import Conversation, Role, StoredMessage
+from eoq.engine.builder import ModelInfo
+from eoq.engine.types import FinishReason, SamplingParams
+from eoq.errors import InvalidArgument
+
+FINISH_TO_PB = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+ROLE_TO_PB = {Role.SYSTEM: pb.ROLE_SYSTEM, Role.USER: pb.ROLE_USER, Role.ASSISTANT: pb.ROLE_ASSISTANT}
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingPolicy:
+    """Server defaults and limits applied to every request's sampling parameters."""
+
+    default_max_tokens: int
+    max_tokens_limit: int
+    default_temperature: float = 0.0
+    default_top_p: float = 1.0
+    default_top_k: int = 0
+    default_repetition_penalty: float = 1.0
+    max_stop_strings: int = 16
+
+    def sampling_from_pb(self, p: pb.SamplingParams) -> SamplingParams:
+        """Fill 0 = default fields and validate; raises ``InvalidArgument`` naming the bad field."""
+        if p.top_p < 0:
+            raise InvalidArgument(f"top_p must be in (0, 1] (0 = off), got {p.top_p:g}")
+        params = SamplingParams(
+            temperature=p.temperature if p.temperature != 0 else self.default_temperature,
+            top_p=p.top_p if p.top_p != 0 else self.default_top_p,
+            top_k=p.top_k if p.top_k != 0 else self.default_top_k,
+            repetition_penalty=p.repetition_penalty if p.repetition_penalty != 0 else self.default_repetition_penalty,
+            max_tokens=p.max_tokens if p.max_tokens != 0 else self.default_max_tokens,
+            seed=p.seed if p.HasField("seed") else None,
+            stop=tuple(p.stop),
+            ignore_eos=p.ignore_eos,
+        )
+        params.validate(max_tokens_limit=self.max_tokens_limit, max_stop_strings=self.max_stop_strings)
+        return params
+
+
+def _timestamp(unix_seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(unix_seconds * 1e9))
+    return ts
+
+
+def message_to_pb(m: StoredMessage) -> pb.Message:
+    return pb.Message(role=ROLE_TO_PB[m.role], content=m.content, finish_reason=FINISH_TO_PB[m.finish_reason],
+                      created_at=_timestamp(m.created_at))
+
+
+def conversation_to_pb(c: Conversation) -> pb.Conversation:
+    return pb.Conversation(
+        id=c.id,
+        system_prompt=c.system_prompt or "",
+        messages=[message_to_pb(m) for m in c.messages],
+        created_at=_timestamp(c.created_at),
+        updated_at=_timestamp(c.updated_at),
+        message_count=c.message_count,
+    )
+
+
+def usage_to_pb(u: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        cached_prompt_tokens=u.cached_prompt_tokens,
+        time_to_first_token_seconds=u.time_to_first_token_seconds,
+        total_seconds=u.total_seconds,
+        queue_seconds=u.queue_seconds,
+    )
+
+
+def chat_event_to_pb(e: AnswerEvent) -> pb.ChatEvent:
+    event = pb.ChatEvent(conversation_id=e.conversation_id, delta=e.text, token_ids=e.token_ids,
+                         finish_reason=FINISH_TO_PB[e.finish_reason], dropped_turns=e.dropped_turns)
+    if e.usage is not None:
+        event.usage.CopyFrom(usage_to_pb(e.usage))
+    return event
+
+
+def complete_event_to_pb(e: AnswerEvent) -> pb.CompleteEvent:
+    event = pb.CompleteEvent(delta=e.text, token_ids=e.token_ids, finish_reason=FINISH_TO_PB[e.finish_reason])
+    if e.usage is not None:
+        event.usage.CopyFrom(usage_to_pb(e.usage))
+    return event
+
+
+def model_info_to_pb(info: ModelInfo, policy: SamplingPolicy, end_of_question_marker: str) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=info.name,
+        architecture=info.architecture,
+        context_length=info.context_length,
+        dtype=info.dtype,
+        device=info.device,
+        vocab_size=info.vocab_size,
+        max_tokens_limit=policy.max_tokens_limit,
+        default_max_tokens=policy.default_max_tokens,
+        kv_cache_tokens=info.kv_cache_tokens,
+        end_of_question_marker=end_of_question_marker,
+    )

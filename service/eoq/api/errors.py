@@ -1,0 +1,120 @@
+"""Exceptions -> gRPC status codes, in one interceptor that also counts requests by method and code.
+
+Handlers raise the typed errors of ``eoq.errors``; the interceptor aborts the call with the mapped code and the
+error's message. Anything else is a bug: logged with its traceback, answered INTERNAL without details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from eoq.errors import (
+    Aborted,
+    ConfigError,
+    EoqError,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[EoqError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Aborted: grpc.StatusCode.ABORTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    InternalError: grpc.StatusCode.INTERNAL,
+    ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_for(error: EoqError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps errors to statuses for the methods of ``service`` and reports (method, code) to ``on_rpc``."""
+
+    def __init__(self, service: str, on_rpc: Callable[[str, str], None]) -> None:
+        self._prefix = f"/{service}/"
+        self._on_rpc = on_rpc
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self._prefix):
+            return handler
+        rpc = details.method[len(self._prefix) :]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(rpc, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(rpc, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap_unary(self, rpc: str, behavior):
+        async def wrapped(request, context: grpc.aio.ServicerContext):
+            try:
+                response = await behavior(request, context)
+            except BaseException as e:
+                await self._fail(rpc, context, e)
+                raise
+            self._on_rpc(rpc, "OK")
+            return response
+
+        return wrapped
+
+    def _wrap_stream(self, rpc: str, behavior):
+        async def wrapped(request, context: grpc.aio.ServicerContext):
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as e:
+                await self._fail(rpc, context, e)
+                raise
+            self._on_rpc(rpc, "OK")
+
+        return wrapped
+
+    async def _fail(self, rpc: str, context: grpc.aio.ServicerContext, e: BaseException) -> None:
+        """Count the failure; for our errors and bugs, abort with a status (which raises, ending the call)."""
+        if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context) else grpc.StatusCode.CANCELLED
+            self._on_rpc(rpc, code.name)
+            return
+        if isinstance(e, grpc.aio.AbortError) or not isinstance(e, Exception):
+            self._on_rpc(rpc, (context.code() or grpc.StatusCode.UNKNOWN).name)
+            return
+        if isinstance(e, EoqError):
+            code, message = status_for(e), str(e)
+        else:
+            log.exception("unhandled error in %s", rpc, exc_info=e)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error in {rpc}"
+        self._on_rpc(rpc, code.name)
+        await context.abort(code, message)
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0

@@ -1,0 +1,188 @@
+"""Server assembly: settings -> model, engine, store, servicer, health, reflection, metrics; and the drain.
+
+``start_server`` returns a running server (tests start one in-process on a free port); ``serve`` runs one until
+SIGTERM/SIGINT, then drains: health goes NOT_SERVING, new calls are refused, streaming answers get the grace
+period to finish (and are stored), then the rest are cancelled (stored as far as they got) and the process
+exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from eoq._proto.chat.v1 import chat_pb2, chat_pb2_grpc
+from eoq.api.adapter import SamplingPolicy, model_info_to_pb
+from eoq.api.auth import ApiKeys
+from eoq.api.errors import ErrorInterceptor
+from eoq.api.servicer import ChatServicer
+from eoq.chat.memory_store import MemoryConversationStore
+from eoq.chat.prompt import PromptBuilder
+from eoq.chat.redis_store import RedisConversationStore
+from eoq.chat.service import ChatService
+from eoq.chat.store import ConversationStore
+from eoq.config import Settings
+from eoq.engine.async_engine import AsyncEngine
+from eoq.engine.builder import EngineConfig
+from eoq.engine.model.loader import load_tokenizer, resolve_checkpoint
+from eoq.errors import ConfigError, Unavailable
+from eoq.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    engine: AsyncEngine
+    store: ConversationStore
+    servicer: ChatServicer
+    health: health.aio.HealthServicer
+    metrics: Metrics
+    settings: Settings
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+        self.metrics.serving.set(1 if serving else 0)
+
+    async def drain_and_stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let streaming answers finish for ``grace`` seconds, then stop."""
+        grace = self.settings.grace_period_seconds if grace is None else grace
+        await self.set_serving(False)
+        self.servicer.draining = True
+        n = self.servicer.num_streaming
+        if n:
+            log.info("draining: %d answer(s) streaming; waiting up to %.0f s", n, grace)
+        if not await self.servicer.wait_streams(grace):
+            log.warning("grace period over: cancelling %d answer(s) (stored as far as they got)",
+                        self.servicer.num_streaming)
+        await self.server.stop(1.0)  # cancels what is left; their handlers store the partial answers
+        await self.servicer.wait_streams(5.0)
+        await self.engine.shutdown()
+        await self.store.close()
+
+
+def make_store(settings: Settings, metrics: Metrics) -> ConversationStore:
+    if settings.redis_url:
+        return RedisConversationStore(
+            settings.redis_url,
+            ttl_seconds=settings.conversation_ttl_seconds,
+            lock_ttl_seconds=settings.lock_ttl_seconds,
+            timeout_seconds=settings.redis_timeout_seconds,
+            observer=metrics.on_store_operation,
+        )
+    return MemoryConversationStore(ttl_seconds=settings.conversation_ttl_seconds,
+                                   lock_ttl_seconds=settings.lock_ttl_seconds)
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    opts = [
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if settings.max_connection_age_seconds:
+        opts.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)))
+        opts.append(("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * 1000)))
+    return opts
+
+
+async def start_server(settings: Settings, metrics: Metrics | None = None) -> RunningServer:
+    """Load the model, start the engine and the gRPC server; returns once it is SERVING."""
+    metrics = metrics or Metrics()
+    auth = ApiKeys.load(settings.api_keys_file, settings.api_keys)
+    if not auth.enabled:
+        log.warning("no API keys configured: auth is OFF and every caller shares the tenant 'public'")
+    else:
+        log.info("auth on: %d API key(s)", len(auth))
+    checkpoint = await asyncio.to_thread(resolve_checkpoint, settings.model, settings.cache_dir)
+    prompts = PromptBuilder(await asyncio.to_thread(load_tokenizer, checkpoint.path))
+    engine_cfg = EngineConfig(
+        checkpoint=checkpoint.path,
+        model_name=checkpoint.name,
+        device=settings.device,
+        dtype=settings.dtype,
+        kv_cache_memory_gb=settings.kv_cache_memory_gb,
+        block_size=settings.block_size,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        num_threads=settings.num_threads,
+        seed=settings.seed,
+        extra_eos_token_ids=tuple(sorted(prompts.end_of_turn_token_ids)),
+    )
+    engine = AsyncEngine(engine_cfg, settings.engine_mode, settings.max_queue_size, observer=metrics)
+    info = await engine.start()
+    limit = settings.max_tokens_limit or info.context_length - 1
+    if limit >= info.context_length:
+        raise ConfigError(f"--max-tokens-limit {limit} must be below the context window ({info.context_length})")
+    if settings.default_max_tokens > limit:
+        raise ConfigError(f"--default-max-tokens {settings.default_max_tokens} is above the max_tokens limit {limit}")
+    policy = SamplingPolicy(
+        default_max_tokens=settings.default_max_tokens,
+        max_tokens_limit=limit,
+        default_temperature=settings.default_temperature,
+        default_top_p=settings.default_top_p,
+        default_top_k=settings.default_top_k,
+        default_repetition_penalty=settings.default_repetition_penalty,
+        max_stop_strings=settings.max_stop_strings,
+    )
+    store = make_store(settings, metrics)
+    log.info("conversations: %s", store.description)
+    try:
+        await store.ping()
+    except Unavailable as e:
+        log.warning("%s; serving anyway: Chat answers UNAVAILABLE until it is reachable", e)
+
+    metrics.model_info.labels(info.name, info.architecture, info.dtype, info.device).set(1)
+    servicer = ChatServicer(ChatService(engine, store, prompts), auth, policy,
+                            model_info_to_pb(info, policy, prompts.end_of_question_marker))
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(SERVICE_NAME, metrics.on_rpc)],
+                             options=grpc_options(settings))
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address} (in use?); change --host/--port")
+    await server.start()
+    running = RunningServer(server, port, engine, store, servicer, health_servicer, metrics, settings)
+    await running.set_serving(True)
+    log.info("serving %s on %s:%d (gRPC, health, reflection)", SERVICE_NAME, settings.host, port)
+    return running
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain."""
+    metrics = Metrics()
+    metrics.serving.set(0)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, settings.host)
+        log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
+    running = await start_server(settings, metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0f s", settings.grace_period_seconds)
+    await running.drain_and_stop()
+    log.info("stopped")

@@ -1,0 +1,112 @@
+"""The gRPC servicer: authenticates, translates protobuf to internal calls and back, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+
+from eoq._proto.chat.v1 import chat_pb2 as pb
+from eoq._proto.chat.v1 import chat_pb2_grpc
+from eoq.api import adapter
+from eoq.api.adapter import SamplingPolicy
+from eoq.api.auth import ApiKeys
+from eoq.chat.service import ChatService
+from eoq.errors import InvalidArgument, Unavailable
+
+MAX_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = 20
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    def __init__(self, chat: ChatService, auth: ApiKeys, policy: SamplingPolicy, model_info: pb.ModelInfo) -> None:
+        self.chat = chat
+        self.auth = auth
+        self.policy = policy
+        self.model_info = model_info
+        self.draining = False
+        self._streams: set[asyncio.Task] = set()  # calls streaming an answer now
+
+    # --- drain support ---
+    @property
+    def num_streaming(self) -> int:
+        return len(self._streams)
+
+    async def wait_streams(self, timeout: float) -> bool:
+        """Wait until no answer is streaming (True) or ``timeout`` passes (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._streams and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._streams
+
+    def _tenant(self, context: grpc.aio.ServicerContext, *, write: bool) -> str:
+        return self.auth.authenticate(context.invocation_metadata(), write=write)
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry (another replica will answer)")
+
+    async def _stream(self, events: AsyncIterator, convert) -> AsyncIterator:
+        task = asyncio.current_task()
+        self._streams.add(task)
+        try:
+            async with aclosing(events) as it:
+                async for e in it:
+                    yield convert(e)
+        finally:
+            self._streams.discard(task)
+
+    # --- RPCs ---
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatEvent]:
+        tenant = self._tenant(context, write=True)
+        self._admit()
+        sampling = self.policy.sampling_from_pb(request.sampling)
+        events = self.chat.chat(tenant, request.conversation_id, request.message, sampling, request.system_prompt)
+        async for event in self._stream(events, adapter.chat_event_to_pb):
+            yield event
+
+    async def Complete(self, request: pb.CompleteRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CompleteEvent]:
+        tenant = self._tenant(context, write=True)
+        self._admit()
+        sampling = self.policy.sampling_from_pb(request.sampling)
+        events = self.chat.complete(request.prompt, sampling, tenant)
+        async for event in self._stream(events, adapter.complete_event_to_pb):
+            yield event
+
+    async def CreateConversation(self, request: pb.CreateConversationRequest,
+                                 context: grpc.aio.ServicerContext) -> pb.Conversation:
+        tenant = self._tenant(context, write=True)
+        conv = await self.chat.store.create(tenant, request.system_prompt or None)
+        return adapter.conversation_to_pb(conv)
+
+    async def GetConversation(self, request: pb.GetConversationRequest,
+                              context: grpc.aio.ServicerContext) -> pb.Conversation:
+        tenant = self._tenant(context, write=False)
+        if not request.id:
+            raise InvalidArgument("id is required")
+        return adapter.conversation_to_pb(await self.chat.store.get(tenant, request.id))
+
+    async def ListConversations(self, request: pb.ListConversationsRequest,
+                                context: grpc.aio.ServicerContext) -> pb.ListConversationsResponse:
+        tenant = self._tenant(context, write=False)
+        if request.page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be at most {MAX_PAGE_SIZE}, got {request.page_size}")
+        convs, token = await self.chat.store.list(tenant, request.page_size or DEFAULT_PAGE_SIZE, request.page_token)
+        return pb.ListConversationsResponse(conversations=[adapter.conversation_to_pb(c) for c in convs],
+                                            next_page_token=token)
+
+    async def DeleteConversation(self, request: pb.DeleteConversationRequest,
+                                 context: grpc.aio.ServicerContext) -> pb.DeleteConversationResponse:
+        tenant = self._tenant(context, write=True)
+        if not request.id:
+            raise InvalidArgument("id is required")
+        await self.chat.store.delete(tenant, request.id)
+        return pb.DeleteConversationResponse()
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        self._tenant(context, write=False)
+        return self.model_info

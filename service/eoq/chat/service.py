@@ -1,0 +1,161 @@
+"""The chat use cases: a question in a conversation, a stateless completion, and conversation management.
+
+For a Chat turn: hold the conversation (a lease in the store, so a second question while an answer streams is
+refused — across replicas when the store is Redis), render the history and the question into a prompt (oldest
+turns dropped to fit the context), stream the engine's answer, and store the question and the answer together
+when it ends — also when the client cancels (the answer as far as it got, marked cancelled). The prompt's
+tokens are salted with the tenant in the prefix cache, so a conversation's next turn reuses its KV blocks and
+no other tenant's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+
+from eoq.chat.prompt import ChatMessage, PromptBuilder, Turn
+from eoq.chat.store import Conversation, ConversationStore, Role, StoredMessage
+from eoq.engine.async_engine import AsyncEngine
+from eoq.engine.types import EngineRequest, FinishReason, RequestOutput, SamplingParams
+from eoq.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    time_to_first_token_seconds: float
+    total_seconds: float
+    queue_seconds: float
+
+
+@dataclass(slots=True)
+class AnswerEvent:
+    """One streamed piece of an answer; the last has ``finish_reason`` and ``usage``."""
+
+    conversation_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    dropped_turns: int = 0
+
+
+def _usage(prompt_len: int, out: RequestOutput) -> Usage:
+    t = out.timings
+    return Usage(
+        prompt_tokens=prompt_len,
+        completion_tokens=out.num_completion_tokens,
+        cached_prompt_tokens=out.num_cached_tokens,
+        time_to_first_token_seconds=t.ttft_seconds if t else 0.0,
+        total_seconds=t.total_seconds if t else 0.0,
+        queue_seconds=t.queue_seconds if t else 0.0,
+    )
+
+
+def history_turns(conv: Conversation) -> list[Turn]:
+    """Pair the stored messages into (question, answer) turns."""
+    turns = []
+    msgs = conv.messages
+    for i in range(0, len(msgs) - 1, 2):
+        u, a = msgs[i], msgs[i + 1]
+        if u.role is not Role.USER or a.role is not Role.ASSISTANT:
+            log.warning("conversation %s: unexpected roles at %d; skipping", conv.id, i)
+            continue
+        turns.append(Turn(ChatMessage("user", u.content), ChatMessage("assistant", a.content, a.token_ids)))
+    return turns
+
+
+class ChatService:
+    def __init__(self, engine: AsyncEngine, store: ConversationStore, prompts: PromptBuilder) -> None:
+        self.engine = engine
+        self.store = store
+        self.prompts = prompts
+        assert engine.info is not None
+        self.context_length = engine.info.context_length
+        self._end_ids = frozenset(engine.info.eos_token_ids) | prompts.end_of_turn_token_ids
+
+    def _with_defaults(self, sampling: SamplingParams) -> SamplingParams:
+        if self.prompts.default_stop:
+            return replace(sampling, stop=tuple(dict.fromkeys((*sampling.stop, *self.prompts.default_stop))))
+        return sampling
+
+    async def chat(self, tenant: str, conversation_id: str, message: str, sampling: SamplingParams,
+                   system_prompt: str = "") -> AsyncIterator[AnswerEvent]:
+        """One question in a conversation (a new one if ``conversation_id`` is empty) -> the streamed answer."""
+        if not message.strip():
+            raise InvalidArgument("the message is empty")
+        sampling = self._with_defaults(sampling)
+        if conversation_id:
+            conv = await self.store.get(tenant, conversation_id)
+        else:
+            conv = await self.store.create(tenant, system_prompt or None)
+        async with self.store.lock(tenant, conv.id):
+            conv = await self.store.get(tenant, conv.id)  # under the lock: the latest history
+            system = system_prompt or conv.system_prompt
+            prompt = self.prompts.build_chat(system, history_turns(conv), message,
+                                             self.context_length - sampling.max_tokens)
+            request = EngineRequest(self.engine.new_request_id("chat"), prompt.token_ids, sampling, cache_salt=tenant)
+            user = StoredMessage(Role.USER, message, time.time())
+            new_system = system_prompt or None
+            texts: list[str] = []
+            ids: list[int] = []
+            saved = False
+            try:
+                first = True
+                async with aclosing(self.engine.generate(request)) as stream:
+                    async for out in stream:
+                        texts.append(out.text)
+                        ids.extend(out.token_ids)
+                        event = AnswerEvent(conv.id, out.text, out.token_ids,
+                                            dropped_turns=prompt.dropped_turns if first else 0)
+                        first = False
+                        if out.finished:
+                            event.finish_reason = out.finish_reason
+                            event.usage = _usage(len(prompt.token_ids), out)
+                            # Stored before the last event goes out: a client that saw the end knows it is kept.
+                            await self._save(tenant, conv.id, user, texts, ids, out.finish_reason, new_system)
+                            saved = True
+                        yield event
+            except (asyncio.CancelledError, GeneratorExit):
+                if not saved:  # the client went away: keep the answer as far as it got
+                    await asyncio.shield(
+                        self._save(tenant, conv.id, user, texts, ids, FinishReason.CANCELLED, new_system, quiet=True)
+                    )
+                raise
+
+    async def _save(self, tenant: str, conversation_id: str, user: StoredMessage, texts: list[str], ids: list[int],
+                    reason: FinishReason | None, system_prompt: str | None, quiet: bool = False) -> None:
+        token_ids: tuple[int, ...] | None = None
+        if reason is FinishReason.LENGTH:
+            token_ids = tuple(ids)
+        elif reason is FinishReason.STOP and ids and ids[-1] in self._end_ids:
+            token_ids = tuple(ids[:-1])  # the template writes the end-of-turn token itself
+        # else: a stop string cut the text, or a cancel: re-tokenize the text next turn
+        answer = StoredMessage(Role.ASSISTANT, "".join(texts), time.time(), reason, token_ids)
+        try:
+            await self.store.append_turn(tenant, conversation_id, user, answer, system_prompt)
+        except Exception:
+            if not quiet:
+                raise
+            log.exception("could not store the cancelled turn of conversation %s", conversation_id)
+
+    async def complete(self, prompt: str, sampling: SamplingParams, tenant: str = "") -> AsyncIterator[AnswerEvent]:
+        """A stateless continuation; a prompt ending in <EOQ> is one question rendered with the chat template."""
+        sampling = self._with_defaults(sampling)
+        token_ids = self.prompts.build_completion(prompt)
+        request = EngineRequest(self.engine.new_request_id("complete"), token_ids, sampling, cache_salt=tenant)
+        async with aclosing(self.engine.generate(request)) as stream:
+            async for out in stream:
+                event = AnswerEvent("", out.text, out.token_ids)
+                if out.finished:
+                    event.finish_reason = out.finish_reason
+                    event.usage = _usage(len(token_ids), out)
+                yield event

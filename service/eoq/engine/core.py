@@ -66,7 +66,7 @@ class EngineCore:
         outputs: list[RequestOutput] = []
         sampled: list[int] = []
         if not sched.is_empty:
-            samplers = sampling_sequences(sched)  # before update_computed changes what "samples" means
+            samplers = sampling_sequences(sched)
             try:
                 sampled = self.runner.execute(sched)
             except Exception as e:  # a failed step fails its requests, never the engine

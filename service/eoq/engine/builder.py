@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from eoq.engine.block_manager import BlockManager
 from eoq.engine.core import EngineCore
-from eoq.engine.device import dtype_name, select_device, select_dtype
+from eoq.engine.device import dtype_name, select_device, select_dtype, tune_cpu_allocator
 from eoq.engine.model.loader import build_model, context_length, load_config, load_tokenizer, read_state_dict
 from eoq.engine.runner import ModelRunner
 from eoq.engine.scheduler import Scheduler
@@ -85,6 +85,8 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
         torch.set_num_threads(cfg.num_threads)
     device = select_device(cfg.device)
     dtype = select_dtype(cfg.dtype, device)
+    if device.type == "cpu" and not tune_cpu_allocator():
+        log.info("could not tune the C allocator (not glibc?): large step temporaries may be slower")
     config = load_config(cfg.checkpoint)
     tokenizer = load_tokenizer(cfg.checkpoint)
     model_len = context_length(config)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import sys
 
 import torch
 
@@ -59,3 +62,31 @@ def select_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in the heap instead of returning it to the OS after every step.
+
+    A decode step allocates and frees the same large temporaries (gathered K/V, attention scores) every layer.
+    With glibc's defaults, blocks above the mmap threshold are mapped and unmapped each time, and every first
+    touch of a fresh page faults: measured here, 32 sequences' decode attention ran ~10x slower that way.
+    Raising the mmap and trim thresholds makes the allocator reuse the memory. glibc only; a no-op elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+        ok &= libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return False
+    return bool(ok)

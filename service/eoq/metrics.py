@@ -7,6 +7,7 @@ tenant or request. Latency buckets follow vLLM's, from milliseconds to minutes.
 
 from __future__ import annotations
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from eoq.engine.types import FinishReason, RequestOutput, SchedulerStats
@@ -69,8 +70,11 @@ class Metrics:
             self.redis_errors.labels(op)
         for reason in FinishReason:
             self.finished.labels(reason.value)
+        # Every (method, status code) from the start: rate() over a series needs a sample before its first
+        # increment, or the first error of each kind would never be counted.
         for rpc in RPCS:
-            self.requests.labels(rpc, "OK")
+            for code in grpc.StatusCode:
+                self.requests.labels(rpc, code.name)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose /metrics over HTTP on its own thread."""

@@ -115,6 +115,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         await context.abort(code, message)
 
 
+# The client's deadline timer usually fires before the server's (the server's clock started when the call
+# arrived), so the call is cancelled a few milliseconds before the server sees its deadline pass.
+_DEADLINE_SLACK_SECONDS = 0.25
+
+
 def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
+    return remaining is not None and remaining <= _DEADLINE_SLACK_SECONDS

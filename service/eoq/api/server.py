@@ -67,7 +67,10 @@ class RunningServer:
         if not await self.servicer.wait_streams(grace):
             log.warning("grace period over: cancelling %d answer(s) (stored as far as they got)",
                         self.servicer.num_streaming)
-        await self.server.stop(1.0)  # cancels what is left; their handlers store the partial answers
+            # Their streams end with a last event saying CANCELLED, and their turns are stored so.
+            self.engine.abort_all()
+            await self.servicer.wait_streams(5.0)
+        await self.server.stop(1.0)  # whatever is still left is cancelled; its handler stores what it has
         await self.servicer.wait_streams(5.0)
         await self.engine.shutdown()
         await self.store.close()

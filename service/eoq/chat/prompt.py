@@ -69,7 +69,8 @@ class PromptBuilder:
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self._template = None if self.has_chat_template else PLAIN_TEMPLATE
         self.default_stop: tuple[str, ...] = () if self.has_chat_template else PLAIN_TEMPLATE_STOP
-        self.end_of_question_marker = self._generation_prompt() or EOQ_MARKER
+        # What ends a question: the template's generation prompt, or <EOQ> in the plain template.
+        self.end_of_question_marker = (self._generation_prompt() or EOQ_MARKER) if self.has_chat_template else EOQ_MARKER
         self.end_of_turn_token_ids = self._end_of_turn_tokens()
 
     # --- public ---

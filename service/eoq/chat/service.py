@@ -95,10 +95,33 @@ class ChatService:
         sampling = self._with_defaults(sampling)
         if conversation_id:
             conv = await self.store.get(tenant, conversation_id)
-        else:
-            conv = await self.store.create(tenant, system_prompt or None)
-        async with self.store.lock(tenant, conv.id):
-            conv = await self.store.get(tenant, conv.id)  # under the lock: the latest history
+            async with aclosing(self._turn(tenant, conv.id, message, sampling, system_prompt)) as events:
+                async for event in events:
+                    yield event
+            return
+        conv = await self.store.create(tenant, system_prompt or None)
+        answered = False
+        try:
+            async with aclosing(self._turn(tenant, conv.id, message, sampling, system_prompt)) as events:
+                async for event in events:
+                    answered = True
+                    yield event
+        except Exception:
+            if not answered:  # refused before any answer (too long, server full...): no conversation started
+                await self._discard(tenant, conv.id)
+            raise
+
+    async def _discard(self, tenant: str, conversation_id: str) -> None:
+        try:
+            await self.store.delete(tenant, conversation_id)
+        except Exception as e:  # the caller's error matters more; the empty conversation expires by itself
+            log.warning("could not delete the unused conversation %s: %s", conversation_id, e)
+
+    async def _turn(self, tenant: str, conversation_id: str, message: str, sampling: SamplingParams,
+                    system_prompt: str) -> AsyncIterator[AnswerEvent]:
+        """Hold the conversation, stream the answer to ``message``, store the turn (also when cut short)."""
+        async with self.store.lock(tenant, conversation_id):
+            conv = await self.store.get(tenant, conversation_id)  # under the lock: the latest history
             system = system_prompt or conv.system_prompt
             prompt = self.prompts.build_chat(system, history_turns(conv), message,
                                              self.context_length - sampling.max_tokens)

@@ -290,8 +290,16 @@ class AsyncEngine:
                 self._backend.send(_Abort(request.request_id))
 
     def abort(self, request_id: str) -> None:
+        """End a request now: its stream gets a last output with finish reason CANCELLED."""
         if self._backend is not None and request_id in self._streams:
             self._backend.send(_Abort(request_id))
+
+    def abort_all(self) -> int:
+        """Abort every running or waiting request (e.g. a drain's grace period is over); returns how many."""
+        ids = list(self._streams)
+        for rid in ids:
+            self.abort(rid)
+        return len(ids)
 
     def _from_engine(self, result: EngineStepResult | None) -> None:
         """Called on the engine thread / reader thread: hop onto the event loop."""

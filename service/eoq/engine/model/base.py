@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from eoq.engine.model.attention import AttentionMetadata
-from eoq.engine.model.linear import Linear
+from eoq.engine.model.linear import Linear, _Norm
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +54,36 @@ class DecoderModel(nn.Module):
     def linears(self) -> Iterator[Linear]:
         return (m for m in self.modules() if isinstance(m, Linear))
 
-    def prepare(self) -> None:
-        """Called once after the weights are loaded and moved: picks the matmul kernels."""
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Called once after the weights are loaded and moved: picks the matmul kernels, tells the norms which
+        dtype the matmuls take."""
         for lin in self.linears():
             lin.prepare()
+        for m in self.modules():
+            if isinstance(m, _Norm):
+                m.prepare(dtype)
+
+    def float32_tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers that stay float32 whatever the model's dtype: norm weights, RoPE tables."""
+        keep = {}
+        for mname, m in self.named_modules():
+            if getattr(m, "keep_float32", False):
+                for pname, p in m.named_parameters(recurse=False):
+                    keep[f"{mname}.{pname}" if mname else pname] = p.detach().float().clone()
+        for bname, b in self.named_buffers():
+            if bname.endswith("_table"):
+                keep[bname] = b.float().clone()
+        return keep
+
+    def restore_float32(self, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+        for name, value in tensors.items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = self.get_submodule(owner_name) if owner_name else self
+            current = getattr(owner, attr)
+            if isinstance(current, nn.Parameter):
+                current.data = value.to(device)
+            else:
+                setattr(owner, attr, value.to(device))
 
 
 def take(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:

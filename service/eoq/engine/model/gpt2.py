@@ -76,7 +76,7 @@ class GPT2Decoder(DecoderModel):
         self.lm_head = Linear(hidden, config.vocab_size, bias=False)
 
     def forward(self, input_ids, positions, kv_caches, meta, logits_indices):
-        x = self.wte(input_ids) + self.wpe(positions)  # (T, hidden)
+        x = self.wte(input_ids).float() + self.wpe(positions).float()  # (T, hidden) float32 residual stream
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, kv, meta)
         return self.lm_head(self.ln_f(x[logits_indices])).float()  # (S, vocab)

@@ -62,7 +62,7 @@ class LlamaLayer(nn.Module):
         self.down = Linear(inter, hidden, bias=mlp_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata) -> torch.Tensor:  # x: (T, hidden) float32 residual stream
         T = x.shape[0]
         nh, nkv, hd = self.nh, self.nkv, self.hd
         qkv = self.qkv(self.input_norm(x))  # (T, (nh + 2 nkv) hd)
@@ -116,9 +116,10 @@ class LlamaDecoder(DecoderModel):
         self.register_buffer("sin_table", sin, persistent=False)  # (P, hd)
 
     def forward(self, input_ids, positions, kv_caches, meta, logits_indices):
-        x = self.embed(input_ids)  # (T, hidden)
-        cos = self.cos_table[positions].to(x.dtype).unsqueeze(1)  # (T, 1, hd)
-        sin = self.sin_table[positions].to(x.dtype).unsqueeze(1)  # (T, 1, hd)
+        emb = self.embed(input_ids)  # (T, hidden), model dtype
+        x = emb.float()  # the residual stream stays float32
+        cos = self.cos_table[positions].to(emb.dtype).unsqueeze(1)  # (T, 1, hd)
+        sin = self.sin_table[positions].to(emb.dtype).unsqueeze(1)  # (T, 1, hd)
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv, meta)
         x = self.norm(x[logits_indices])  # (S, hidden)

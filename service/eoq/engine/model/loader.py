@@ -169,11 +169,9 @@ def build_model(config: PretrainedConfig, max_positions: int, device: torch.devi
                 state: dict[str, torch.Tensor]) -> DecoderModel:
     model = FAMILIES[config.model_type](config, max_positions)
     model.load_hf_state_dict(dict(state))
-    # RoPE tables stay float32 until indexed (transformers computes cos/sin in float32 too).
-    tables = {n: b for n, b in model.named_buffers() if n.endswith("_table")}
+    keep = model.float32_tensors()  # norm weights and RoPE tables stay float32
     model.to(device=device, dtype=dtype)
-    for name, table in tables.items():
-        setattr(model, name, table.to(device))
+    model.restore_float32(keep, device)
     model.eval()
-    model.prepare()
+    model.prepare(dtype)
     return model

@@ -44,8 +44,12 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(512, description="token budget of one engine step (prefill chunks + decodes)")
     max_queue_size: int = Field(256, description="most requests waiting for the batch; beyond it RESOURCE_EXHAUSTED")
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of earlier turns and shared prefixes")
-    engine_mode: Literal["thread", "process"] = Field("thread", description="run the engine loop in a thread or a process")
-    num_threads: int | None = Field(None, description="torch CPU threads (default: all cores)")
+    engine_mode: Literal["thread", "process"] = Field(
+        "process", description="run the engine loop in its own process (default) or on a thread of the server's"
+    )
+    num_threads: int | None = Field(
+        None, description="torch CPU threads of the engine (default: all cores in process mode, all but one on a thread)"
+    )
     seed: int = Field(0, description="seed of the engine's generator for requests without a seed")
 
     # --- server ---

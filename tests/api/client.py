@@ -126,6 +126,8 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> 
 
 
 def engine_idle(running: RunningServer) -> bool:
-    """No request in the engine and every KV block free (cached blocks are free: ref count 0)."""
-    core = running.engine.core
-    return not core.requests and core.scheduler.blocks.num_used_blocks == 0
+    """No request in the engine and every KV block free (cached blocks are free: ref count 0), as the engine's
+    own stats say (they work whether the engine runs in its own process or on a thread)."""
+    stats = running.engine.last_stats
+    return (running.engine.num_unfinished == 0 and stats.num_running == 0 and stats.num_waiting == 0
+            and stats.kv_cache_usage == 0.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +143,3 @@ def _kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> float:
         free, _ = torch.cuda.mem_get_info(device)
         return free * DEFAULT_GPU_KV_FRACTION
     return DEFAULT_CPU_KV_GB * GiB
-
-
-def default_num_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -59,6 +59,11 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def snapshot_stats(self) -> SchedulerStats:
+        """The engine's state between steps (nothing computed): e.g. after aborts, so usage reads 0 again."""
+        return SchedulerStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                              kv_cache_usage=self.scheduler.blocks.usage)
+
     # --- the step ---
     def step(self) -> EngineStepResult:
         t0 = time.monotonic()

@@ -10,10 +10,10 @@ import argparse
 import sys
 
 import grpc
-from rich.console import Console
-
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq_clients.common import add_connection_flags, metadata, sync_stub
+from rich.console import Console
+from rich.markup import escape
 
 HELP = "/new  start a new conversation   /history  show it   /system TEXT  set its system prompt   /quit"
 
@@ -51,12 +51,12 @@ class ChatSession:
     def ask(self, question: str) -> pb.FinishReason:
         request = pb.ChatRequest(conversation_id=self.conversation_id, message=question,
                                  sampling=_sampling(self.args), system_prompt=self.system)
-        self.system = ""  # applied once; the server keeps it
         finish = pb.FINISH_REASON_UNSPECIFIED
         stream = self.stub.Chat(request, metadata=metadata(self.args.api_key, self.conversation_id))
         try:
             for event in stream:
                 self.conversation_id = event.conversation_id
+                self.system = ""  # the server has it now and keeps it
                 if event.dropped_turns:
                     self.console.print(f"[dim](the {event.dropped_turns} oldest turn(s) no longer fit the "
                                        "context and were left out)[/dim]")
@@ -70,6 +70,8 @@ class ChatSession:
         self.console.out("")
         if finish == pb.FINISH_REASON_LENGTH:
             self.console.print("[dim](cut at max_tokens)[/dim]")
+        elif finish == pb.FINISH_REASON_CANCELLED:
+            self.console.print("[dim](the answer was cancelled before its end)[/dim]")
         return finish
 
     def history(self) -> None:
@@ -79,10 +81,15 @@ class ChatSession:
         conv = self.stub.GetConversation(pb.GetConversationRequest(id=self.conversation_id),
                                          metadata=metadata(self.args.api_key))
         if conv.system_prompt:
-            self.console.print(f"[bold magenta]system:[/] {conv.system_prompt}")
+            self.console.print(f"[bold magenta]system:[/] {escape(conv.system_prompt)}")
         for m in conv.messages:
             who = "[bold cyan]you:[/]" if m.role == pb.ROLE_USER else "[bold green]eoq:[/]"
-            self.console.print(who, m.content, highlight=False)
+            self.console.print(who, escape(m.content), highlight=False)
+
+
+def _print_error(err: Console, e: grpc.RpcError) -> None:
+    # markup off: details may hold [brackets]; soft wrap: one line a script can grep
+    err.print(f"error: {e.code().name}: {e.details()}", style="red", markup=False, highlight=False, soft_wrap=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,10 +99,11 @@ def run(args: argparse.Namespace) -> int:
     session = ChatSession(stub, args, console)
     try:
         if args.message is not None:
-            session.ask(args.message)
+            finish = session.ask(args.message)
             if args.show_id:
-                err.print(session.conversation_id)
-            return 0
+                err.print(session.conversation_id, markup=False, highlight=False, soft_wrap=True)
+            # An answer cut short by a cancel (ours or the server's) is not a success for a script.
+            return 130 if finish == pb.FINISH_REASON_CANCELLED else 0
         console.print(f"[dim]eoq chat with {args.address}. {HELP}[/dim]")
         while True:
             try:
@@ -112,7 +120,10 @@ def run(args: argparse.Namespace) -> int:
                 console.print("[dim](new conversation)[/dim]")
                 continue
             if line == "/history":
-                session.history()
+                try:
+                    session.history()
+                except grpc.RpcError as e:
+                    _print_error(err, e)
                 continue
             if line.startswith("/system"):
                 session.system = line[len("/system"):].strip()
@@ -125,9 +136,10 @@ def run(args: argparse.Namespace) -> int:
             try:
                 session.ask(line)
             except grpc.RpcError as e:
-                err.print(f"[red]error: {e.code().name}: {e.details()}[/red]")
+                console.out("")
+                _print_error(err, e)
     except grpc.RpcError as e:
-        err.print(f"error: {e.code().name}: {e.details()}")
+        _print_error(err, e)
         return 1
     finally:
         channel.close()

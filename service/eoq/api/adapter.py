@@ -112,4 +112,5 @@ def model_info_to_pb(info: ModelInfo, policy: SamplingPolicy, end_of_question_ma
         default_max_tokens=policy.default_max_tokens,
         kv_cache_tokens=info.kv_cache_tokens,
         end_of_question_marker=end_of_question_marker,
+        kv_bytes_per_token=info.kv_bytes_per_token,
     )

@@ -140,7 +140,7 @@ def make_target(name: str, args: argparse.Namespace, local: Callable[[], LocalMo
 
 def _gguf_file(model: str) -> Path:
     if model == "default":
-        from eoq.engine.model.loader import default_gguf_path
+        from eoq.engine.model.checkpoint import default_gguf_path
 
         return default_gguf_path()
     if model.endswith(".gguf"):

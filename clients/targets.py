@@ -112,7 +112,7 @@ class LocalModel:
 
     def __init__(self, model: str, cache_dir: Path) -> None:
         from eoq.chat.prompt import PromptBuilder
-        from eoq.engine.model.loader import load_config, load_tokenizer, resolve_checkpoint
+        from eoq.engine.model.checkpoint import load_config, load_tokenizer, resolve_checkpoint
 
         self.checkpoint = resolve_checkpoint(model, cache_dir)
         self.config = load_config(self.checkpoint.path)
@@ -269,7 +269,7 @@ class InProcessTarget(Target):
 
     async def start(self) -> TargetInfo:
         from eoq.engine.async_engine import AsyncEngine
-        from eoq.engine.builder import EngineConfig
+        from eoq.engine.types import EngineConfig
 
         self.local = await asyncio.to_thread(self._local_factory)
         prompts = self.local.prompts

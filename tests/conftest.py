@@ -149,6 +149,6 @@ def model_cache_dir() -> Path:
 @pytest.fixture(scope="session")
 def default_checkpoint():
     """The default model (SmolLM2-135M-Instruct) as a transformers-format checkpoint folder."""
-    from eoq.engine.model.loader import resolve_checkpoint
+    from eoq.engine.model.checkpoint import resolve_checkpoint
 
     return resolve_checkpoint("default", model_cache_dir())

@@ -68,7 +68,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     """Convert the model (e.g. the default GGUF file) into the cached checkpoint now, not at the first start."""
     settings = _settings_from(args)
     _setup_logging(settings.log_level)
-    from eoq.engine.model.loader import resolve_checkpoint
+    from eoq.engine.model.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(settings.model, settings.cache_dir)
     print(checkpoint.path)

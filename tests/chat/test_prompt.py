@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from eoq.chat.prompt import ChatMessage, PromptBuilder, Turn
-from eoq.engine.model.loader import load_tokenizer
+from eoq.engine.model.checkpoint import load_tokenizer
 from eoq.errors import InvalidArgument
 
 IM_START, IM_END, NEWLINE = 1, 2, 198  # SmolLM2: <|im_start|>, <|im_end|>, "\n"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eoq.engine.builder import EngineConfig, build_engine_core
+from eoq.engine.builder import build_engine_core
+from eoq.engine.types import EngineConfig
 from eoq.engine.core import EngineCore
 from eoq.engine.types import EngineRequest, FinishReason, RequestOutput, SamplingParams
 

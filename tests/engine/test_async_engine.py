@@ -8,7 +8,7 @@ from contextlib import aclosing
 import pytest
 
 from eoq.engine.async_engine import AsyncEngine
-from eoq.engine.builder import EngineConfig
+from eoq.engine.types import EngineConfig
 from eoq.engine.types import EngineRequest, FinishReason, SamplingParams
 from eoq.errors import InvalidArgument, ResourceExhausted
 

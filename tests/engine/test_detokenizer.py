@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from eoq.engine.detokenizer import IncrementalDetokenizer, TextStream
-from eoq.engine.model.loader import load_tokenizer
+from eoq.engine.model.checkpoint import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from eoq.engine.builder import EngineConfig, build_engine_core
+from eoq.engine.builder import build_engine_core
+from eoq.engine.types import EngineConfig
 from eoq.engine.types import EngineRequest, FinishReason, SamplingParams
 from eoq.errors import ConfigError
 
@@ -136,7 +137,7 @@ def test_unsupported_architecture_refused(tmp_path):
 @pytest.mark.e2e
 def test_default_model_answers_paris(default_checkpoint):
     from eoq.chat.prompt import ChatMessage, PromptBuilder
-    from eoq.engine.model.loader import load_tokenizer
+    from eoq.engine.model.checkpoint import load_tokenizer
 
     core = make_core(default_checkpoint.path, dtype="auto", kv_cache_memory_gb=0.25, max_model_len=2048)
     prompts = PromptBuilder(load_tokenizer(default_checkpoint.path))

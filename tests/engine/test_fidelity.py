@@ -109,7 +109,7 @@ def test_default_model_matches_transformers(default_checkpoint):
     from transformers import AutoModelForCausalLM
 
     from eoq.chat.prompt import ChatMessage, PromptBuilder
-    from eoq.engine.model.loader import load_tokenizer
+    from eoq.engine.model.checkpoint import load_tokenizer
 
     hf_model = AutoModelForCausalLM.from_pretrained(default_checkpoint.path, dtype=torch.float32).eval()
     core = make_core(default_checkpoint.path, kv_cache_memory_gb=0.5, max_model_len=2048)

@@ -29,8 +29,8 @@ from eoq.chat.service import ChatService
 from eoq.chat.store import ConversationStore
 from eoq.config import Settings
 from eoq.engine.async_engine import AsyncEngine
-from eoq.engine.builder import EngineConfig
-from eoq.engine.model.loader import load_tokenizer, resolve_checkpoint
+from eoq.engine.types import EngineConfig
+from eoq.engine.model.checkpoint import load_tokenizer, resolve_checkpoint
 from eoq.errors import ConfigError, Unavailable
 from eoq.metrics import Metrics
 
@@ -112,7 +112,6 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
     else:
         log.info("auth on: %d API key(s)", len(auth))
     checkpoint = await asyncio.to_thread(resolve_checkpoint, settings.model, settings.cache_dir)
-    prompts = PromptBuilder(await asyncio.to_thread(load_tokenizer, checkpoint.path))
     engine_cfg = EngineConfig(
         checkpoint=checkpoint.path,
         model_name=checkpoint.name,
@@ -126,10 +125,13 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         enable_prefix_caching=settings.enable_prefix_caching,
         num_threads=settings.num_threads,
         seed=settings.seed,
-        extra_eos_token_ids=tuple(sorted(prompts.end_of_turn_token_ids)),
     )
     engine = AsyncEngine(engine_cfg, settings.engine_mode, settings.max_queue_size, observer=metrics)
-    info = await engine.start()
+    # The engine loads the model while this process loads the tokenizer and the chat template.
+    info, tokenizer = await asyncio.gather(engine.start(), asyncio.to_thread(load_tokenizer, checkpoint.path))
+    prompts = PromptBuilder(tokenizer)
+    engine.add_end_tokens(tuple(sorted(prompts.end_of_turn_token_ids)))
+    info = engine.info
     limit = settings.max_tokens_limit or info.context_length - 1
     if limit >= info.context_length:
         raise ConfigError(f"--max-tokens-limit {limit} must be below the context window ({info.context_length})")

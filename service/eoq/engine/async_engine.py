@@ -22,8 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from eoq.engine.builder import EngineConfig, ModelInfo, build_engine_core
-from eoq.engine.types import EngineRequest, EngineStepResult, RequestOutput, SchedulerStats
+from eoq.engine.types import EngineConfig, EngineRequest, EngineStepResult, ModelInfo, RequestOutput, SchedulerStats
 from eoq.errors import InternalError, InvalidArgument, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -57,6 +56,11 @@ class _Stop:
     pass
 
 
+@dataclass(slots=True)
+class _AddEndTokens:
+    token_ids: tuple[int, ...]
+
+
 def run_engine_loop(core, receive: Callable[[bool], list], emit: Callable[[EngineStepResult], None]) -> None:
     """The loop the engine thread/process runs: apply commands, step while there is work, emit results.
 
@@ -83,6 +87,8 @@ def run_engine_loop(core, receive: Callable[[bool], list], emit: Callable[[Engin
                 out = core.abort_request(cmd.request_id)
                 if out is not None:
                     aborted.append(out)
+            elif isinstance(cmd, _AddEndTokens):
+                core.eos_token_ids = core.eos_token_ids | frozenset(cmd.token_ids)
         if aborted:
             emit(EngineStepResult(aborted, core.snapshot_stats()))
         if core.has_work():
@@ -98,6 +104,8 @@ class _ThreadBackend:
         self.core = None
 
     def start(self) -> ModelInfo:
+        from eoq.engine.builder import build_engine_core  # torch and the model: only where the engine runs
+
         self.core, info = build_engine_core(self._cfg)
         self._thread = threading.Thread(target=self._run, name="eoq-engine", daemon=True)
         self._thread.start()
@@ -130,6 +138,8 @@ class _ThreadBackend:
 def _engine_process_main(cfg: EngineConfig, commands, results) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
     try:
+        from eoq.engine.builder import build_engine_core
+
         core, info = build_engine_core(cfg)
     except Exception as e:
         results.send(("error", f"{type(e).__name__}: {e}"))
@@ -301,6 +311,15 @@ class AsyncEngine:
             self._streams.pop(request.request_id, None)
             if not finished and not self._dead:
                 self._backend.send(_Abort(request.request_id))
+
+    def add_end_tokens(self, token_ids: tuple[int, ...]) -> None:
+        """More tokens that end an answer (e.g. the chat template's end-of-turn), for requests added from now on.
+
+        Lets the server start the engine before its tokenizer and chat template are loaded."""
+        if self._backend is None or self.info is None:
+            raise RuntimeError("start the engine first")
+        self._backend.send(_AddEndTokens(tuple(token_ids)))
+        self.info = dataclasses.replace(self.info, eos_token_ids=tuple(sorted({*self.info.eos_token_ids, *token_ids})))
 
     def abort(self, request_id: str) -> None:
         """End a request now: its stream gets a last output with finish reason CANCELLED."""

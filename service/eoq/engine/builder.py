@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,9 +12,11 @@ from transformers import PreTrainedTokenizerBase
 from eoq.engine.block_manager import BlockManager
 from eoq.engine.core import EngineCore
 from eoq.engine.device import dtype_name, select_device, select_dtype, tune_cpu_allocator
-from eoq.engine.model.loader import build_model, context_length, load_config, load_tokenizer, read_state_dict
+from eoq.engine.model.checkpoint import context_length, load_config, load_tokenizer
+from eoq.engine.model.loader import build_model, read_state_dict
 from eoq.engine.runner import ModelRunner
 from eoq.engine.scheduler import Scheduler
+from eoq.engine.types import EngineConfig, ModelInfo
 from eoq.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -23,40 +24,6 @@ log = logging.getLogger(__name__)
 GiB = 1024**3
 DEFAULT_CPU_KV_GB = 1.0
 DEFAULT_GPU_KV_FRACTION = 0.85  # of the GPU memory still free once the weights are loaded
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """What the engine needs, picklable (the engine may run in its own process)."""
-
-    checkpoint: Path  # a transformers-format folder (see model.loader.resolve_checkpoint)
-    model_name: str
-    device: str = "auto"
-    dtype: str = "auto"
-    kv_cache_memory_gb: float | None = None
-    block_size: int = 16
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    enable_prefix_caching: bool = True
-    num_threads: int | None = None
-    seed: int = 0
-    extra_eos_token_ids: tuple[int, ...] = ()  # e.g. the chat template's end-of-turn token
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    name: str
-    architecture: str
-    context_length: int
-    dtype: str
-    device: str
-    vocab_size: int
-    kv_cache_tokens: int
-    kv_bytes_per_token: int
-    num_blocks: int
-    block_size: int
-    eos_token_ids: tuple[int, ...] = field(default=())
 
 
 def eos_token_ids(checkpoint: Path, tokenizer: PreTrainedTokenizerBase, config) -> set[int]:

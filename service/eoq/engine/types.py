@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from eoq.errors import InvalidArgument
 
@@ -136,3 +137,37 @@ class SchedulerStats:
 class EngineStepResult:
     outputs: list[RequestOutput] = field(default_factory=list)
     stats: SchedulerStats | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What the engine needs, picklable (the engine may run in its own process)."""
+
+    checkpoint: Path  # a transformers-format folder (see model.loader.resolve_checkpoint)
+    model_name: str
+    device: str = "auto"
+    dtype: str = "auto"
+    kv_cache_memory_gb: float | None = None
+    block_size: int = 16
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None
+    seed: int = 0
+    extra_eos_token_ids: tuple[int, ...] = ()  # e.g. the chat template's end-of-turn token
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    context_length: int
+    dtype: str
+    device: str
+    vocab_size: int
+    kv_cache_tokens: int
+    kv_bytes_per_token: int
+    num_blocks: int
+    block_size: int
+    eos_token_ids: tuple[int, ...] = field(default=())

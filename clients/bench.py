@@ -26,6 +26,9 @@ from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from eoq_clients.common import add_connection_flags
 from eoq_clients.report import compute_ratios, print_report, run_dir, write_json, write_plots
 from eoq_clients.targets import LocalModel, Target, TargetInfo
@@ -39,8 +42,6 @@ from eoq_clients.workloads import (
     summarize_single,
     summarize_turns,
 )
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 TARGETS = ("server", "inprocess", "transformers", "llamacpp")
 WARMUP_QUESTION = "Say hello."  # not in the measured list, so it leaves no measured prompt in a prefix cache

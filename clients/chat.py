@@ -10,10 +10,11 @@ import argparse
 import sys
 
 import grpc
-from eoq._proto.chat.v1 import chat_pb2 as pb
-from eoq_clients.common import add_connection_flags, metadata, sync_stub
 from rich.console import Console
 from rich.markup import escape
+
+from eoq._proto.chat.v1 import chat_pb2 as pb
+from eoq_clients.common import add_connection_flags, metadata, sync_stub
 
 HELP = "/new  start a new conversation   /history  show it   /system TEXT  set its system prompt   /quit"
 

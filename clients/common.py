@@ -6,6 +6,7 @@ import argparse
 import os
 
 import grpc
+
 from eoq._proto.chat.v1 import chat_pb2_grpc
 
 DEFAULT_ADDRESS = "localhost:50051"

@@ -151,6 +151,7 @@ class ServerTarget(Target):
 
     async def start(self) -> TargetInfo:
         import grpc
+
         from eoq._proto.chat.v1 import chat_pb2 as pb
         from eoq_clients.common import aio_stub, metadata
 
@@ -223,6 +224,7 @@ class ServerTarget(Target):
     async def _delete_conversations(self) -> None:
         """Every Chat call of the run started or continued a conversation: delete them, after measuring."""
         import grpc
+
         from eoq_clients.common import metadata
 
         async def delete(conversation_id: str) -> bool:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -119,20 +120,28 @@ class RedisServer:
             return "(no log)"
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A fresh, controllable redis-server for this test (see ``RedisServer``); killed at the end."""
+@contextmanager
+def running_redis(data_dir: Path) -> Iterator[RedisServer]:
+    """A started, controllable redis-server (see ``RedisServer``), killed when the block ends: for fixtures of
+    any scope."""
     executable = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not Path(executable).exists():
         pytest.fail(
             "redis-server not found: install it (apt-get install redis-server); these tests need a real one"
         )
-    server = RedisServer(executable, tmp_path / "redis")
+    server = RedisServer(executable, data_dir)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh, controllable redis-server for this test; killed at the end."""
+    with running_redis(tmp_path / "redis") as server:
+        yield server
 
 
 # --- the real default model ---------------------------------------------------------------------------------

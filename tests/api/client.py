@@ -12,12 +12,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import grpc
+
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq._proto.chat.v1 import chat_pb2_grpc
 from eoq.api.server import RunningServer, start_server
 from eoq.config import Settings, load_settings
 from eoq.engine.types import EngineRequest
-
 from tests.conftest import model_cache_dir
 
 SERVICE = "chat.v1.ChatService"

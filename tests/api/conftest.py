@@ -7,28 +7,22 @@ module), the loop the shared server and its gRPC channel live on.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
+
 from eoq._proto.chat.v1 import chat_pb2_grpc
 from eoq.api.server import RunningServer
-
 from tests.api.client import connect, serving
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, running_redis
 
 
 @pytest.fixture(scope="package")
 def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server for the whole package (tests that kill Redis start their own)."""
-    executable = shutil.which("redis-server") or "/usr/bin/redis-server"
-    server = RedisServer(executable, tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest_asyncio.fixture(scope="package", loop_scope="package")

@@ -9,11 +9,11 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from eoq._proto.chat.v1 import chat_pb2 as pb
-from eoq.api.server import RunningServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from eoq._proto.chat.v1 import chat_pb2 as pb
+from eoq.api.server import RunningServer
 from tests.api.client import FRANCE, SERVICE, ask, collect, connect, rpc_error, sampling, serving
 from tests.conftest import RedisServer
 

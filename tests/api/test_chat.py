@@ -7,9 +7,9 @@ Greedy sampling throughout: the answers are the model's, so the checks name word
 from __future__ import annotations
 
 import pytest
+
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.api.server import RunningServer
-
 from tests.api.client import FRANCE, Answer, ask, capture_requests, collect, sampling
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")

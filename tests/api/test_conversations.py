@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.api.server import RunningServer
-
 from tests.api.client import FRANCE, ask, capture_requests, rpc_error
 from tests.conftest import RedisServer
 

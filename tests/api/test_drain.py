@@ -16,14 +16,14 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq._proto.chat.v1 import chat_pb2_grpc
 from eoq.api.server import RunningServer, start_server
 from eoq.chat.redis_store import RedisConversationStore
 from eoq.chat.store import Conversation, Role
 from eoq.engine.types import FinishReason
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tests.api.client import FRANCE, SERVICE, ask, rpc_error, sampling, server_settings, wait_for
 from tests.conftest import RedisServer, _free_port, model_cache_dir
 

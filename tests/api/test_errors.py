@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.api.server import RunningServer
-
 from tests.api.client import FRANCE, ask, collect, rpc_error, sampling
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from eoq._proto.chat.v1 import chat_pb2 as pb
-from eoq.api.server import RunningServer
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from eoq._proto.chat.v1 import chat_pb2 as pb
+from eoq.api.server import RunningServer
 from tests.api.client import FRANCE, SERVICE, ask, rpc_error
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")

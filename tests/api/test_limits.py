@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import pytest_asyncio
+
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.api.server import RunningServer
 from eoq.chat.prompt import ChatMessage
-
 from tests.api.client import (
     ask,
     capture_requests,

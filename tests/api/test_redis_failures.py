@@ -4,18 +4,17 @@ half-way, and the server serves again, history intact, once Redis is back (no re
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
 import pytest_asyncio
+
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.api.server import RunningServer
-
 from tests.api.client import FRANCE, ask, connect, engine_idle, rpc_error, sampling, serving, wait_for
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, running_redis
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")
 
@@ -25,12 +24,8 @@ LOCK_TTL = 3.0
 @pytest.fixture(scope="module")
 def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """This module's own redis-server: its tests kill and freeze it."""
-    server = RedisServer(shutil.which("redis-server") or "/usr/bin/redis-server", tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="package")

@@ -7,9 +7,9 @@ import asyncio
 
 import grpc
 import pytest
+
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.api.server import RunningServer
-
 from tests.api.client import (
     FRANCE,
     ask,

@@ -4,6 +4,7 @@ tokens reused verbatim, the oldest turns dropped to fit, completions, and the pl
 from __future__ import annotations
 
 import pytest
+
 from eoq.chat.prompt import ChatMessage, PromptBuilder, Turn
 from eoq.engine.model.checkpoint import load_tokenizer
 from eoq.errors import InvalidArgument

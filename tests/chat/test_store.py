@@ -12,12 +12,12 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+
 from eoq.chat.memory_store import MemoryConversationStore, _Lease
 from eoq.chat.redis_store import RedisConversationStore
 from eoq.chat.store import ConversationBusy, ConversationStore, Role, StoredMessage, StoreUnavailable
 from eoq.engine.types import FinishReason
 from eoq.errors import InvalidArgument, NotFound
-
 from tests.conftest import RedisServer
 
 

@@ -31,7 +31,6 @@ class ServerThread:
     def start(self, timeout: float = 300.0) -> None:
         from eoq.api.server import start_server
         from eoq.config import load_settings
-
         from tests.conftest import model_cache_dir
 
         self.thread.start()

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from eoq.cli import main
 from eoq_clients.bench import plan_from_args
 from eoq_clients.workloads import (
@@ -18,7 +19,6 @@ from eoq_clients.workloads import (
     summarize_single,
     summarize_turns,
 )
-
 from tests.clients.conftest import ServerThread, free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

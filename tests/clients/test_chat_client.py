@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq_clients.common import sync_stub
-
 from tests.clients.conftest import ServerThread, free_port, run_eoq
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

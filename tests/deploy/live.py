@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,20 +17,19 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import yaml
-from eoq._proto.chat.v1 import chat_pb2 as pb
-from eoq._proto.chat.v1 import chat_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RedisServer, _free_port, model_cache_dir
+from eoq._proto.chat.v1 import chat_pb2 as pb
+from eoq._proto.chat.v1 import chat_pb2_grpc
+from tests.conftest import _free_port, model_cache_dir
 
 SERVICE = "chat.v1.ChatService"
 START_TIMEOUT_SECONDS = 180.0  # model load on a busy 2-core machine, several processes starting at once
@@ -98,17 +96,6 @@ class GroupProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
-
-
-@contextmanager
-def running_redis(data_dir: Path) -> Iterator[RedisServer]:
-    """The ``redis_server`` fixture's real redis-server, for a module-scoped fixture (killed at the end)."""
-    server = RedisServer(shutil.which("redis-server") or "/usr/bin/redis-server", data_dir)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class EoqServer:

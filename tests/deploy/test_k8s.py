@@ -14,8 +14,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from eoq.config import Settings
 from kubernetes_validate import utils as kv_utils
+
+from eoq.config import Settings
 
 from . import contract
 from .files import DEPLOY, K8S, find_object, is_k8s_manifest, k8s_objects, load_yaml_docs

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq._proto.chat.v1 import chat_pb2_grpc
-
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, running_redis
 
 from . import promql
-from .live import Answer, EoqServer, Prometheus, chat, complete, is_number, running_redis
+from .live import Answer, EoqServer, Prometheus, chat, complete, is_number
 
 pytestmark = pytest.mark.e2e
 

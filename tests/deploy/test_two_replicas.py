@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq._proto.chat.v1 import chat_pb2_grpc
+from tests.conftest import running_redis
 
-from .live import CALL_TIMEOUT_SECONDS, Answer, EoqServer, bearer, chat, running_redis
+from .live import CALL_TIMEOUT_SECONDS, Answer, EoqServer, bearer, chat
 
 pytestmark = pytest.mark.e2e
 

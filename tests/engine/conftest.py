@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from eoq.engine.builder import build_engine_core
-from eoq.engine.types import EngineConfig
 from eoq.engine.core import EngineCore
-from eoq.engine.types import EngineRequest, FinishReason, RequestOutput, SamplingParams
+from eoq.engine.types import EngineConfig, EngineRequest, FinishReason, RequestOutput, SamplingParams
 
 VOCAB = 49152  # the default model's tokenizer
 

@@ -8,8 +8,7 @@ from contextlib import aclosing
 import pytest
 
 from eoq.engine.async_engine import AsyncEngine
-from eoq.engine.types import EngineConfig
-from eoq.engine.types import EngineRequest, FinishReason, SamplingParams
+from eoq.engine.types import EngineConfig, EngineRequest, FinishReason, SamplingParams
 from eoq.errors import InvalidArgument, ResourceExhausted
 
 from .test_fidelity import prompt_ids

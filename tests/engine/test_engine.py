@@ -7,8 +7,7 @@ import random
 import pytest
 
 from eoq.engine.builder import build_engine_core
-from eoq.engine.types import EngineConfig
-from eoq.engine.types import EngineRequest, FinishReason, SamplingParams
+from eoq.engine.types import EngineConfig, EngineRequest, FinishReason, SamplingParams
 from eoq.errors import ConfigError
 
 from .conftest import generate, make_core, merge, run_to_end

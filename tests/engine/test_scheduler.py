@@ -116,3 +116,28 @@ def test_prefix_hits_are_counted_once_at_first_admission():
     assert (out.prefix_cache_queries, out.prefix_cache_hits) == (10, 8)
     assert b.num_cached_tokens == 8
     assert [(c.seq.request_id, c.num_new_tokens) for c in out.prefills] == [("b", 2)]
+
+
+def test_a_prefix_being_computed_is_waited_for_not_computed_twice():
+    blocks = BlockManager(32, 4)
+    s = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=100)
+    a, b, c = seq("a", 10), seq("b", 10), seq("c", 10)  # same tokens: a burst of one question
+    for q in (a, b, c):
+        s.add(q)
+    out = run_step(s)
+    assert [(ch.seq.request_id, ch.num_new_tokens) for ch in out.prefills] == [("a", 10)]  # b, c wait for a's blocks
+    out = run_step(s)
+    assert [q.request_id for q in out.decodes] == ["a"]
+    assert [(ch.seq.request_id, ch.num_new_tokens) for ch in out.prefills] == [("b", 2), ("c", 2)]
+    assert (out.prefix_cache_queries, out.prefix_cache_hits) == (20, 16)
+    assert b.num_cached_tokens == c.num_cached_tokens == 8
+
+
+def test_different_prefixes_are_admitted_together():
+    s = Scheduler(BlockManager(32, 4), max_num_seqs=8, max_num_batched_tokens=100)
+    a = seq("a", 10)
+    b = Sequence(EngineRequest("b", list(range(2000, 2010)), SamplingParams()), text=None, stop_token_ids=frozenset())
+    s.add(a)
+    s.add(b)
+    out = run_step(s)
+    assert [ch.seq.request_id for ch in out.prefills] == ["a", "b"]

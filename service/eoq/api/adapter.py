@@ -9,8 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.chat.service import AnswerEvent, Usage
 from eoq.chat.store import Conversation, Role, StoredMessage
-from eoq.engine.types import ModelInfo
-from eoq.engine.types import FinishReason, SamplingParams
+from eoq.engine.types import FinishReason, ModelInfo, SamplingParams
 from eoq.errors import InvalidArgument
 
 FINISH_TO_PB = {

@@ -29,8 +29,8 @@ from eoq.chat.service import ChatService
 from eoq.chat.store import ConversationStore
 from eoq.config import Settings
 from eoq.engine.async_engine import AsyncEngine
-from eoq.engine.types import EngineConfig
 from eoq.engine.model.checkpoint import load_tokenizer, resolve_checkpoint
+from eoq.engine.types import EngineConfig
 from eoq.errors import ConfigError, Unavailable
 from eoq.metrics import Metrics
 

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from jinja2 import TemplateError
+
 from eoq.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -158,7 +160,7 @@ class PromptBuilder:
             return self.tokenizer.apply_chat_template(
                 messages, chat_template=self._template, tokenize=False, add_generation_prompt=add_generation_prompt
             )
-        except Exception as e:  # templates raise (jinja TemplateError) e.g. "System role not supported"
+        except (TemplateError, ValueError) as e:  # templates raise, e.g. "System role not supported"
             if messages and messages[0]["role"] == "system" and len(messages) > 1:
                 # Fold the system prompt into the first user message, as such templates expect.
                 first = dict(messages[1])

@@ -21,7 +21,7 @@ from eoq.chat.prompt import ChatMessage, PromptBuilder, Turn
 from eoq.chat.store import Conversation, ConversationStore, Role, StoredMessage
 from eoq.engine.async_engine import AsyncEngine
 from eoq.engine.types import EngineRequest, FinishReason, RequestOutput, SamplingParams
-from eoq.errors import InvalidArgument
+from eoq.errors import EoqError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class ChatService:
     async def _discard(self, tenant: str, conversation_id: str) -> None:
         try:
             await self.store.delete(tenant, conversation_id)
-        except Exception as e:  # the caller's error matters more; the empty conversation expires by itself
+        except EoqError as e:  # the caller's error matters more; the empty conversation expires by itself
             log.warning("could not delete the unused conversation %s: %s", conversation_id, e)
 
     async def _turn(self, tenant: str, conversation_id: str, message: str, sampling: SamplingParams,

@@ -6,6 +6,10 @@ budget, the running-sequence limit and the KV cache allow; each takes its prefix
 prompt as fits (long prompts are prefilled over several steps, mixed with the others' decodes). Finished
 sequences leave at once (``finish``).
 
+A waiting request whose next uncached prompt block is being computed right now by a running sequence (the same
+tenant's same prefix: a shared system prompt, or the same question in a burst) waits for it instead of
+computing it again: the step after, those blocks are in the prefix cache. Admission stays FCFS.
+
 When a running sequence cannot get a block for its next token, the newest running sequence is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed from its tokens later (its
 blocks stay in the prefix cache, so the recompute is mostly cache hits). Nobody starves: the queue is FCFS,
@@ -113,9 +117,12 @@ class Scheduler:
         if out.preempted:
             return out  # the cache is tight: admit nobody new this step
 
+        inflight = self._inflight_hashes() if self.blocks.enable_prefix_caching else set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits, num_hit = self.blocks.get_computed_blocks(seq)
+            if len(hits) < len(seq.block_hashes) and seq.block_hashes[len(hits)] in inflight:
+                break  # a running sequence is computing this prefix now: take it from the cache next step
             n = min(seq.num_tokens - num_hit, budget)
             needed = self.blocks.blocks_needed(num_hit + n) - len(hits)
             if self.running and self.blocks.num_free_blocks - needed < self.watermark_blocks:
@@ -133,7 +140,18 @@ class Scheduler:
             self.running.append(seq)
             self._add_to_output(out, seq, n)
             budget -= n
+            if self.blocks.enable_prefix_caching:
+                inflight.update(seq.block_hashes[len(hits) :])
         return out
+
+    def _inflight_hashes(self) -> set:
+        """Hashes of full prompt blocks that running sequences hold but have not computed yet."""
+        bs = self.blocks.block_size
+        inflight = set()
+        for seq in self.running:
+            if seq.num_computed_tokens < seq.num_tokens - 1:  # still prefilling
+                inflight.update(seq.block_hashes[seq.num_computed_tokens // bs :])
+        return inflight
 
     def _add_to_output(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
         if n == 1 and seq.num_computed_tokens == seq.num_tokens - 1:

@@ -24,9 +24,21 @@ class Sequence:
     """
 
     __slots__ = (
-        "request_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "num_cached_tokens",
-        "block_ids", "block_hashes", "sampling", "cache_salt", "status", "finish_reason", "timings",
-        "text", "num_preemptions", "stop_token_ids",
+        "block_hashes",
+        "block_ids",
+        "cache_salt",
+        "finish_reason",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "num_preemptions",
+        "num_prompt_tokens",
+        "request_id",
+        "sampling",
+        "status",
+        "stop_token_ids",
+        "text",
+        "timings",
+        "token_ids",
     )
 
     def __init__(self, request: EngineRequest, text: TextStream, stop_token_ids: frozenset[int]) -> None:

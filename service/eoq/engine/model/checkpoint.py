@@ -87,9 +87,10 @@ def convert_gguf_cached(gguf: Path, cache_dir: Path) -> Path:
     log.info("first start with %s: converting it into a cached checkpoint at %s (once)", gguf.name, target)
     t0 = time.monotonic()
     import torch
-    from transformers import AutoModelForCausalLM  # heavy imports, only when converting
-
-    from transformers import AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,  # heavy imports, only when converting
+        AutoTokenizer,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -77,8 +77,8 @@ class ModelRunner:
 
         D = len(out.decodes)
         decode_blocks = decode_bias = None
+        ctx_lens: list[int] = []
         if D:
-            ctx_lens = []
             width = 0
             for seq in out.decodes:
                 p = seq.num_computed_tokens
@@ -126,6 +126,7 @@ class ModelRunner:
             num_decodes=D,
             decode_blocks=decode_blocks.to(dev) if decode_blocks is not None else None,
             decode_bias=decode_bias.to(dev) if decode_bias is not None else None,
+            decode_context_lens=ctx_lens if D else [],
             prefills=chunks,
         )
         return (

@@ -75,6 +75,9 @@ def add_parser(sub) -> None:
     p.add_argument("--turns", type=int, help="turns per conversation (default 6)")
     p.add_argument("--repeat", type=int, help="runs of each workload; the figures are their medians (default 1)")
     p.add_argument("--warmup-tokens", type=int, help="one short request per target first (0 = none; default 8)")
+    p.add_argument("--settle-seconds", type=float, default=5.0,
+                   help="pause after starting the targets, before measuring: a peer that just warmed up may "
+                        "still hold a CPU (llama.cpp's threads spin for a while), which skews the first runs")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: conc 1,4, 16 tokens, 2 conversations x 3 turns (flags given still win)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder (default bench-results/)")
@@ -234,7 +237,7 @@ def _error(e: BaseException) -> str:
 
 
 async def run_bench(plan: BenchPlan, names: list[str], make: Callable[[str], Target], console: Console,
-                    show_progress: bool = True) -> tuple[dict, bool]:
+                    show_progress: bool = True, settle_seconds: float = 0.0) -> tuple[dict, bool]:
     """Start the targets, run every workload on each (interleaved), return (results, every part ran)."""
     from eoq_clients.peers import PeerUnavailable
 
@@ -266,6 +269,8 @@ async def run_bench(plan: BenchPlan, names: list[str], make: Callable[[str], Tar
             entry["memory_after_start"] = target.memory()
             results["targets"][name] = entry
         measured = [t for t in started if "info" in results["targets"][t.name]]
+        if len(started) > 1 and settle_seconds > 0:
+            await asyncio.sleep(settle_seconds)
         runner = Runner(plan, progress)
 
         with progress:
@@ -332,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
     }
     t0 = time.perf_counter()
     measured, ok = asyncio.run(run_bench(plan, names, lambda n: make_target(n, args, local), console,
-                                         show_progress=not args.no_progress))
+                                         show_progress=not args.no_progress, settle_seconds=args.settle_seconds))
     results.update(measured)
     results["wall_s"] = time.perf_counter() - t0
     results["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -73,17 +73,28 @@ class Target(abc.ABC):
         return None
 
 
-def read_proc_memory(pid: int | str) -> dict:
-    """VmRSS (now) and VmHWM (peak) of a Linux process, in bytes; {} where /proc cannot tell."""
+def _children(pid: int | str) -> list[str]:
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        return [c for t in Path(f"/proc/{pid}/task").iterdir()
+                for c in (t / "children").read_text().split()]
     except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out["rss_bytes" if key == "VmRSS" else "peak_rss_bytes"] = int(value.split()[0]) * 1024  # kB
+        return []
+
+
+def read_proc_memory(pid: int | str) -> dict:
+    """VmRSS (now) and VmHWM (peak) of a Linux process and its child processes (eoq's engine runs in one),
+    summed, in bytes; {} where /proc cannot tell."""
+    out: dict = {}
+    for p in [pid, *_children(pid)]:
+        try:
+            text = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                name = "rss_bytes" if key == "VmRSS" else "peak_rss_bytes"
+                out[name] = out.get(name, 0) + int(value.split()[0]) * 1024  # kB
     return out
 
 

@@ -33,6 +33,8 @@ class Linear(nn.Module):
         w = self.weight
         if w.device.type == "cpu" and w.dtype == torch.bfloat16 and _onednn_packing_available():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)
+            # The packed copy is the weight now: keep one copy in memory (a tied embedding keeps its own).
+            self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
         else:
             self._packed = None
 

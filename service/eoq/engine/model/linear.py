@@ -29,7 +29,9 @@ class Linear(nn.Module):
         self._packed: torch.Tensor | None = None
 
     def prepare(self) -> None:
-        """Pick the fastest matmul for the weight's device and dtype (call after weights are loaded)."""
+        """Pick the fastest matmul for the weight's device and dtype (call after weights are loaded; once)."""
+        if self._packed is not None:
+            return
         w = self.weight
         if w.device.type == "cpu" and w.dtype == torch.bfloat16 and _onednn_packing_available():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)

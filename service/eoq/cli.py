@@ -34,7 +34,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(Settings)
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = (field.description or "") + f" [env EOQ_{name.upper()}]"
+        help_text = (field.description or "").replace("%", "%%") + f" [env EOQ_{name.upper()}]"  # argparse formats help
         annotation = hints[name]
         if annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)

@@ -20,12 +20,21 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import multiprocessing as mp
+import signal
 import time
 from pathlib import Path
 from typing import Protocol
 
 from eoq_clients.targets import LocalModel, OnTokens, Target, TargetInfo, kv_bytes_per_token, read_proc_memory
 from eoq_clients.workloads import RequestRecord
+
+
+# llama.cpp built for this CPU without its AMX kernels (they crashed with SIGSEGV on this project's VMs).
+LLAMACPP_NO_AMX_INSTALL = (
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON '
+    '-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON" '
+    "pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python"
+)
 
 
 class PeerUnavailable(RuntimeError):
@@ -216,8 +225,24 @@ class PeerProcessTarget(Target):
         try:
             return await asyncio.to_thread(self._conn.recv)
         except (EOFError, OSError):
-            code = self._proc.exitcode if self._proc is not None else None
-            raise PeerFailed(f"the {self.kind} process exited (exit code {code})") from None
+            raise PeerFailed(self._exit_message()) from None
+
+    def _exit_message(self) -> str:
+        code = None
+        if self._proc is not None:
+            self._proc.join(timeout=5)  # the pipe closes before the process is reaped
+            code = self._proc.exitcode
+        if code is None or code >= 0:
+            return f"the {self.kind} process exited (exit code {code})"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        message = f"the {self.kind} process was killed by {name}"
+        if self.kind == "llamacpp" and -code == signal.SIGSEGV:
+            message += (" (llama.cpp's AMX kernels crash on some virtual machines: rebuild without them, "
+                        f"{LLAMACPP_NO_AMX_INSTALL})")
+        return message
 
     async def generate(self, questions: list[str], max_tokens: int, on_tokens: OnTokens) -> list[RequestRecord]:
         self._conn.send(("generate", questions, max_tokens))

@@ -295,3 +295,18 @@ def test_llamacpp_without_its_package_is_reported_unavailable(monkeypatch) -> No
     with pytest.raises(peers.PeerUnavailable, match="pip install llama-cpp-python"):
         asyncio.run(target.start())
     assert target._proc is None  # found out before spawning anything
+
+
+def test_a_peer_killed_by_a_signal_is_named_with_a_hint(tmp_path: Path) -> None:
+    import multiprocessing as mp
+    import signal
+
+    from eoq_clients import peers
+
+    target = peers.PeerProcessTarget("llamacpp", "default", tmp_path)
+    target._proc = mp.get_context("spawn").Process(target=signal.raise_signal, args=(signal.SIGSEGV,))
+    target._proc.start()
+    message = target._exit_message()
+    assert "killed by SIGSEGV" in message and "-DGGML_NATIVE=OFF" in message
+    target.kind = "transformers"
+    assert "killed by SIGSEGV" in target._exit_message() and "GGML" not in target._exit_message()

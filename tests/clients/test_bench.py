@@ -310,3 +310,27 @@ def test_a_peer_killed_by_a_signal_is_named_with_a_hint(tmp_path: Path) -> None:
     assert "killed by SIGSEGV" in message and "-DGGML_NATIVE=OFF" in message
     target.kind = "transformers"
     assert "killed by SIGSEGV" in target._exit_message() and "GGML" not in target._exit_message()
+
+
+def test_process_memory_counts_child_processes() -> None:
+    """eoq's engine runs in a child process of the server: ``--server-pid`` must count it."""
+    import os
+    import subprocess
+    import sys
+
+    from eoq_clients.targets import read_proc_memory
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(200 * 2**20); "
+                              "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        alone = read_proc_memory(child.pid)["rss_bytes"]
+        assert alone > 200 * 2**20
+        status = Path(f"/proc/{os.getpid()}/status").read_text()
+        own = int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) * 1024
+        total = read_proc_memory(os.getpid())
+        assert total["rss_bytes"] >= own + alone * 0.9
+        assert total["peak_rss_bytes"] >= total["rss_bytes"]
+    finally:
+        child.kill()
+        child.wait()

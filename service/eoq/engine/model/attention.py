@@ -2,10 +2,11 @@
 
 Tokens of one engine step are flattened into one dimension, decodes first (one token each), then prefill
 chunks sequence by sequence. Every layer writes the new tokens' K/V into their cache slots, then:
-- decodes attend together: all their blocks are gathered in one ``index_select`` straight into the layout the
-  batched matmuls want, (kv_heads, D, max_blocks * block_size, head_dim), padding masked out. This runs
-  ~10x faster on the CPU than SDPA's flash kernel over an advanced-indexing gather (measured at 32 sequences
-  of ~320 tokens: 0.8 ms vs 6.5-12 ms per layer), whose strided K/V it cannot use directly;
+- decodes: up to ``SMALL_DECODE_BATCH`` sequences each attend with one SDPA over exactly their tokens; more
+  attend together: all their blocks are gathered in one ``index_select`` into (kv_heads, D, max_blocks *
+  block_size, head_dim), padding masked out by an additive bias, then one SDPA (up to ``MID_DECODE_BATCH``)
+  or batched matmuls. The block gather is what makes this fast on the CPU: SDPA over an advanced-indexing
+  gather was ~10x slower (measured at 32 sequences of ~320 tokens: 0.8 ms vs 6.5-12 ms per layer);
 - each prefill chunk attends to its sequence's earlier tokens (cached prefix or earlier chunks) plus itself,
   causally, with SDPA; a chunk with no earlier tokens attends to its own K/V, with no gather.
 The cache of one layer is head-major, (num_kv_heads, num_blocks, block_size, head_dim), so a gather of
@@ -81,6 +82,11 @@ def paged_attention(
 # padded blocks have a fixed cost that dominates such tiny work (measured on this 2-core machine, one sequence
 # of ~150 tokens: 18 us with SDPA, ~88 us batched); beyond it the batched matmuls win.
 SMALL_DECODE_BATCH = 4
+# Up to this many, the gathered blocks go to one SDPA call with the padding mask; beyond it, to batched
+# matmuls. Measured per layer on this 2-core machine (bf16, 3 KV heads x 3 queries, 64-dim heads), SDPA vs
+# matmuls: 8 sequences of 80 tokens 99 vs 191 us, 16 x 160: 422 vs 505 us, 32 x 80: 510 vs 660 us; equal from
+# ~32 x 240 on, and ~4 % slower at 64 x 160.
+MID_DECODE_BATCH = 32
 
 
 def _decode_attention(
@@ -106,6 +112,11 @@ def _decode_attention(
         return torch.stack(outs)  # (D, nh, hd)
     k = k_cache.index_select(1, meta.decode_blocks).view(nkv, D, L, hd)  # (nkv, D, L, hd)
     v = v_cache.index_select(1, meta.decode_blocks).view(nkv, D, L, hd)  # (nkv, D, L, hd)
+    if D <= MID_DECODE_BATCH:
+        # Each sequence's query heads sharing a KV head are SDPA's query rows; padding masked by the bias.
+        o = F.scaled_dot_product_attention(q.view(D, nkv, G, hd), k.transpose(0, 1), v.transpose(0, 1),
+                                           attn_mask=meta.decode_bias.transpose(0, 1))  # (D, nkv, G, hd)
+        return o.reshape(D, nh, hd)
     qh = (q * hd**-0.5).view(D, nkv, G, hd).transpose(0, 1)  # (nkv, D, G, hd)
     scores = torch.matmul(qh, k.transpose(-1, -2))  # (nkv, D, G, L)
     scores += meta.decode_bias

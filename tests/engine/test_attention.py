@@ -1,0 +1,60 @@
+"""Decode attention over the paged KV cache equals plain attention over each sequence's tokens, on every path
+(one SDPA per sequence, one masked SDPA over the gathered blocks, batched matmuls), with grouped-query heads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from eoq.engine.model import attention
+from eoq.engine.model.attention import AttentionMetadata, paged_attention
+
+NKV, GROUP, HD, BS, NUM_BLOCKS = 2, 3, 16, 4, 400
+
+
+def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """q (nh, hd), keys/values (ctx, nkv, hd) -> (nh, hd): softmax(q K^T / sqrt(hd)) V, head h on KV head h // G."""
+    kv_head = torch.arange(NKV * GROUP) // GROUP
+    k, v = keys[:, kv_head].transpose(0, 1), values[:, kv_head].transpose(0, 1)  # (nh, ctx, hd)
+    probs = torch.softmax((q.unsqueeze(1) @ k.transpose(1, 2)).squeeze(1) / math.sqrt(HD), dim=-1)  # (nh, ctx)
+    return (probs.unsqueeze(1) @ v).squeeze(1)
+
+
+@pytest.mark.parametrize("num_decodes", sorted({1, attention.SMALL_DECODE_BATCH, attention.SMALL_DECODE_BATCH + 1,
+                                                attention.MID_DECODE_BATCH, attention.MID_DECODE_BATCH + 1, 45}))
+def test_decode_attention_equals_plain_attention(num_decodes: int) -> None:
+    gen = torch.Generator().manual_seed(num_decodes)
+    D = num_decodes
+    k_cache = torch.randn(NKV, NUM_BLOCKS, BS, HD, generator=gen)
+    v_cache = torch.randn(NKV, NUM_BLOCKS, BS, HD, generator=gen)
+    lengths = torch.randint(1, 30, (D,), generator=gen).tolist()  # tokens each sequence attends to, the new one too
+    free = torch.randperm(NUM_BLOCKS - 1, generator=gen) + 1  # block 0 is the padding block: never a sequence's
+    tables, start = [], 0
+    for n in lengths:
+        tables.append(free[start : start + -(-n // BS)].tolist())
+        start += len(tables[-1])
+    width = max(len(t) for t in tables)
+
+    q = torch.randn(D, NKV * GROUP, HD, generator=gen)
+    k_new = torch.randn(D, NKV, HD, generator=gen)
+    v_new = torch.randn(D, NKV, HD, generator=gen)
+    slots = [tables[i][(n - 1) // BS] * BS + (n - 1) % BS for i, n in enumerate(lengths)]
+    pad = torch.arange(width * BS).unsqueeze(0) >= torch.tensor(lengths).unsqueeze(1)  # (D, L)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        num_decodes=D,
+        decode_blocks=torch.tensor([b for t in tables for b in t + [0] * (width - len(t))]),
+        decode_bias=torch.zeros(D, width * BS).masked_fill_(pad, float("-inf")).view(1, D, 1, width * BS),
+        decode_context_lens=lengths,
+    )
+
+    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta).view(D, NKV * GROUP, HD)
+
+    for i, (n, table) in enumerate(zip(lengths, tables)):
+        blocks = torch.tensor(table)
+        keys = k_cache[:, blocks].reshape(NKV, -1, HD)[:, :n].transpose(0, 1)  # (n, nkv, hd), the new token written
+        values = v_cache[:, blocks].reshape(NKV, -1, HD)[:, :n].transpose(0, 1)
+        assert torch.equal(keys[-1], k_new[i]) and torch.equal(values[-1], v_new[i])
+        torch.testing.assert_close(out[i], _reference(q[i], keys, values), atol=1e-5, rtol=1e-5)

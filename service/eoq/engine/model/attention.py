@@ -80,7 +80,7 @@ def paged_attention(
 # Up to this many decoding sequences, each attends on its own with SDPA over exactly its tokens (no padding,
 # no mask; its query heads sharing a KV head are SDPA's query rows): one op per sequence. Batched matmuls over
 # padded blocks have a fixed cost that dominates such tiny work (measured on this 2-core machine, one sequence
-# of ~150 tokens: 18 us with SDPA, ~88 us batched); beyond it the batched matmuls win.
+# of ~150 tokens: 18 us with SDPA, ~88 us batched); beyond it one call over the gathered blocks wins.
 SMALL_DECODE_BATCH = 4
 # Up to this many, the gathered blocks go to one SDPA call with the padding mask; beyond it, to batched
 # matmuls. Measured per layer on this 2-core machine (bf16, 3 KV heads x 3 queries, 64-dim heads), SDPA vs

@@ -292,7 +292,7 @@ class InProcessTarget(Target):
                            extra_eos_token_ids=tuple(sorted(prompts.end_of_turn_token_ids)))
         self.engine = AsyncEngine(cfg, mode="process")  # as the server runs it: the engine is not slowed by our loop
         mi = await self.engine.start()
-        self._end_ids = frozenset(mi.eos_token_ids) | prompts.end_of_turn_token_ids
+        self._end_ids = frozenset(mi.eos_token_ids)  # the model's end tokens and the template's end-of-turn
         return TargetInfo(self.name, "eoq AsyncEngine in the bench process (no gRPC, no store)", mi.name, mi.dtype,
                           mi.device, mi.kv_cache_tokens, mi.kv_bytes_per_token,
                           ["turns resends the whole history each turn (no store)",

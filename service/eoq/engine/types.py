@@ -143,7 +143,7 @@ class EngineStepResult:
 class EngineConfig:
     """What the engine needs, picklable (the engine may run in its own process)."""
 
-    checkpoint: Path  # a transformers-format folder (see model.loader.resolve_checkpoint)
+    checkpoint: Path  # a transformers-format folder (see model.checkpoint.resolve_checkpoint)
     model_name: str
     device: str = "auto"
     dtype: str = "auto"

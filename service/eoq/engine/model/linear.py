@@ -37,8 +37,6 @@ class Linear(nn.Module):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)
             # The packed copy is the weight now: keep one copy in memory (a tied embedding keeps its own).
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
-        else:
-            self._packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:

@@ -24,3 +24,16 @@ def test_serve_has_a_flag_and_env_var_per_setting(capsys) -> None:
         assert "--" + name.replace("_", "-") in text
         assert f"EOQ_{name.upper()}" in text.replace("- ", "-")
     assert "85% of the GPU memory" in text  # a '%' in a description is text, not a format
+
+
+def test_bad_settings_are_refused_naming_flag_and_variable(monkeypatch) -> None:
+    from eoq.config import load_settings
+    from eoq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--int4-max-tokens / EOQ_INT4_MAX_TOKENS: .*must be >= 0"):
+        load_settings(int4_max_tokens=-1)
+    monkeypatch.setenv("EOQ_INT4_WEIGHTS", "sometimes")
+    with pytest.raises(ConfigError, match="--int4-weights / EOQ_INT4_WEIGHTS"):
+        load_settings()
+    monkeypatch.setenv("EOQ_INT4_WEIGHTS", "never")
+    assert load_settings(int4_max_tokens=0).int4_weights == "never"

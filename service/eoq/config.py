@@ -35,6 +35,14 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on CUDA and on CPUs with AVX-512 BF16/AMX, else float32"
     )
+    int4_weights: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="4-bit copies of the weights for steps of few tokens (CPU): auto = only where the checkpoint's "
+        "weights are already 4-bit, as a Q4_1 GGUF's (lossless), always = every weight (round to nearest: lossy)",
+    )
+    int4_max_tokens: int = Field(
+        4, description="steps of at most this many tokens use the 4-bit weights (0 = never); bigger ones the dtype's"
+    )
     kv_cache_memory_gb: float | None = Field(
         None, description="KV cache budget in GiB (default: 1 GiB on CPU, 85% of the GPU memory free after loading on CUDA)"
     )
@@ -98,6 +106,13 @@ class Settings(BaseSettings):
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("int4_max_tokens")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0 (0 = never use the 4-bit weights)")
         return v
 
     @field_validator("port", "metrics_port")

@@ -125,6 +125,8 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         enable_prefix_caching=settings.enable_prefix_caching,
         num_threads=settings.num_threads,
         seed=settings.seed,
+        int4_weights=settings.int4_weights,
+        int4_max_tokens=settings.int4_max_tokens,
     )
     engine = AsyncEngine(engine_cfg, settings.engine_mode, settings.max_queue_size, observer=metrics)
     # The engine loads the model while this process loads the tokenizer and the chat template.

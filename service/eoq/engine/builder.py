@@ -61,7 +61,7 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
             raise ConfigError(f"--max-model-len {cfg.max_model_len} exceeds the model's context ({model_len} tokens)")
         model_len = cfg.max_model_len
     state = read_state_dict(cfg.checkpoint)
-    model = build_model(config, model_len, device, dtype, state)
+    model = build_model(config, model_len, device, dtype, state, cfg.int4_weights, cfg.int4_max_tokens)
     del state
 
     bytes_per_token = model.kv_spec.bytes_per_token(dtype)

@@ -155,6 +155,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     seed: int = 0
+    int4_weights: str = "auto"  # auto | always | never (see model.base.DecoderModel.quantize_int4)
+    int4_max_tokens: int = 4
     extra_eos_token_ids: tuple[int, ...] = ()  # e.g. the chat template's end-of-turn token
 
 

@@ -4,6 +4,12 @@
 oneDNN (the layout inductor's weight-packing pass uses), which streams the weights ~1.5x faster than
 ``F.linear`` on this kind of machine (measured: 10.3 ms vs 16.0 ms for all of SmolLM2-135M's weights at
 batch 1). Everywhere else ``F.linear`` is used.
+
+``Linear.quantize_int4`` (CPU) adds a 4-bit copy of the weight — groups of 32 input features, each with its own
+step and minimum — for the steps that carry few tokens: at batch 1 a matmul is a pass over the weights, and the
+4-bit copy is a quarter of the bf16 bytes (measured on the default model, all layers at 1 token: 5.0 ms vs
+15.7 ms packed bf16; at 8 tokens the two are level, at 32 bf16 is 2x faster). By default it is made only for
+weights that already lie on such a grid, as a Q4_1 GGUF's do, so the copy holds the checkpoint's own values.
 """
 
 from __future__ import annotations
@@ -11,6 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+INT4_GROUP = 32  # input features that share one step and minimum (Q4_1's block)
+INT4_LEVELS = 15  # 4 bits: values lo + q * step, q in 0..15
 
 
 def _onednn_packing_available() -> bool:
@@ -27,9 +36,46 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self._packed: torch.Tensor | None = None
+        self._int4: torch.Tensor | None = None  # packed 4-bit weight for steps of <= int4_max_tokens rows
+        self._int4_scales: torch.Tensor | None = None  # (in / group, out, 2): step and the value of q = 8
+        self.int4_max_tokens = -1  # no 4-bit path (a step may carry 0 rows to the LM head)
 
-    def prepare(self) -> None:
-        """Pick the fastest matmul for the weight's device and dtype (call after weights are loaded; once)."""
+    def quantize_int4(self, only_if_exact: bool) -> bool:
+        """Keep a 4-bit copy of the (float32, CPU) weight for small steps; with ``only_if_exact`` only when it
+        reproduces every weight to within 1 % of its group's step (the checkpoint is already 4-bit).
+
+        Returns whether the copy was made. Call before the weights are cast to the model's dtype."""
+        w = self.weight.detach()
+        if w.device.type != "cpu" or self.in_features % INT4_GROUP or not hasattr(
+                torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return False
+        out_f, in_f = w.shape
+        groups = w.float().view(out_f, in_f // INT4_GROUP, INT4_GROUP)
+        lo = groups.amin(-1)  # (out, in / group)
+        step = (groups.amax(-1) - lo) / INT4_LEVELS
+        q = ((groups - lo[..., None]) / step.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
+        q = q.round_().clamp_(0, INT4_LEVELS)
+        if only_if_exact:
+            err = (q * step[..., None] + lo[..., None] - groups).abs().amax(-1)
+            if bool((err > 0.01 * step + 1e-6 * groups.abs().amax(-1)).any()):
+                return False
+        self._int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_f, in_f).to(torch.int32), 1)
+        # The kernel computes (q - 8) * step + zero: zero is the value at q = 8.
+        self._int4_scales = torch.stack([step, lo + 8 * step], -1).transpose(0, 1).contiguous()
+        return True
+
+    def int4_bytes(self) -> int:
+        if self._int4 is None:
+            return 0
+        return self._int4.numel() * self._int4.element_size() + self._int4_scales.numel() * self._int4_scales.element_size()
+
+    def prepare(self, dtype: torch.dtype, int4_max_tokens: int = 0) -> None:
+        """Pick the fastest matmul for the weight's device and dtype (call after weights are loaded; once).
+
+        ``int4_max_tokens``: steps of at most this many rows use the 4-bit copy, if one was made."""
+        if self._int4 is not None:
+            self._int4_scales = self._int4_scales.to(dtype)  # the kernel takes them in the activations' dtype
+            self.int4_max_tokens = int4_max_tokens
         if self._packed is not None:
             return
         w = self.weight
@@ -38,7 +84,10 @@ class Linear(nn.Module):
             # The packed copy is the weight now: keep one copy in memory (a tied embedding keeps its own).
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in_features)
+        if x.shape[0] <= self.int4_max_tokens:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self._int4, INT4_GROUP, self._int4_scales)
+            return y if self.bias is None else y + self.bias
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

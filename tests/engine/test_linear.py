@@ -1,0 +1,91 @@
+"""The 4-bit path of ``Linear``: made only for weights already on a 4-bit grid unless asked, used only by steps of
+few rows, and equal to a matmul with the 4-bit weights it holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, Linear
+
+IN, OUT = 4 * INT4_GROUP, 48
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+    lin = Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def _on_grid(gen: torch.Generator) -> torch.Tensor:
+    """A weight as a Q4_1 checkpoint holds it: per group of 32 inputs, min + q * step with q in 0..15 (both ends
+    used, as the quantizer that made it does)."""
+    q = torch.randint(0, INT4_LEVELS + 1, (OUT, IN // INT4_GROUP, INT4_GROUP), generator=gen).float()
+    q[..., 0], q[..., 1] = 0, INT4_LEVELS
+    step = torch.rand(OUT, IN // INT4_GROUP, 1, generator=gen) * 0.01 + 1e-3
+    lo = -torch.rand(OUT, IN // INT4_GROUP, 1, generator=gen) * 0.05
+    return (lo + q * step).view(OUT, IN)
+
+
+def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """Round to nearest on each group's min..max in 15 steps, computed here independently of ``Linear``."""
+    g = weight.view(OUT, IN // INT4_GROUP, INT4_GROUP)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = (hi - lo) / INT4_LEVELS
+    return (lo + ((g - lo) / step).round() * step).view(OUT, IN)
+
+
+def test_auto_keeps_a_4bit_copy_only_of_weights_on_a_4bit_grid() -> None:
+    gen = torch.Generator().manual_seed(0)
+    assert not _linear(torch.randn(OUT, IN, generator=gen)).quantize_int4(only_if_exact=True)
+    lin = _linear(_on_grid(gen))
+    assert lin.quantize_int4(only_if_exact=True)
+    assert lin.int4_bytes() > 0
+    # A weight off the grid in one place only is not on the grid.
+    w = _on_grid(gen)
+    w[5, 7] += 0.3 * (w[5, 0:32].amax() - w[5, 0:32].amin()) / INT4_LEVELS
+    assert not _linear(w).quantize_int4(only_if_exact=True)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_steps_use_the_4bit_weights_and_big_steps_the_original(bias: bool) -> None:
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(OUT, IN, generator=gen)
+    b = torch.randn(OUT, generator=gen) if bias else None
+    lin = _linear(weight, b)
+    assert lin.quantize_int4(only_if_exact=False)  # "always": round to nearest
+    lin.prepare(torch.float32, int4_max_tokens=4)
+    small, big = torch.randn(4, IN, generator=gen), torch.randn(5, IN, generator=gen)
+    assert torch.allclose(lin(small), F.linear(small, _dequantized(weight), b), atol=1e-4)
+    assert torch.allclose(lin(big), F.linear(big, weight, b), atol=1e-5)
+    assert not torch.allclose(lin(small), F.linear(small, weight, b), atol=1e-3)  # the copy really is 4-bit
+    assert lin(torch.empty(0, IN)).shape == (0, OUT)  # a step whose chunk samples nothing
+
+
+def test_4bit_grid_weights_give_the_same_result_on_both_paths() -> None:
+    """On a Q4_1 checkpoint the 4-bit copy is exact: the two paths agree to float rounding, in float32 and bf16."""
+    gen = torch.Generator().manual_seed(2)
+    weight = _on_grid(gen)
+    x = torch.randn(3, IN, generator=gen)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        lin = _linear(weight)
+        assert lin.quantize_int4(only_if_exact=True)
+        lin.to(dtype)
+        lin.prepare(dtype, int4_max_tokens=3)
+        ref = F.linear(x, weight)  # float32, the checkpoint's values
+        assert (lin(x.to(dtype)).float() - ref).abs().max().item() < tol * ref.abs().max().item()
+
+
+def test_without_a_copy_every_step_uses_the_original_weights() -> None:
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(OUT, IN, generator=gen)
+    lin = _linear(weight)
+    assert not lin.quantize_int4(only_if_exact=True)
+    lin.prepare(torch.float32, int4_max_tokens=4)
+    x = torch.randn(2, IN, generator=gen)
+    assert torch.equal(lin(x), F.linear(x, weight))
+    assert lin(torch.empty(0, IN)).shape == (0, OUT)

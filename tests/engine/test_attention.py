@@ -1,5 +1,6 @@
 """Decode attention over the paged KV cache equals plain attention over each sequence's tokens, on every path
-(one SDPA per sequence, one masked SDPA over the gathered blocks, batched matmuls), with grouped-query heads."""
+(eoq's C++ kernel; one SDPA per sequence, one masked SDPA over the gathered blocks, batched matmuls), with
+grouped-query heads, in float32 and bfloat16."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ import torch
 
 from eoq.engine.model import attention
 from eoq.engine.model.attention import AttentionMetadata, paged_attention
+from eoq.engine.model.kernels import PagedDecodeAttention, build
 
 NKV, GROUP, HD, BS, NUM_BLOCKS = 2, 3, 16, 4, 400
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> PagedDecodeAttention:
+    """The C++ kernel, built here from its source into a fresh folder (the machine's compiler must build it)."""
+    return PagedDecodeAttention(build("paged_decode", tmp_path_factory.mktemp("kernels")))
 
 
 def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -22,9 +30,10 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tor
     return (probs.unsqueeze(1) @ v).squeeze(1)
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("num_decodes", sorted({1, attention.SMALL_DECODE_BATCH, attention.SMALL_DECODE_BATCH + 1,
                                                 attention.MID_DECODE_BATCH, attention.MID_DECODE_BATCH + 1, 45}))
-def test_decode_attention_equals_plain_attention(num_decodes: int) -> None:
+def test_decode_attention_equals_plain_attention(num_decodes: int, path: str, request) -> None:
     gen = torch.Generator().manual_seed(num_decodes)
     D = num_decodes
     k_cache = torch.randn(NKV, NUM_BLOCKS, BS, HD, generator=gen)
@@ -49,6 +58,8 @@ def test_decode_attention_equals_plain_attention(num_decodes: int) -> None:
         decode_bias=torch.zeros(D, width * BS).masked_fill_(pad, float("-inf")).view(1, D, 1, width * BS),
         decode_context_lens=lengths,
     )
+    if path == "kernel":
+        meta.decode_kernel, meta.decode_lens = request.getfixturevalue("kernel"), torch.tensor(lengths)
 
     out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta).view(D, NKV * GROUP, HD)
 
@@ -58,3 +69,38 @@ def test_decode_attention_equals_plain_attention(num_decodes: int) -> None:
         values = v_cache[:, blocks].reshape(NKV, -1, HD)[:, :n].transpose(0, 1)
         assert torch.equal(keys[-1], k_new[i]) and torch.equal(values[-1], v_new[i])
         torch.testing.assert_close(out[i], _reference(q[i], keys, values), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group", [1, GROUP])
+def test_kernel_in_bfloat16_over_long_contexts(kernel: PagedDecodeAttention, group: int) -> None:
+    """bfloat16 cache and queries, contexts up to 150 blocks, heads grouped or not, queries taken as a strided
+    view (as the decoder hands them over): within bfloat16 rounding of float32 attention."""
+    gen = torch.Generator().manual_seed(group)
+    nh, hd, bs, num_blocks = NKV * group, 64, 16, 600
+    k_cache = torch.randn(NKV, num_blocks, bs, hd, generator=gen).bfloat16()
+    v_cache = torch.randn(NKV, num_blocks, bs, hd, generator=gen).bfloat16()
+    lengths = [1, 17, 2400, 999]
+    width = -(-max(lengths) // bs)
+    blocks = torch.randperm(num_blocks, generator=gen)
+    tables = [blocks[i * 150 : i * 150 + -(-n // bs)].tolist() for i, n in enumerate(lengths)]
+    qk = torch.randn(len(lengths), nh + NKV, hd, generator=gen).bfloat16()  # q and k side by side, as in Llama
+    q = qk[:, :nh]
+    out = kernel(q, k_cache, v_cache, torch.tensor([b for t in tables for b in t + [0] * (width - len(t))]),
+                 torch.tensor(lengths))
+    kv_head = torch.arange(nh) // group
+    for i, (n, table) in enumerate(zip(lengths, tables)):
+        keys = k_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n].float()  # (nh, n, hd)
+        values = v_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n].float()
+        probs = torch.softmax((q[i].float().unsqueeze(1) @ keys.transpose(1, 2)).squeeze(1) / hd**0.5, dim=-1)
+        ref = (probs.unsqueeze(1) @ values).squeeze(1)  # (nh, hd)
+        torch.testing.assert_close(out[i].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_without_a_compiler_the_engine_falls_back_to_torch(monkeypatch, tmp_path, caplog) -> None:
+    from eoq.engine.model.kernels import load_paged_decode_attention
+
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    with caplog.at_level("WARNING"):
+        assert load_paged_decode_attention(tmp_path) is None
+    assert "falls back to torch's SDPA" in caplog.text and "no-such-c++-compiler" in caplog.text
+    assert not list(tmp_path.iterdir())

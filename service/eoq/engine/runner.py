@@ -13,6 +13,7 @@ import torch
 
 from eoq.engine.model.attention import AttentionMetadata, PrefillChunk
 from eoq.engine.model.base import DecoderModel
+from eoq.engine.model.kernels import PagedDecodeAttention
 from eoq.engine.sampler import Sampler, SamplingBatch
 from eoq.engine.scheduler import SchedulerOutput
 from eoq.engine.sequence import Sequence
@@ -22,8 +23,9 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, seed: int = 0) -> None:
+                 dtype: torch.dtype, seed: int = 0, decode_kernel: PagedDecodeAttention | None = None) -> None:
         self.model = model
+        self.decode_kernel = decode_kernel
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -76,7 +78,7 @@ class ModelRunner:
         sampling: list[Sequence] = []
 
         D = len(out.decodes)
-        decode_blocks = decode_bias = None
+        decode_blocks = decode_bias = lens = None
         ctx_lens: list[int] = []
         if D:
             width = 0
@@ -94,9 +96,10 @@ class ModelRunner:
                 tables.extend([0] * (width - len(row)))
             decode_blocks = torch.tensor(tables, dtype=torch.int64)  # (D * width,)
             lens = torch.tensor(ctx_lens, dtype=torch.int64)
-            pad = torch.arange(width * bs).unsqueeze(0) >= lens.unsqueeze(1)  # (D, L)
-            decode_bias = torch.zeros(D, width * bs, dtype=self.dtype).masked_fill_(pad, float("-inf"))
-            decode_bias = decode_bias.view(1, D, 1, width * bs)
+            if self.decode_kernel is None:
+                pad = torch.arange(width * bs).unsqueeze(0) >= lens.unsqueeze(1)  # (D, L)
+                decode_bias = torch.zeros(D, width * bs, dtype=self.dtype).masked_fill_(pad, float("-inf"))
+                decode_bias = decode_bias.view(1, D, 1, width * bs)
             logits_indices.extend(range(D))
             sampling.extend(out.decodes)
 
@@ -128,6 +131,8 @@ class ModelRunner:
             decode_bias=decode_bias.to(dev) if decode_bias is not None else None,
             decode_context_lens=ctx_lens if D else [],
             prefills=chunks,
+            decode_kernel=self.decode_kernel if D else None,
+            decode_lens=lens,
         )
         return (
             torch.tensor(ids, dtype=torch.int64, device=dev),

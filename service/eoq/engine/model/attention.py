@@ -2,7 +2,10 @@
 
 Tokens of one engine step are flattened into one dimension, decodes first (one token each), then prefill
 chunks sequence by sequence. Every layer writes the new tokens' K/V into their cache slots, then:
-- decodes: up to ``SMALL_DECODE_BATCH`` sequences each attend with one SDPA over exactly their tokens; more
+- decodes, on a CPU: one call of eoq's C++ kernel (``csrc/paged_decode.cpp``) for all of them, reading each
+  sequence's blocks where they lie (measured per layer, 32 sequences of ~110 tokens: 0.45 ms vs 1.1 ms for the
+  gather and SDPA below; one sequence of 350: 86 vs 149 us);
+- decodes elsewhere, or without a compiler: up to ``SMALL_DECODE_BATCH`` sequences each attend with one SDPA over exactly their tokens; more
   attend together: all their blocks are gathered in one ``index_select`` into (kv_heads, D, max_blocks *
   block_size, head_dim), padding masked out by an additive bias, then one SDPA (up to ``MID_DECODE_BATCH``)
   or batched matmuls. The block gather is what makes this fast on the CPU: SDPA over an advanced-indexing
@@ -15,6 +18,7 @@ blocks is contiguous per head; slot = block * block_size + offset.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +42,10 @@ class AttentionMetadata:
     decode_bias: torch.Tensor | None = None  # (1, D, 1, max_blocks * block_size) model dtype: 0 or -inf (padding)
     decode_context_lens: list[int] = field(default_factory=list)  # (D,) tokens each decode attends to
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # A kernel attending straight from the paged cache (model.kernels.PagedDecodeAttention): when set, decodes
+    # use it with decode_blocks and decode_lens, and decode_bias is not needed.
+    decode_kernel: Callable[..., torch.Tensor] | None = None
+    decode_lens: torch.Tensor | None = None  # (D,) int64: decode_context_lens as a tensor, for the kernel
 
 
 def paged_attention(
@@ -95,6 +103,8 @@ def _decode_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:  # (D, nh, hd)
+    if meta.decode_kernel is not None:
+        return meta.decode_kernel(q, k_cache, v_cache, meta.decode_blocks, meta.decode_lens)
     D, nh, hd = q.shape
     nkv, _, bs, _ = k_cache.shape
     G = nh // nkv

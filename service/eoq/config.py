@@ -43,9 +43,9 @@ class Settings(BaseSettings):
     int4_max_tokens: int = Field(
         4, description="steps of at most this many tokens use the 4-bit weights (0 = never); bigger ones the dtype's"
     )
-    decode_kernel: bool = Field(
-        True, description="on a CPU, decode attention by eoq's C++ kernel, compiled for the machine at first start "
-        "(needs a C++ compiler, else torch's SDPA is used); kept under <cache-dir>/kernels",
+    cpu_kernels: bool = Field(
+        True, description="on a CPU, eoq's C++ kernels (decode attention over the paged cache, RMSNorm), compiled "
+        "for the machine at first start (~2 s, kept under <cache-dir>/kernels; without a C++ compiler torch's ops)",
     )
     kv_cache_memory_gb: float | None = Field(
         None, description="KV cache budget in GiB (default: 1 GiB on CPU, 85% of the GPU memory free after loading on CUDA)"

@@ -11,15 +11,15 @@ import torch
 
 from eoq.engine.model import attention
 from eoq.engine.model.attention import AttentionMetadata, paged_attention
-from eoq.engine.model.kernels import PagedDecodeAttention, build
+from eoq.engine.model.kernels import CpuKernels, build
 
 NKV, GROUP, HD, BS, NUM_BLOCKS = 2, 3, 16, 4, 400
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory) -> PagedDecodeAttention:
+def kernel(tmp_path_factory):
     """The C++ kernel, built here from its source into a fresh folder (the machine's compiler must build it)."""
-    return PagedDecodeAttention(build("paged_decode", tmp_path_factory.mktemp("kernels")))
+    return CpuKernels(build(tmp_path_factory.mktemp("kernels"))).paged_decode_attention
 
 
 def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ def test_decode_attention_equals_plain_attention(num_decodes: int, path: str, re
 
 
 @pytest.mark.parametrize("group", [1, GROUP])
-def test_kernel_in_bfloat16_over_long_contexts(kernel: PagedDecodeAttention, group: int) -> None:
+def test_kernel_in_bfloat16_over_long_contexts(kernel, group: int) -> None:
     """bfloat16 cache and queries, contexts up to 150 blocks, heads grouped or not, queries taken as a strided
     view (as the decoder hands them over): within bfloat16 rounding of float32 attention."""
     gen = torch.Generator().manual_seed(group)
@@ -97,10 +97,10 @@ def test_kernel_in_bfloat16_over_long_contexts(kernel: PagedDecodeAttention, gro
 
 
 def test_without_a_compiler_the_engine_falls_back_to_torch(monkeypatch, tmp_path, caplog) -> None:
-    from eoq.engine.model.kernels import load_paged_decode_attention
+    from eoq.engine.model.kernels import load_cpu_kernels
 
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
     with caplog.at_level("WARNING"):
-        assert load_paged_decode_attention(tmp_path) is None
-    assert "falls back to torch's SDPA" in caplog.text and "no-such-c++-compiler" in caplog.text
+        assert load_cpu_kernels(tmp_path) is None
+    assert "torch's ops run instead" in caplog.text and "no-such-c++-compiler" in caplog.text
     assert not list(tmp_path.iterdir())

@@ -1,5 +1,6 @@
 """The 4-bit path of ``Linear``: made only for weights already on a 4-bit grid unless asked, used only by steps of
-few rows, and equal to a matmul with the 4-bit weights it holds."""
+few rows, and equal to a matmul with the 4-bit weights it holds. RMSNorm with the residual add, by eoq's CPU
+kernel and by torch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, Linear
+from eoq.engine.model.kernels import CpuKernels, build
+from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, Linear, RMSNorm
 
 IN, OUT = 4 * INT4_GROUP, 48
 
@@ -89,3 +91,32 @@ def test_without_a_copy_every_step_uses_the_original_weights() -> None:
     x = torch.randn(2, IN, generator=gen)
     assert torch.equal(lin(x), F.linear(x, weight))
     assert lin(torch.empty(0, IN)).shape == (0, OUT)
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory) -> CpuKernels:
+    return CpuKernels(build(tmp_path_factory.mktemp("kernels")))
+
+
+@pytest.mark.parametrize("rows", [0, 1, 40])  # 40: rows spread over threads
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_rms_norm_adds_the_residual_in_place_then_normalizes(kernels, rows, dtype, with_delta) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    dim, eps = 576, 1e-5
+    x0 = torch.randn(rows, dim, generator=gen) * 3
+    delta = (torch.randn(rows, dim, generator=gen)).to(dtype) if with_delta else None
+    weight = torch.rand(dim, generator=gen) + 0.5
+    summed = x0 + delta.float() if with_delta else x0
+    ref = (summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + eps) * weight).to(dtype)
+    for use_kernels in (True, False):
+        norm = RMSNorm(dim, eps)
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+        norm.prepare(dtype, kernels if use_kernels else None)
+        x = x0.clone()
+        out = norm(x, delta)
+        assert out.dtype == dtype and out.shape == (rows, dim)
+        torch.testing.assert_close(x, summed, atol=1e-6, rtol=1e-6)  # the residual stream now holds the sum
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)

@@ -127,7 +127,7 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         seed=settings.seed,
         int4_weights=settings.int4_weights,
         int4_max_tokens=settings.int4_max_tokens,
-        decode_kernel=settings.decode_kernel,
+        cpu_kernels=settings.cpu_kernels,
         kernel_cache_dir=settings.cache_dir / "kernels",
     )
     engine = AsyncEngine(engine_cfg, settings.engine_mode, settings.max_queue_size, observer=metrics)

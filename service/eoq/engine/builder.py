@@ -14,7 +14,7 @@ from eoq.engine.block_manager import BlockManager
 from eoq.engine.core import EngineCore
 from eoq.engine.device import dtype_name, select_device, select_dtype, tune_cpu_allocator
 from eoq.engine.model.checkpoint import context_length, load_config, load_tokenizer
-from eoq.engine.model.kernels import PagedDecodeAttention, load_paged_decode_attention
+from eoq.engine.model.kernels import CpuKernels, load_cpu_kernels
 from eoq.engine.model.loader import build_model, read_state_dict
 from eoq.engine.runner import ModelRunner
 from eoq.engine.scheduler import Scheduler
@@ -63,7 +63,8 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
             raise ConfigError(f"--max-model-len {cfg.max_model_len} exceeds the model's context ({model_len} tokens)")
         model_len = cfg.max_model_len
     state = read_state_dict(cfg.checkpoint)
-    model = build_model(config, model_len, device, dtype, state, cfg.int4_weights, cfg.int4_max_tokens)
+    kernels = _cpu_kernels(cfg, device, dtype)
+    model = build_model(config, model_len, device, dtype, state, cfg.int4_weights, cfg.int4_max_tokens, kernels)
     del state
 
     bytes_per_token = model.kv_spec.bytes_per_token(dtype)
@@ -80,8 +81,7 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
     eos = eos_token_ids(cfg.checkpoint, tokenizer, config) | set(cfg.extra_eos_token_ids)
     blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
     scheduler = Scheduler(blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-    kernel = _decode_kernel(cfg, device, dtype)
-    runner = ModelRunner(model, num_blocks, cfg.block_size, device, dtype, cfg.seed, kernel)
+    runner = ModelRunner(model, num_blocks, cfg.block_size, device, dtype, cfg.seed, kernels)
     core = EngineCore(runner, scheduler, tokenizer, frozenset(eos))
     info = ModelInfo(
         name=cfg.model_name,
@@ -98,20 +98,19 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
     )
     log.info(
         "model %s (%s) on %s in %s, context %d tokens, loaded in %.1f s; KV cache %.2f GiB = %d tokens "
-        "(%d blocks of %d, %d bytes/token) = %d full-length or ~%d sequences of 1k tokens; %s threads; decode "
-        "attention by %s",
+        "(%d blocks of %d, %d bytes/token) = %d full-length or ~%d sequences of 1k tokens; %s threads; %s",
         info.name, info.architecture, info.device, info.dtype, model_len, time.monotonic() - t0,
         num_blocks * cfg.block_size * bytes_per_token / GiB, capacity, num_blocks, cfg.block_size, bytes_per_token,
         capacity // model_len, capacity // 1024, torch.get_num_threads(),
-        "eoq's C++ kernel" if kernel else "torch's SDPA",
+        "eoq's CPU kernels" if kernels else "torch's ops only",
     )
     return core, info
 
 
-def _decode_kernel(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> PagedDecodeAttention | None:
-    if not cfg.decode_kernel or not PagedDecodeAttention.supports(device, dtype):
+def _cpu_kernels(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> CpuKernels | None:
+    if not cfg.cpu_kernels or not CpuKernels.supports(device, dtype):
         return None
-    return load_paged_decode_attention(cfg.kernel_cache_dir or default_cache_dir() / "kernels")
+    return load_cpu_kernels(cfg.kernel_cache_dir or default_cache_dir() / "kernels")
 
 
 def _kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> float:

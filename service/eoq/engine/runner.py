@@ -13,7 +13,7 @@ import torch
 
 from eoq.engine.model.attention import AttentionMetadata, PrefillChunk
 from eoq.engine.model.base import DecoderModel
-from eoq.engine.model.kernels import PagedDecodeAttention
+from eoq.engine.model.kernels import CpuKernels
 from eoq.engine.sampler import Sampler, SamplingBatch
 from eoq.engine.scheduler import SchedulerOutput
 from eoq.engine.sequence import Sequence
@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, seed: int = 0, decode_kernel: PagedDecodeAttention | None = None) -> None:
+                 dtype: torch.dtype, seed: int = 0, kernels: CpuKernels | None = None) -> None:
         self.model = model
-        self.decode_kernel = decode_kernel
+        self.decode_kernel = kernels.paged_decode_attention if kernels is not None else None
         self.device = device
         self.dtype = dtype
         self.block_size = block_size

@@ -157,7 +157,7 @@ class EngineConfig:
     seed: int = 0
     int4_weights: str = "auto"  # auto | always | never (see model.base.DecoderModel.quantize_int4)
     int4_max_tokens: int = 4
-    decode_kernel: bool = True  # CPU: decode attention by eoq's C++ kernel (model.kernels), built on first use
+    cpu_kernels: bool = True  # CPU: eoq's C++ kernels (model.kernels), built on first use
     kernel_cache_dir: Path | None = None  # where built kernels are kept (default: <eoq cache>/kernels)
     extra_eos_token_ids: tuple[int, ...] = ()  # e.g. the chat template's end-of-turn token
 

@@ -42,7 +42,7 @@ class AttentionMetadata:
     decode_bias: torch.Tensor | None = None  # (1, D, 1, max_blocks * block_size) model dtype: 0 or -inf (padding)
     decode_context_lens: list[int] = field(default_factory=list)  # (D,) tokens each decode attends to
     prefills: list[PrefillChunk] = field(default_factory=list)
-    # A kernel attending straight from the paged cache (model.kernels.PagedDecodeAttention): when set, decodes
+    # A kernel attending straight from the paged cache (model.kernels.CpuKernels): when set, decodes
     # use it with decode_blocks and decode_lens, and decode_bias is not needed.
     decode_kernel: Callable[..., torch.Tensor] | None = None
     decode_lens: torch.Tensor | None = None  # (D,) int64: decode_context_lens as a tensor, for the kernel

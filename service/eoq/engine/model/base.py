@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from eoq.engine.model.attention import AttentionMetadata
+from eoq.engine.model.kernels import CpuKernels
 from eoq.engine.model.linear import Linear, _Norm
 
 
@@ -62,14 +63,14 @@ class DecoderModel(nn.Module):
         made = 0 if mode == "never" else sum(lin.quantize_int4(only_if_exact=mode == "auto") for lin in linears)
         return made, len(linears), sum(lin.int4_bytes() for lin in linears)
 
-    def prepare(self, dtype: torch.dtype, int4_max_tokens: int = 0) -> None:
+    def prepare(self, dtype: torch.dtype, int4_max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
         """Called once after the weights are loaded and moved: picks the matmul kernels, tells the norms which
-        dtype the matmuls take."""
+        dtype the matmuls take (and hands them eoq's CPU kernels, if any)."""
         for lin in self.linears():
             lin.prepare(dtype, int4_max_tokens)
         for m in self.modules():
             if isinstance(m, _Norm):
-                m.prepare(dtype)
+                m.prepare(dtype, kernels)
 
     def float32_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers that stay float32 whatever the model's dtype: norm weights, RoPE tables."""

@@ -1,9 +1,9 @@
-"""eoq's C++ kernels (``csrc/``), built for this machine and called through ctypes.
+"""eoq's C++ kernels for the CPU (``csrc/``), built for this machine and called through ctypes.
 
-A kernel is compiled by the machine's C++ compiler (``$CXX``, else ``g++``) the first time an engine needs it —
-about a second: it includes no torch headers — with ``-march=native``, into ``<cache>/kernels/`` under a name
-that hashes the source, the compiler's version, the flags and the CPU, so a cache shared between machines never
-loads a build for another CPU. It links ``libgomp.so.1``, the OpenMP runtime torch has already loaded, so its
+The sources are compiled into one library by the machine's C++ compiler (``$CXX``, else ``g++``) the first time
+an engine needs them — about two seconds: they include no torch headers — with ``-march=native``, into
+``<cache>/kernels/`` under a name that hashes the sources, the compiler's version, the flags and the CPU, so a
+cache shared between machines never loads a build for another CPU. It links ``libgomp.so.1``, the OpenMP runtime torch has already loaded, so its
 threads are torch's threads. Without a compiler, or when the build fails, the engine uses torch's ops instead
 (said once in the log).
 """
@@ -38,48 +38,74 @@ def _cpu_id() -> str:
     return "\n".join(dict.fromkeys(lines))  # the first of each kind (every core repeats them)
 
 
-def build(name: str, cache_dir: Path) -> Path:
-    """Compile ``csrc/<name>.cpp`` (once per source, compiler and CPU) and return the shared library's path.
+def _sources() -> dict[str, bytes]:
+    folder = resources.files("eoq.engine.model").joinpath("csrc")
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir(), key=lambda f: f.name)
+            if f.name.endswith((".cpp", ".h"))}
+
+
+def build(cache_dir: Path) -> Path:
+    """Compile ``csrc/*.cpp`` into one library (once per source, compiler and CPU) and return its path.
 
     Raises ``RuntimeError`` with the compiler's message when there is no compiler or the build fails."""
-    source = resources.files("eoq.engine.model").joinpath("csrc", f"{name}.cpp").read_bytes()
+    sources = _sources()
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler ({cxx!r} is not on PATH; set CXX)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([source.decode(), cxx, version, " ".join(FLAGS), _cpu_id()]).encode()).hexdigest()
-    out = cache_dir / f"{name}-{key[:16]}.so"
+    digest = hashlib.sha256()
+    for part in [*(n.encode() + b"\0" + b for n, b in sources.items()), cxx.encode(), version.encode(),
+                 " ".join(FLAGS).encode(), _cpu_id().encode()]:
+        digest.update(part + b"\0")
+    out = cache_dir / f"eoq_cpu-{digest.hexdigest()[:16]}.so"
     if out.is_file():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        src = Path(tmp) / f"{name}.cpp"
-        src.write_bytes(source)
-        lib = Path(tmp) / f"{name}.so"
-        done = subprocess.run([cxx, *FLAGS, "-o", str(lib), str(src)], capture_output=True, text=True, check=False)
+        for name, text in sources.items():
+            (Path(tmp) / name).write_bytes(text)
+        lib = Path(tmp) / "eoq_cpu.so"
+        cpp = [str(Path(tmp) / n) for n in sources if n.endswith(".cpp")]
+        done = subprocess.run([cxx, *FLAGS, "-o", str(lib), *cpp], capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"{cxx} failed to build {name}.cpp: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{cxx} failed to build eoq's CPU kernels: {done.stderr.strip()[-2000:]}")
         os.replace(lib, out)  # atomic: engines starting together never load a half-written file
-    log.info("built the %s kernel for this CPU: %s", name, out)
+    log.info("built eoq's CPU kernels for this CPU: %s", out)
     return out
 
 
-class PagedDecodeAttention:
-    """Decode attention straight from the paged cache (``csrc/paged_decode.cpp``): one call per layer for every
-    decoding sequence, no gathered copy of their blocks."""
+class CpuKernels:
+    """The library's entry points, for float32 and bfloat16 tensors on the CPU."""
 
     def __init__(self, library: Path) -> None:
-        fn = ctypes.CDLL(str(library)).eoq_paged_decode_attention
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 7 + [ctypes.c_float]
-        self._fn = fn
+        lib = ctypes.CDLL(str(library))
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        self._decode = lib.eoq_paged_decode_attention
+        self._decode.restype = ctypes.c_int
+        self._decode.argtypes = [ctypes.c_int, p, i64, p, p, p, p, p] + [i64] * 7 + [ctypes.c_float]
+        self._norm = lib.eoq_add_rms_norm
+        self._norm.restype = ctypes.c_int
+        self._norm.argtypes = [ctypes.c_int, p, p, p, p, i64, i64, ctypes.c_float]
 
     @staticmethod
     def supports(device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cpu" and dtype in _DTYPES
 
-    def __call__(
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+        """``x += delta`` in place (x float32 (rows, dim) contiguous; delta in ``out_dtype`` or None), then
+        RMSNorm of x times ``weight`` (float32), returned in ``out_dtype`` (``csrc/rms_norm.cpp``)."""
+        rows, dim = x.shape
+        if delta is not None and not delta.is_contiguous():
+            delta = delta.contiguous()
+        out = torch.empty(rows, dim, dtype=out_dtype)
+        rc = self._norm(_DTYPES[out_dtype], x.data_ptr(), None if delta is None else delta.data_ptr(),
+                        weight.data_ptr(), out.data_ptr(), rows, dim, eps)
+        if rc:
+            raise ValueError(f"add_rms_norm refused its arguments (code {rc})")
+        return out
+
+    def paged_decode_attention(
         self,
         q: torch.Tensor,  # (D, nh, hd); heads contiguous, any stride between sequences
         k_cache: torch.Tensor,  # (nkv, num_blocks, bs, hd) contiguous
@@ -87,23 +113,26 @@ class PagedDecodeAttention:
         block_tables: torch.Tensor,  # (D * width,) int64
         context_lens: torch.Tensor,  # (D,) int64
     ) -> torch.Tensor:  # (D, nh, hd)
+        """Decode attention straight from the paged cache (``csrc/paged_decode.cpp``): one call per layer for every
+        decoding sequence, no gathered copy of their blocks."""
         D, nh, hd = q.shape
         nkv, num_blocks, bs, _ = k_cache.shape
         if q.stride(2) != 1 or q.stride(1) != hd:
             q = q.contiguous()
         out = torch.empty(D, nh, hd, dtype=q.dtype)
-        rc = self._fn(_DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                      block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(), D, nh, nkv, hd, bs,
-                      num_blocks, block_tables.numel() // max(D, 1), hd**-0.5)
+        rc = self._decode(_DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                          block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(), D, nh, nkv, hd, bs,
+                          num_blocks, block_tables.numel() // max(D, 1), hd**-0.5)
         if rc:
             raise ValueError(f"paged decode attention refused its arguments (code {rc})")
         return out
 
 
-def load_paged_decode_attention(cache_dir: Path) -> PagedDecodeAttention | None:
-    """The kernel, or None (logged) when it cannot be built here."""
+def load_cpu_kernels(cache_dir: Path) -> CpuKernels | None:
+    """The kernels, or None (logged) when they cannot be built here."""
     try:
-        return PagedDecodeAttention(build("paged_decode", cache_dir))
+        return CpuKernels(build(cache_dir))
     except (RuntimeError, OSError) as e:
-        log.warning("decode attention falls back to torch's SDPA over gathered blocks: %s", e)
+        log.warning("eoq's CPU kernels are not available, torch's ops run instead (decode attention by SDPA over "
+                    "gathered blocks): %s", e)
         return None

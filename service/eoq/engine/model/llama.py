@@ -61,19 +61,20 @@ class LlamaLayer(nn.Module):
         self.gate_up = Linear(hidden, 2 * inter, bias=mlp_bias)
         self.down = Linear(inter, hidden, bias=mlp_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:  # x: (T, hidden) float32 residual stream
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """x: (T, hidden) the float32 residual stream, still without ``pending`` (the previous layer's MLP output,
+        added here by the norm, in place). Returns this layer's MLP output, for the next layer to add."""
         T = x.shape[0]
         nh, nkv, hd = self.nh, self.nkv, self.hd
-        qkv = self.qkv(self.input_norm(x))  # (T, (nh + 2 nkv) hd)
+        qkv = self.qkv(self.input_norm(x, pending))  # (T, (nh + 2 nkv) hd)
         # q and k are adjacent in the fused output: rotate both with one set of ops.
         qk = qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd)  # (T, nh + nkv, hd)
         qk = qk * cos + qk.view(T, nh + nkv, 2, hd // 2).flip(2).view(T, nh + nkv, hd) * sin
         v = qkv[:, (nh + nkv) * hd :].view(T, nkv, hd)  # (T, nkv, hd)
         attn = paged_attention(qk[:, :nh], qk[:, nh:], v, kv[0], kv[1], meta)  # (T, nh hd)
-        x = x + self.o_proj(attn)
-        gate, up = self.gate_up(self.post_norm(x)).split(self.inter, dim=-1)  # (T, inter) x 2
-        return x + self.down(F.silu(gate) * up)
+        gate, up = self.gate_up(self.post_norm(x, self.o_proj(attn))).split(self.inter, dim=-1)  # (T, inter) x 2
+        return self.down(F.silu(gate) * up)
 
 
 class LlamaDecoder(DecoderModel):
@@ -117,12 +118,13 @@ class LlamaDecoder(DecoderModel):
 
     def forward(self, input_ids, positions, kv_caches, meta, logits_indices):
         emb = self.embed(input_ids)  # (T, hidden), model dtype
-        x = emb.float()  # the residual stream stays float32
+        x = emb.float() if emb.dtype != torch.float32 else emb  # the residual stream stays float32; updated in place
         cos = self.cos_table[positions].to(emb.dtype).unsqueeze(1)  # (T, 1, hd)
         sin = self.sin_table[positions].to(emb.dtype).unsqueeze(1)  # (T, 1, hd)
+        pending = None  # each layer's MLP output, added to x by the next norm
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv, meta)
-        x = self.norm(x[logits_indices])  # (S, hidden)
+            pending = layer(x, pending, cos, sin, kv, meta)
+        x = self.norm(x[logits_indices], None if pending is None else pending[logits_indices])  # (S, hidden)
         return self.lm_head(x).float()  # (S, vocab)
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:

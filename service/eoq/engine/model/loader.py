@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 from eoq.engine.model.base import DecoderModel
 from eoq.engine.model.checkpoint import SUPPORTED_MODEL_TYPES
 from eoq.engine.model.gpt2 import GPT2Decoder
+from eoq.engine.model.kernels import CpuKernels
 from eoq.engine.model.llama import LlamaDecoder
 from eoq.errors import ConfigError
 
@@ -38,8 +39,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def build_model(config: PretrainedConfig, max_positions: int, device: torch.device, dtype: torch.dtype,
-                state: dict[str, torch.Tensor], int4_weights: str = "never", int4_max_tokens: int = 4) -> DecoderModel:
-    """``int4_weights`` (auto / always / never) and ``int4_max_tokens``: see ``DecoderModel.quantize_int4``."""
+                state: dict[str, torch.Tensor], int4_weights: str = "never", int4_max_tokens: int = 4,
+                kernels: CpuKernels | None = None) -> DecoderModel:
+    """``int4_weights`` (auto / always / never) and ``int4_max_tokens``: see ``DecoderModel.quantize_int4``;
+    ``kernels``: eoq's CPU kernels, for the layers that have one."""
     model = FAMILIES[SUPPORTED_MODEL_TYPES[config.model_type]](config, max_positions)
     model.load_hf_state_dict(dict(state))
     if int4_weights != "never" and device.type != "cpu":
@@ -55,5 +58,5 @@ def build_model(config: PretrainedConfig, max_positions: int, device: torch.devi
     model.to(device=device, dtype=dtype)
     model.restore_float32(keep, device)
     model.eval()
-    model.prepare(dtype, int4_max_tokens)
+    model.prepare(dtype, int4_max_tokens, kernels)
     return model

@@ -12,29 +12,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+
 #include <vector>
+
+#include "bf16.h"
 
 namespace {
 
-inline float load(float x) { return x; }
-inline float load(uint16_t bf16) {
-    uint32_t bits = static_cast<uint32_t>(bf16) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-inline void store(float x, float* dst) { *dst = x; }
-inline void store(float x, uint16_t* dst) {  // round to nearest even, as torch does
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN
-        *dst = static_cast<uint16_t>((bits >> 16) | 0x40u);
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    *dst = static_cast<uint16_t>(bits >> 16);
-}
+using eoq::load;
+using eoq::store;
 
 template <typename T>
 void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int64_t* block_tables,

@@ -30,10 +30,10 @@ def test_bad_settings_are_refused_naming_flag_and_variable(monkeypatch) -> None:
     from eoq.config import load_settings
     from eoq.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--int4-max-tokens / EOQ_INT4_MAX_TOKENS: .*must be >= 0"):
-        load_settings(int4_max_tokens=-1)
-    monkeypatch.setenv("EOQ_INT4_WEIGHTS", "sometimes")
-    with pytest.raises(ConfigError, match="--int4-weights / EOQ_INT4_WEIGHTS"):
+    with pytest.raises(ConfigError, match="--quantized-max-tokens / EOQ_QUANTIZED_MAX_TOKENS: .*must be >= 0"):
+        load_settings(quantized_max_tokens=-1)
+    monkeypatch.setenv("EOQ_QUANTIZED_WEIGHTS", "sometimes")
+    with pytest.raises(ConfigError, match="--quantized-weights / EOQ_QUANTIZED_WEIGHTS"):
         load_settings()
-    monkeypatch.setenv("EOQ_INT4_WEIGHTS", "never")
-    assert load_settings(int4_max_tokens=0).int4_weights == "never"
+    monkeypatch.setenv("EOQ_QUANTIZED_WEIGHTS", "never")
+    assert load_settings(quantized_max_tokens=0).quantized_weights == "never"

@@ -35,13 +35,14 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on CUDA and on CPUs with AVX-512 BF16/AMX, else float32"
     )
-    int4_weights: Literal["auto", "always", "never"] = Field(
+    quantized_weights: Literal["auto", "int4", "never"] = Field(
         "auto",
-        description="4-bit copies of the weights for steps of few tokens (CPU): auto = only where the checkpoint's "
-        "weights are already 4-bit, as a Q4_1 GGUF's (lossless), always = every weight (round to nearest: lossy)",
+        description="low-bit copies of the weights for steps of few tokens (CPU): auto = only where the "
+        "checkpoint's weights are already 4- or 8-bit, as a GGUF's Q4_1 and Q8_0 tensors (lossless); int4 = every "
+        "weight rounded to 4 bits (lossy)",
     )
-    int4_max_tokens: int = Field(
-        4, description="steps of at most this many tokens use the 4-bit weights (0 = never); bigger ones the dtype's"
+    quantized_max_tokens: int = Field(
+        4, description="steps of at most this many tokens use the low-bit copies (0 = never; 8-bit: at most 2)"
     )
     cpu_kernels: bool = Field(
         True, description="on a CPU, eoq's C++ kernels (decode attention over the paged cache, RMSNorm), compiled "
@@ -112,11 +113,11 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 1")
         return v
 
-    @field_validator("int4_max_tokens")
+    @field_validator("quantized_max_tokens")
     @classmethod
     def _non_negative(cls, v: int) -> int:
         if v < 0:
-            raise ValueError("must be >= 0 (0 = never use the 4-bit weights)")
+            raise ValueError("must be >= 0 (0 = never use the low-bit copies)")
         return v
 
     @field_validator("port", "metrics_port")

@@ -1,6 +1,6 @@
 """Our decoders equal transformers' (float32): prefill logits, 32 decode steps' logits within 1e-4, and 64 greedy
 tokens identical to ``generate(do_sample=False)`` — for tiny random GPT-2 and Llama models and the default
-model (whose decode steps run on the 4-bit copies of its Q4_1 weights)."""
+model (whose decode steps run on the low-bit copies of its Q4_1 and Q8_0 weights)."""
 
 from __future__ import annotations
 
@@ -113,11 +113,11 @@ def test_default_model_matches_transformers(default_checkpoint):
 
     hf_model = AutoModelForCausalLM.from_pretrained(default_checkpoint.path, dtype=torch.float32).eval()
     core = make_core(default_checkpoint.path, kv_cache_memory_gb=0.5, max_model_len=2048)
-    # Its layers' weights are Q4_1 in the GGUF: every layer matmul has its 4-bit copy (the Q8_0 embedding, which
-    # is also the LM head, has none), and the decode steps below (one token) run on it.
+    # Its layers' weights are Q4_1 in the GGUF: every layer matmul has its 4-bit copy; the embedding, which is
+    # also the LM head, is Q8_0: it has an 8-bit copy. The decode steps below (one token) run on them.
     linears = list(core.runner.model.linears())
     assert sum(lin._int4 is not None for lin in linears) == len(linears) - 1
-    assert core.runner.model.lm_head._int4 is None
+    assert core.runner.model.lm_head._int4 is None and core.runner.model.lm_head._int8 is not None
     prompts = PromptBuilder(load_tokenizer(default_checkpoint.path))
     prompt = prompts.render(None, [ChatMessage("user", "What is the capital of France?")])
     check_prefill_logits(core, hf_model, prompt)

@@ -1,5 +1,5 @@
-"""The 4-bit path of ``Linear``: made only for weights already on a 4-bit grid unless asked, used only by steps of
-few rows, and equal to a matmul with the 4-bit weights it holds. RMSNorm with the residual add, by eoq's CPU
+"""The low-bit paths of ``Linear``: made only for weights already on a 4- or 8-bit grid unless asked, used only by
+steps of few rows, and equal to a matmul with the low-bit weights they hold. RMSNorm with the residual add, by eoq's CPU
 kernel and by torch."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from eoq.engine.model.kernels import CpuKernels, build
-from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, Linear, RMSNorm
+from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, INT8_GROUP, INT8_MAX_TOKENS, Linear, RMSNorm
 
 IN, OUT = 4 * INT4_GROUP, 48
 
@@ -46,7 +46,7 @@ def test_auto_keeps_a_4bit_copy_only_of_weights_on_a_4bit_grid() -> None:
     assert not _linear(torch.randn(OUT, IN, generator=gen)).quantize_int4(only_if_exact=True)
     lin = _linear(_on_grid(gen))
     assert lin.quantize_int4(only_if_exact=True)
-    assert lin.int4_bytes() > 0
+    assert lin.quantized_bytes() > 0
     # A weight off the grid in one place only is not on the grid.
     w = _on_grid(gen)
     w[5, 7] += 0.3 * (w[5, 0:32].amax() - w[5, 0:32].amin()) / INT4_LEVELS
@@ -60,7 +60,7 @@ def test_small_steps_use_the_4bit_weights_and_big_steps_the_original(bias: bool)
     b = torch.randn(OUT, generator=gen) if bias else None
     lin = _linear(weight, b)
     assert lin.quantize_int4(only_if_exact=False)  # "always": round to nearest
-    lin.prepare(torch.float32, int4_max_tokens=4)
+    lin.prepare(torch.float32, max_tokens=4)
     small, big = torch.randn(4, IN, generator=gen), torch.randn(5, IN, generator=gen)
     assert torch.allclose(lin(small), F.linear(small, _dequantized(weight), b), atol=1e-4)
     assert torch.allclose(lin(big), F.linear(big, weight, b), atol=1e-5)
@@ -77,7 +77,7 @@ def test_4bit_grid_weights_give_the_same_result_on_both_paths() -> None:
         lin = _linear(weight)
         assert lin.quantize_int4(only_if_exact=True)
         lin.to(dtype)
-        lin.prepare(dtype, int4_max_tokens=3)
+        lin.prepare(dtype, max_tokens=3)
         ref = F.linear(x, weight)  # float32, the checkpoint's values
         assert (lin(x.to(dtype)).float() - ref).abs().max().item() < tol * ref.abs().max().item()
 
@@ -87,7 +87,7 @@ def test_without_a_copy_every_step_uses_the_original_weights() -> None:
     weight = torch.randn(OUT, IN, generator=gen)
     lin = _linear(weight)
     assert not lin.quantize_int4(only_if_exact=True)
-    lin.prepare(torch.float32, int4_max_tokens=4)
+    lin.prepare(torch.float32, max_tokens=4)
     x = torch.randn(2, IN, generator=gen)
     assert torch.equal(lin(x), F.linear(x, weight))
     assert lin(torch.empty(0, IN)).shape == (0, OUT)
@@ -120,3 +120,42 @@ def test_rms_norm_adds_the_residual_in_place_then_normalizes(kernels, rows, dtyp
         torch.testing.assert_close(x, summed, atol=1e-6, rtol=1e-6)  # the residual stream now holds the sum
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def _on_int8_grid(gen: torch.Generator) -> torch.Tensor:
+    """A weight as a Q8_0 checkpoint holds it: per group of 32 inputs, scale * q with q in -127..127 (the
+    largest magnitude at 127, as the quantizer that made it does)."""
+    q = torch.randint(-127, 128, (OUT, IN // INT8_GROUP, INT8_GROUP), generator=gen).float()
+    q[..., 3] = 127 * torch.sign(torch.randn(OUT, IN // INT8_GROUP, generator=gen))
+    scale = torch.rand(OUT, IN // INT8_GROUP, 1, generator=gen) * 1e-3 + 1e-4
+    return (q * scale).view(OUT, IN)
+
+
+def test_auto_keeps_an_8bit_copy_of_weights_on_an_8bit_grid_and_runs_it_for_two_rows(kernels) -> None:
+    gen = torch.Generator().manual_seed(4)
+    weight = _on_int8_grid(gen)
+    lin = _linear(weight)
+    assert lin.quantize("auto") == "int8"  # not on a 4-bit grid, on an 8-bit one
+    assert _linear(torch.randn(OUT, IN, generator=gen)).quantize("auto") is None
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        lin = _linear(weight)
+        lin.quantize("auto")
+        lin.to(dtype)
+        lin.prepare(dtype, max_tokens=4, kernels=kernels)
+        assert lin.int8_max_tokens == INT8_MAX_TOKENS
+        for rows in (0, 1, INT8_MAX_TOKENS, INT8_MAX_TOKENS + 1):  # the last takes the dtype's path
+            x = torch.randn(rows, IN, generator=gen)
+            ref = F.linear(x, weight)
+            out = lin(x.to(dtype)).float()
+            assert out.shape == (rows, OUT)
+            if rows:
+                assert (out - ref).abs().max().item() <= tol * max(ref.abs().max().item(), 1.0)
+
+
+def test_an_8bit_copy_is_dropped_without_the_cpu_kernels() -> None:
+    lin = _linear(_on_int8_grid(torch.Generator().manual_seed(5)))
+    assert lin.quantize("auto") == "int8"
+    lin.prepare(torch.float32, max_tokens=4, kernels=None)
+    assert lin._int8 is None and lin.quantized_bytes() == 0
+    x = torch.randn(1, IN)
+    assert torch.equal(lin(x), F.linear(x, lin.weight))

@@ -125,8 +125,8 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         enable_prefix_caching=settings.enable_prefix_caching,
         num_threads=settings.num_threads,
         seed=settings.seed,
-        int4_weights=settings.int4_weights,
-        int4_max_tokens=settings.int4_max_tokens,
+        quantized_weights=settings.quantized_weights,
+        quantized_max_tokens=settings.quantized_max_tokens,
         cpu_kernels=settings.cpu_kernels,
         kernel_cache_dir=settings.cache_dir / "kernels",
     )

@@ -64,7 +64,8 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
         model_len = cfg.max_model_len
     state = read_state_dict(cfg.checkpoint)
     kernels = _cpu_kernels(cfg, device, dtype)
-    model = build_model(config, model_len, device, dtype, state, cfg.int4_weights, cfg.int4_max_tokens, kernels)
+    model = build_model(config, model_len, device, dtype, state, cfg.quantized_weights,
+                        cfg.quantized_max_tokens, kernels)
     del state
 
     bytes_per_token = model.kv_spec.bytes_per_token(dtype)

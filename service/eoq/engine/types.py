@@ -155,8 +155,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     seed: int = 0
-    int4_weights: str = "auto"  # auto | always | never (see model.base.DecoderModel.quantize_int4)
-    int4_max_tokens: int = 4
+    quantized_weights: str = "auto"  # auto | int4 | never (see model.base.DecoderModel.quantize)
+    quantized_max_tokens: int = 4
     cpu_kernels: bool = True  # CPU: eoq's C++ kernels (model.kernels), built on first use
     kernel_cache_dir: Path | None = None  # where built kernels are kept (default: <eoq cache>/kernels)
     extra_eos_token_ids: tuple[int, ...] = ()  # e.g. the chat template's end-of-turn token

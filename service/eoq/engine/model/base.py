@@ -55,19 +55,22 @@ class DecoderModel(nn.Module):
     def linears(self) -> Iterator[Linear]:
         return (m for m in self.modules() if isinstance(m, Linear))
 
-    def quantize_int4(self, mode: str) -> tuple[int, int, int]:
-        """4-bit copies of the matmul weights for small steps (see ``Linear.quantize_int4``): ``auto`` only where
-        the checkpoint's weights are already 4-bit, ``always`` every weight (round to nearest: lossy), ``never``
-        none. Call on the float32 CPU model, before the cast. Returns (copies made, matmuls, bytes)."""
-        linears = list(self.linears())
-        made = 0 if mode == "never" else sum(lin.quantize_int4(only_if_exact=mode == "auto") for lin in linears)
-        return made, len(linears), sum(lin.int4_bytes() for lin in linears)
+    def quantize(self, mode: str) -> dict[str, int]:
+        """Low-bit copies of the matmul weights for small steps (see ``Linear.quantize``): ``auto`` only where
+        the checkpoint's weights are already 4- or 8-bit, ``int4`` every weight (rounded: lossy), ``never`` none.
+        Call on the float32 CPU model, before the cast. Returns how many of each kind were made."""
+        made: dict[str, int] = {}
+        for lin in self.linears():
+            kind = lin.quantize(mode)
+            if kind:
+                made[kind] = made.get(kind, 0) + 1
+        return made
 
-    def prepare(self, dtype: torch.dtype, int4_max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
+    def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
         """Called once after the weights are loaded and moved: picks the matmul kernels, tells the norms which
         dtype the matmuls take (and hands them eoq's CPU kernels, if any)."""
         for lin in self.linears():
-            lin.prepare(dtype, int4_max_tokens)
+            lin.prepare(dtype, quantized_max_tokens, kernels)
         for m in self.modules():
             if isinstance(m, _Norm):
                 m.prepare(dtype, kernels)

@@ -86,6 +86,9 @@ class CpuKernels:
         self._norm = lib.eoq_add_rms_norm
         self._norm.restype = ctypes.c_int
         self._norm.argtypes = [ctypes.c_int, p, p, p, p, i64, i64, ctypes.c_float]
+        self._int8 = lib.eoq_int8_matmul
+        self._int8.restype = ctypes.c_int
+        self._int8.argtypes = [ctypes.c_int, p, p, p, p, i64, i64, i64]
 
     @staticmethod
     def supports(device: torch.device, dtype: torch.dtype) -> bool:
@@ -103,6 +106,18 @@ class CpuKernels:
                         weight.data_ptr(), out.data_ptr(), rows, dim, eps)
         if rc:
             raise ValueError(f"add_rms_norm refused its arguments (code {rc})")
+        return out
+
+    def int8_matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x (rows <= 8, in) @ W^T with W int8 (out, in) in groups of 32 inputs, each with a float32 scale
+        (``scales`` (out, in / 32)); returned in x's dtype (``csrc/int8_matmul.cpp``)."""
+        x = x.contiguous()
+        rows, in_f = x.shape
+        out = torch.empty(rows, weight.shape[0], dtype=x.dtype)
+        rc = self._int8(_DTYPES[x.dtype], x.data_ptr(), weight.data_ptr(), scales.data_ptr(), out.data_ptr(), rows,
+                        in_f, weight.shape[0])
+        if rc:
+            raise ValueError(f"int8_matmul refused its arguments (code {rc})")
         return out
 
     def paged_decode_attention(

@@ -39,24 +39,36 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def build_model(config: PretrainedConfig, max_positions: int, device: torch.device, dtype: torch.dtype,
-                state: dict[str, torch.Tensor], int4_weights: str = "never", int4_max_tokens: int = 4,
+                state: dict[str, torch.Tensor], quantized_weights: str = "never", quantized_max_tokens: int = 4,
                 kernels: CpuKernels | None = None) -> DecoderModel:
-    """``int4_weights`` (auto / always / never) and ``int4_max_tokens``: see ``DecoderModel.quantize_int4``;
+    """``quantized_weights`` (auto / int4 / never) and ``quantized_max_tokens``: see ``DecoderModel.quantize``;
     ``kernels``: eoq's CPU kernels, for the layers that have one."""
     model = FAMILIES[SUPPORTED_MODEL_TYPES[config.model_type]](config, max_positions)
     model.load_hf_state_dict(dict(state))
-    if int4_weights != "never" and device.type != "cpu":
-        log.info("int4 weights: the 4-bit kernels are CPU-only; %s runs every matmul in %s", device, dtype)
-    elif int4_weights != "never" and int4_max_tokens > 0:
-        made, total, nbytes = model.quantize_int4(int4_weights)  # from the float32 weights, before the cast
-        if made:
-            log.info("int4 weights (%s): 4-bit copies of %d of %d matmuls (%d MiB more), used by steps of <= %d "
-                     "tokens", int4_weights, made, total, nbytes >> 20, int4_max_tokens)
-        elif int4_weights == "auto":
-            log.info("int4 weights (auto): the checkpoint's weights are not 4-bit; every matmul runs in %s", dtype)
+    quantize = quantized_weights != "never" and quantized_max_tokens > 0
+    if quantize and device.type != "cpu":
+        log.info("quantized weights: the low-bit kernels are CPU-only; on %s every matmul runs in %s", device, dtype)
+        quantize = False
+    if quantize:
+        model.quantize(quantized_weights)  # from the float32 weights, before the cast
     keep = model.float32_tensors()  # norm weights and RoPE tables stay float32
     model.to(device=device, dtype=dtype)
     model.restore_float32(keep, device)
     model.eval()
-    model.prepare(dtype, int4_max_tokens, kernels)
+    model.prepare(dtype, quantized_max_tokens, kernels)
+    if quantize:
+        _log_quantized(model, quantized_weights, quantized_max_tokens, dtype)
     return model
+
+
+def _log_quantized(model: DecoderModel, mode: str, max_tokens: int, dtype: torch.dtype) -> None:
+    linears = list(model.linears())
+    kinds = {"4-bit": sum(lin._int4 is not None for lin in linears),
+             "8-bit": sum(lin._int8 is not None for lin in linears)}
+    if not any(kinds.values()):
+        log.info("quantized weights (%s): none (the checkpoint's weights are not low-bit, or eoq's CPU kernels are "
+                 "missing); every matmul runs in %s", mode, dtype)
+        return
+    log.info("quantized weights (%s): %s copies of %d matmuls (%d MiB more), used by steps of <= %d tokens", mode,
+             " and ".join(f"{n} {k}" for k, n in kinds.items() if n), len(linears),
+             sum(lin.quantized_bytes() for lin in linears) >> 20, max_tokens)

@@ -81,10 +81,12 @@ def check_decode_logits_and_greedy(core, hf_model, prompt: list[int], steps: int
     return tokens
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["eoq-kernels", "torch-ops"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_tiny_model_matches_transformers(family, tiny_llama, tiny_gpt2):
+def test_tiny_model_matches_transformers(family, cpu_kernels, tiny_llama, tiny_gpt2):
     checkpoint, hf_model = tiny_llama if family == "llama" else tiny_gpt2
-    core = make_core(checkpoint)
+    core = make_core(checkpoint, cpu_kernels=cpu_kernels)
+    assert (core.runner.model.kernels is not None) == cpu_kernels
     prompt = prompt_ids(37)
     check_prefill_logits(core, hf_model, prompt)
     check_decode_logits_and_greedy(core, hf_model, prompt, steps=32)
@@ -92,11 +94,12 @@ def test_tiny_model_matches_transformers(family, tiny_llama, tiny_gpt2):
     assert len(set(tokens)) > 1  # a real continuation, not one token repeated by a broken model
 
 
-def test_chunked_prefill_and_prefix_cache_match_transformers(tiny_llama):
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["eoq-kernels", "torch-ops"])
+def test_chunked_prefill_and_prefix_cache_match_transformers(tiny_llama, cpu_kernels):
     """A prompt prefilled in chunks (budget 16) and then re-prefilled from the prefix cache gives the same
     logits as transformers."""
     checkpoint, hf_model = tiny_llama
-    core = make_core(checkpoint, max_num_batched_tokens=16)
+    core = make_core(checkpoint, max_num_batched_tokens=16, cpu_kernels=cpu_kernels)
     prompt = prompt_ids(70, seed=2)
     first = check_decode_logits_and_greedy(core, hf_model, prompt, steps=8)
     # Same prompt again: its full blocks come from the cache (64 of 70 tokens).
@@ -123,3 +126,28 @@ def test_default_model_matches_transformers(default_checkpoint):
     check_prefill_logits(core, hf_model, prompt)
     check_decode_logits_and_greedy(core, hf_model, prompt, steps=32)
     check_decode_logits_and_greedy(core, hf_model, prompt, steps=64)
+
+
+@pytest.mark.e2e
+def test_default_model_in_bfloat16_with_and_without_eoq_kernels(default_checkpoint):
+    """bf16, as served: the kernels' engine and torch's ops agree on the greedy answer and on the first steps'
+    logits within bf16 rounding (the kernels round once where torch rounds after each op)."""
+    from eoq.chat.prompt import ChatMessage, PromptBuilder
+    from eoq.engine.model.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(default_checkpoint.path)
+    prompt = PromptBuilder(tokenizer).render(None, [ChatMessage("user", "What is the capital of France?")])
+    results = {}
+    for cpu_kernels in (True, False):
+        core = make_core(default_checkpoint.path, dtype="bfloat16", kv_cache_memory_gb=0.1, max_model_len=2048,
+                         cpu_kernels=cpu_kernels)
+        recorder = LogitsRecorder(core.runner.model)
+        core.runner.model = recorder
+        core.add_request(EngineRequest("r", prompt, SamplingParams(max_tokens=8)))
+        tokens = [t for o in run_to_end(core)["r"] for t in o.token_ids]
+        results[cpu_kernels] = (tokens, [s for s in recorder.steps if s.shape[0]])
+    (ours, ours_logits), (torchs, torch_logits) = results[True], results[False]
+    assert "Paris" in tokenizer.decode(ours)
+    assert ours == torchs
+    for a, b in zip(ours_logits, torch_logits):
+        assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()

@@ -55,12 +55,14 @@ def paged_attention(
     k_cache: torch.Tensor,  # (nkv, num_blocks, bs, hd)
     v_cache: torch.Tensor,  # (nkv, num_blocks, bs, hd)
     meta: AttentionMetadata,
+    stored: bool = False,  # the new tokens' k and v are in the cache already (written by a fused kernel)
 ) -> torch.Tensor:  # (T, nh * hd)
     T, nh, hd = q.shape
     nkv = k.shape[1]
     gqa = nkv != nh
-    k_cache.view(nkv, -1, hd).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.view(nkv, -1, hd).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    if not stored:
+        k_cache.view(nkv, -1, hd).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.view(nkv, -1, hd).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     D = meta.num_decodes
     if not meta.prefills:  # decodes only: the common step
         return _decode_attention(q, k_cache, v_cache, meta).view(T, nh * hd)

@@ -37,6 +37,7 @@ class DecoderModel(nn.Module):
     kv_spec: KVSpec
     vocab_size: int
     max_positions: int
+    kernels: CpuKernels | None = None  # set by prepare
 
     def forward(
         self,
@@ -69,6 +70,7 @@ class DecoderModel(nn.Module):
     def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
         """Called once after the weights are loaded and moved: picks the matmul kernels, tells the norms which
         dtype the matmuls take (and hands them eoq's CPU kernels, if any)."""
+        self.kernels = kernels
         for lin in self.linears():
             lin.prepare(dtype, quantized_max_tokens, kernels)
         for m in self.modules():

@@ -86,6 +86,9 @@ class CpuKernels:
         self._norm = lib.eoq_add_rms_norm
         self._norm.restype = ctypes.c_int
         self._norm.argtypes = [ctypes.c_int, p, p, p, p, i64, i64, ctypes.c_float]
+        self._rope = lib.eoq_rope_and_store
+        self._rope.restype = ctypes.c_int
+        self._rope.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, p] + [i64] * 5
         self._int8 = lib.eoq_int8_matmul
         self._int8.restype = ctypes.c_int
         self._int8.argtypes = [ctypes.c_int, p, p, p, p, i64, i64, i64]
@@ -106,6 +109,23 @@ class CpuKernels:
                         weight.data_ptr(), out.data_ptr(), rows, dim, eps)
         if rc:
             raise ValueError(f"add_rms_norm refused its arguments (code {rc})")
+        return out
+
+    def rope_and_store(self, qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                       positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """RoPE on the queries and keys of ``qkv`` (T, (nh + 2 nkv) hd), returned as (T, nh + nkv, hd); the
+        rotated keys and the values written to ``slots`` of the caches (nkv, num_blocks, bs, hd). The tables are
+        float32 (positions, hd) with sin's first half negated (``csrc/rope.cpp``)."""
+        qkv = qkv.contiguous()
+        T = qkv.shape[0]
+        out = torch.empty(T, num_heads + num_kv_heads, head_dim, dtype=qkv.dtype)
+        cache_slots = k_cache.shape[1] * k_cache.shape[2]
+        rc = self._rope(_DTYPES[qkv.dtype], qkv.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(),
+                        positions.data_ptr(), slots.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                        T, num_heads, num_kv_heads, head_dim, cache_slots)
+        if rc:
+            raise ValueError(f"rope_and_store refused its arguments (code {rc})")
         return out
 
     def int8_matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

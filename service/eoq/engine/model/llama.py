@@ -7,6 +7,8 @@ layout only: q/k/v and gate/up are fused into single matmuls, and attention runs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from eoq.engine.model.attention import AttentionMetadata, paged_attention
 from eoq.engine.model.base import DecoderModel, KVSpec, copy_into, take
+from eoq.engine.model.kernels import CpuKernels
 from eoq.engine.model.linear import Linear, RMSNorm
 from eoq.errors import ConfigError
 
@@ -49,6 +52,19 @@ def rope_inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor
     return inv_freq.float(), float(scaling)
 
 
+@dataclass(slots=True)
+class Rope:
+    """A step's rotary embedding: either eoq's CPU kernel with the float32 tables and the positions, or the
+    step's cos/sin rows in the model's dtype for torch's ops."""
+
+    kernels: CpuKernels | None = None
+    cos_table: torch.Tensor | None = None  # (P, hd) float32
+    sin_table: torch.Tensor | None = None  # (P, hd) float32, first half negated
+    positions: torch.Tensor | None = None  # (T,) int64
+    cos: torch.Tensor | None = None  # (T, 1, hd)
+    sin: torch.Tensor | None = None  # (T, 1, hd), first half negated
+
+
 class LlamaLayer(nn.Module):
     def __init__(self, hidden: int, nh: int, nkv: int, hd: int, inter: int, eps: float, qkv_bias: bool,
                  o_bias: bool, mlp_bias: bool) -> None:
@@ -61,18 +77,22 @@ class LlamaLayer(nn.Module):
         self.gate_up = Linear(hidden, 2 * inter, bias=mlp_bias)
         self.down = Linear(inter, hidden, bias=mlp_bias)
 
-    def forward(self, x: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None, rope: Rope,
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """x: (T, hidden) the float32 residual stream, still without ``pending`` (the previous layer's MLP output,
         added here by the norm, in place). Returns this layer's MLP output, for the next layer to add."""
         T = x.shape[0]
         nh, nkv, hd = self.nh, self.nkv, self.hd
         qkv = self.qkv(self.input_norm(x, pending))  # (T, (nh + 2 nkv) hd)
-        # q and k are adjacent in the fused output: rotate both with one set of ops.
-        qk = qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd)  # (T, nh + nkv, hd)
-        qk = qk * cos + qk.view(T, nh + nkv, 2, hd // 2).flip(2).view(T, nh + nkv, hd) * sin
         v = qkv[:, (nh + nkv) * hd :].view(T, nkv, hd)  # (T, nkv, hd)
-        attn = paged_attention(qk[:, :nh], qk[:, nh:], v, kv[0], kv[1], meta)  # (T, nh hd)
+        if rope.kernels is not None:  # rotation and the cache writes in one call
+            qk = rope.kernels.rope_and_store(qkv, rope.cos_table, rope.sin_table, rope.positions, meta.slot_mapping,
+                                             kv[0], kv[1], nh, nkv, hd)  # (T, nh + nkv, hd)
+        else:  # q and k are adjacent in the fused output: rotate both with one set of ops.
+            qk = qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd)  # (T, nh + nkv, hd)
+            qk = qk * rope.cos + qk.view(T, nh + nkv, 2, hd // 2).flip(2).view(T, nh + nkv, hd) * rope.sin
+        attn = paged_attention(qk[:, :nh], qk[:, nh:], v, kv[0], kv[1], meta,
+                               stored=rope.kernels is not None)  # (T, nh hd)
         gate, up = self.gate_up(self.post_norm(x, self.o_proj(attn))).split(self.inter, dim=-1)  # (T, inter) x 2
         return self.down(F.silu(gate) * up)
 
@@ -119,11 +139,14 @@ class LlamaDecoder(DecoderModel):
     def forward(self, input_ids, positions, kv_caches, meta, logits_indices):
         emb = self.embed(input_ids)  # (T, hidden), model dtype
         x = emb.float() if emb.dtype != torch.float32 else emb  # the residual stream stays float32; updated in place
-        cos = self.cos_table[positions].to(emb.dtype).unsqueeze(1)  # (T, 1, hd)
-        sin = self.sin_table[positions].to(emb.dtype).unsqueeze(1)  # (T, 1, hd)
+        if self.kernels is not None:
+            rope = Rope(kernels=self.kernels, cos_table=self.cos_table, sin_table=self.sin_table, positions=positions)
+        else:
+            rope = Rope(cos=self.cos_table[positions].to(emb.dtype).unsqueeze(1),  # (T, 1, hd)
+                        sin=self.sin_table[positions].to(emb.dtype).unsqueeze(1))
         pending = None  # each layer's MLP output, added to x by the next norm
         for layer, kv in zip(self.layers, kv_caches):
-            pending = layer(x, pending, cos, sin, kv, meta)
+            pending = layer(x, pending, rope, kv, meta)
         x = self.norm(x[logits_indices], None if pending is None else pending[logits_indices])  # (S, hidden)
         return self.lm_head(x).float()  # (S, vocab)
 

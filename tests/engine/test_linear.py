@@ -159,3 +159,17 @@ def test_an_8bit_copy_is_dropped_without_the_cpu_kernels() -> None:
     assert lin._int8 is None and lin.quantized_bytes() == 0
     x = torch.randn(1, IN)
     assert torch.equal(lin(x), F.linear(x, lin.weight))
+
+
+@pytest.mark.parametrize("rows", [0, 1, 64])  # 64 x 1536: spread over threads
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_kernel_equals_torch(kernels, rows, dtype) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    inter = 1536
+    gate_up = (torch.randn(rows, 2 * inter, generator=gen) * 4).to(dtype)
+    gate, up = gate_up.float().split(inter, dim=-1)
+    ref = F.silu(gate) * up
+    out = kernels.silu_mul(gate_up)
+    assert out.dtype == dtype and out.shape == (rows, inter)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)

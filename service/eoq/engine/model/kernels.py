@@ -89,6 +89,9 @@ class CpuKernels:
         self._rope = lib.eoq_rope_and_store
         self._rope.restype = ctypes.c_int
         self._rope.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, p] + [i64] * 5
+        self._silu_mul = lib.eoq_silu_mul
+        self._silu_mul.restype = ctypes.c_int
+        self._silu_mul.argtypes = [ctypes.c_int, p, p, i64, i64]
         self._int8 = lib.eoq_int8_matmul
         self._int8.restype = ctypes.c_int
         self._int8.argtypes = [ctypes.c_int, p, p, p, p, i64, i64, i64]
@@ -126,6 +129,16 @@ class CpuKernels:
                         T, num_heads, num_kv_heads, head_dim, cache_slots)
         if rc:
             raise ValueError(f"rope_and_store refused its arguments (code {rc})")
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for ``gate_up`` (T, 2 inter) = [gate | up]; returns (T, inter) (``csrc/silu_mul.cpp``)."""
+        gate_up = gate_up.contiguous()
+        rows, width = gate_up.shape
+        out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
+        rc = self._silu_mul(_DTYPES[gate_up.dtype], gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
+        if rc:
+            raise ValueError(f"silu_mul refused its arguments (code {rc})")
         return out
 
     def int8_matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -54,10 +54,9 @@ def rope_inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor
 
 @dataclass(slots=True)
 class Rope:
-    """A step's rotary embedding: either eoq's CPU kernel with the float32 tables and the positions, or the
-    step's cos/sin rows in the model's dtype for torch's ops."""
+    """A step's rotary embedding: the float32 tables and the positions for eoq's CPU kernel, or the step's cos/sin
+    rows in the model's dtype for torch's ops."""
 
-    kernels: CpuKernels | None = None
     cos_table: torch.Tensor | None = None  # (P, hd) float32
     sin_table: torch.Tensor | None = None  # (P, hd) float32, first half negated
     positions: torch.Tensor | None = None  # (T,) int64
@@ -76,6 +75,7 @@ class LlamaLayer(nn.Module):
         self.post_norm = RMSNorm(hidden, eps)
         self.gate_up = Linear(hidden, 2 * inter, bias=mlp_bias)
         self.down = Linear(inter, hidden, bias=mlp_bias)
+        self.kernels: CpuKernels | None = None  # eoq's CPU kernels, set by LlamaDecoder.prepare
 
     def forward(self, x: torch.Tensor, pending: torch.Tensor | None, rope: Rope,
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -85,15 +85,18 @@ class LlamaLayer(nn.Module):
         nh, nkv, hd = self.nh, self.nkv, self.hd
         qkv = self.qkv(self.input_norm(x, pending))  # (T, (nh + 2 nkv) hd)
         v = qkv[:, (nh + nkv) * hd :].view(T, nkv, hd)  # (T, nkv, hd)
-        if rope.kernels is not None:  # rotation and the cache writes in one call
-            qk = rope.kernels.rope_and_store(qkv, rope.cos_table, rope.sin_table, rope.positions, meta.slot_mapping,
+        if self.kernels is not None:  # rotation and the cache writes in one call
+            qk = self.kernels.rope_and_store(qkv, rope.cos_table, rope.sin_table, rope.positions, meta.slot_mapping,
                                              kv[0], kv[1], nh, nkv, hd)  # (T, nh + nkv, hd)
         else:  # q and k are adjacent in the fused output: rotate both with one set of ops.
             qk = qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd)  # (T, nh + nkv, hd)
             qk = qk * rope.cos + qk.view(T, nh + nkv, 2, hd // 2).flip(2).view(T, nh + nkv, hd) * rope.sin
         attn = paged_attention(qk[:, :nh], qk[:, nh:], v, kv[0], kv[1], meta,
-                               stored=rope.kernels is not None)  # (T, nh hd)
-        gate, up = self.gate_up(self.post_norm(x, self.o_proj(attn))).split(self.inter, dim=-1)  # (T, inter) x 2
+                               stored=self.kernels is not None)  # (T, nh hd)
+        gate_up = self.gate_up(self.post_norm(x, self.o_proj(attn)))  # (T, 2 inter): [gate | up]
+        if self.kernels is not None:
+            return self.down(self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.split(self.inter, dim=-1)  # (T, inter) x 2
         return self.down(F.silu(gate) * up)
 
 
@@ -136,11 +139,16 @@ class LlamaDecoder(DecoderModel):
         self.register_buffer("cos_table", emb.cos() * scaling, persistent=False)  # (P, hd)
         self.register_buffer("sin_table", sin, persistent=False)  # (P, hd)
 
+    def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
+        super().prepare(dtype, quantized_max_tokens, kernels)
+        for layer in self.layers:
+            layer.kernels = kernels
+
     def forward(self, input_ids, positions, kv_caches, meta, logits_indices):
         emb = self.embed(input_ids)  # (T, hidden), model dtype
         x = emb.float() if emb.dtype != torch.float32 else emb  # the residual stream stays float32; updated in place
         if self.kernels is not None:
-            rope = Rope(kernels=self.kernels, cos_table=self.cos_table, sin_table=self.sin_table, positions=positions)
+            rope = Rope(cos_table=self.cos_table, sin_table=self.sin_table, positions=positions)
         else:
             rope = Rope(cos=self.cos_table[positions].to(emb.dtype).unsqueeze(1),  # (T, 1, hd)
                         sin=self.sin_table[positions].to(emb.dtype).unsqueeze(1))

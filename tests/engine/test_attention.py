@@ -104,3 +104,17 @@ def test_without_a_compiler_the_engine_falls_back_to_torch(monkeypatch, tmp_path
         assert load_cpu_kernels(tmp_path) is None
     assert "torch's ops run instead" in caplog.text and "no-such-c++-compiler" in caplog.text
     assert not list(tmp_path.iterdir())
+
+
+def test_a_cache_that_cannot_be_written_builds_the_kernels_in_the_temporary_directory(tmp_path, monkeypatch) -> None:
+    from eoq.engine.model.kernels import load_cpu_kernels
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # the cache folder would be inside a file: mkdir fails, as on a read-only filesystem
+    assert load_cpu_kernels(blocked / "kernels") is not None
+    assert list((tmp_path / "tmp").glob("eoq-kernels-*/eoq_cpu-*.so"))

@@ -177,9 +177,15 @@ class CpuKernels:
 
 
 def load_cpu_kernels(cache_dir: Path) -> CpuKernels | None:
-    """The kernels, or None (logged) when they cannot be built here."""
+    """The kernels, or None (logged) when they cannot be built here. A cache that cannot be written (a baked image
+    on a read-only root filesystem) is replaced by a folder under the temporary directory."""
     try:
-        return CpuKernels(build(cache_dir))
+        try:
+            return CpuKernels(build(cache_dir))
+        except OSError as e:
+            scratch = Path(tempfile.gettempdir()) / f"eoq-kernels-{os.getuid()}"
+            log.info("cannot keep CPU kernels in %s (%s): building them in %s", cache_dir, e, scratch)
+            return CpuKernels(build(scratch))
     except (RuntimeError, OSError) as e:
         log.warning("eoq's CPU kernels are not available, torch's ops run instead (decode attention by SDPA over "
                     "gathered blocks): %s", e)

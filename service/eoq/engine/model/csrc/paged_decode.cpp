@@ -82,8 +82,11 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
                 float mx = sg[0];
                 for (int64_t t = 1; t < ctx; ++t) mx = std::max(mx, sg[t]);
                 float sum = 0.f;
+                // Clamped at -80 (a weight of e^-80 is nothing next to the max's 1): the vectorized exp leaves
+                // its fast path for results that underflow.
+#pragma omp simd reduction(+ : sum)
                 for (int64_t t = 0; t < ctx; ++t) {
-                    sg[t] = std::exp(sg[t] - mx);
+                    sg[t] = std::exp(std::fmax(sg[t] - mx, -80.f));
                     sum += sg[t];
                 }
                 const float inv = 1.f / sum;

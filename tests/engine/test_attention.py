@@ -118,3 +118,21 @@ def test_a_cache_that_cannot_be_written_builds_the_kernels_in_the_temporary_dire
     blocked.write_text("")  # the cache folder would be inside a file: mkdir fails, as on a read-only filesystem
     assert load_cpu_kernels(blocked / "kernels") is not None
     assert list((tmp_path / "tmp").glob("eoq-kernels-*/eoq_cpu-*.so"))
+
+
+def test_kernel_with_peaked_attention(kernel) -> None:
+    """Scores hundreds apart (softmax nearly one-hot, most weights underflow): still plain attention."""
+    gen = torch.Generator().manual_seed(7)
+    nh, hd, bs, num_blocks = NKV * GROUP, 32, 16, 40
+    k_cache = torch.randn(NKV, num_blocks, bs, hd, generator=gen)
+    v_cache = torch.randn(NKV, num_blocks, bs, hd, generator=gen)
+    n = 150
+    table = torch.randperm(num_blocks, generator=gen)[: -(-n // bs)]
+    q = torch.randn(1, nh, hd, generator=gen) * 40
+    out = kernel(q, k_cache, v_cache, table, torch.tensor([n]))
+    keys = k_cache[:, table].reshape(NKV, -1, hd)[:, :n].transpose(0, 1)  # (n, nkv, hd)
+    values = v_cache[:, table].reshape(NKV, -1, hd)[:, :n].transpose(0, 1)
+    kv_head = torch.arange(nh) // GROUP
+    k, v = keys[:, kv_head].transpose(0, 1), values[:, kv_head].transpose(0, 1)  # (nh, n, hd)
+    probs = torch.softmax((q[0].unsqueeze(1) @ k.transpose(1, 2)).squeeze(1) / hd**0.5, dim=-1)
+    torch.testing.assert_close(out[0], (probs.unsqueeze(1) @ v).squeeze(1), atol=1e-4, rtol=1e-4)

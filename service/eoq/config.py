@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     )
     cpu_kernels: bool = Field(
         True, description="on a CPU, eoq's C++ kernels (decode attention over the paged cache, RMSNorm), compiled "
-        "for the machine at first start (~2 s, kept under <cache-dir>/kernels; without a C++ compiler torch's ops)",
+        "for the machine at first start (~3 s, kept under <cache-dir>/kernels; without a C++ compiler torch's ops)",
     )
     kv_cache_memory_gb: float | None = Field(
         None, description="KV cache budget in GiB (default: 1 GiB on CPU, 85% of the GPU memory free after loading on CUDA)"

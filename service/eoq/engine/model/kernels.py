@@ -1,7 +1,7 @@
 """eoq's C++ kernels for the CPU (``csrc/``), built for this machine and called through ctypes.
 
 The sources are compiled into one library by the machine's C++ compiler (``$CXX``, else ``g++``) the first time
-an engine needs them — about two seconds: they include no torch headers — with ``-march=native``, into
+an engine needs them — about three seconds on two cores: they include no torch headers — with ``-march=native``, into
 ``<cache>/kernels/`` under a name that hashes the sources, the compiler's version, the flags and the CPU, so a
 cache shared between machines never loads a build for another CPU. It links ``libgomp.so.1``, the OpenMP runtime torch has already loaded, so its
 threads are torch's threads. Without a compiler, or when the build fails, the engine uses torch's ops instead

@@ -5,11 +5,12 @@ chunks sequence by sequence. Every layer writes the new tokens' K/V into their c
 - decodes, on a CPU: one call of eoq's C++ kernel (``csrc/paged_decode.cpp``) for all of them, reading each
   sequence's blocks where they lie (measured per layer, 32 sequences of ~110 tokens: 0.45 ms vs 1.1 ms for the
   gather and SDPA below; one sequence of 350: 86 vs 149 us);
-- decodes elsewhere, or without a compiler: up to ``SMALL_DECODE_BATCH`` sequences each attend with one SDPA over exactly their tokens; more
-  attend together: all their blocks are gathered in one ``index_select`` into (kv_heads, D, max_blocks *
-  block_size, head_dim), padding masked out by an additive bias, then one SDPA (up to ``MID_DECODE_BATCH``)
-  or batched matmuls. The block gather is what makes this fast on the CPU: SDPA over an advanced-indexing
-  gather was ~10x slower (measured at 32 sequences of ~320 tokens: 0.8 ms vs 6.5-12 ms per layer);
+- decodes elsewhere, or without a compiler: up to ``SMALL_DECODE_BATCH`` sequences each attend with one SDPA over
+  exactly their tokens; more attend together: all their blocks are gathered in one ``index_select`` into
+  (kv_heads, D, max_blocks * block_size, head_dim), padding masked out by an additive bias, then one SDPA (up to
+  ``MID_DECODE_BATCH``) or batched matmuls. The block gather is what makes this fast on the CPU: SDPA over an
+  advanced-indexing gather was ~10x slower (measured at 32 sequences of ~320 tokens: 0.8 ms vs 6.5-12 ms per
+  layer);
 - each prefill chunk attends to its sequence's earlier tokens (cached prefix or earlier chunks) plus itself,
   causally, with SDPA; a chunk with no earlier tokens attends to its own K/V, with no gather.
 The cache of one layer is head-major, (num_kv_heads, num_blocks, block_size, head_dim), so a gather of

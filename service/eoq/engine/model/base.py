@@ -56,16 +56,12 @@ class DecoderModel(nn.Module):
     def linears(self) -> Iterator[Linear]:
         return (m for m in self.modules() if isinstance(m, Linear))
 
-    def quantize(self, mode: str) -> dict[str, int]:
+    def quantize(self, mode: str) -> None:
         """Low-bit copies of the matmul weights for small steps (see ``Linear.quantize``): ``auto`` only where
         the checkpoint's weights are already 4- or 8-bit, ``int4`` every weight (rounded: lossy), ``never`` none.
-        Call on the float32 CPU model, before the cast. Returns how many of each kind were made."""
-        made: dict[str, int] = {}
+        Call on the float32 CPU model, before the cast."""
         for lin in self.linears():
-            kind = lin.quantize(mode)
-            if kind:
-                made[kind] = made.get(kind, 0) + 1
-        return made
+            lin.quantize(mode)
 
     def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
         """Called once after the weights are loaded and moved: picks the matmul kernels, tells the norms which

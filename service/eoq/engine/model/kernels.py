@@ -1,11 +1,11 @@
 """eoq's C++ kernels for the CPU (``csrc/``), built for this machine and called through ctypes.
 
-The sources are compiled into one library by the machine's C++ compiler (``$CXX``, else ``g++``) the first time
-an engine needs them — about three seconds on two cores: they include no torch headers — with ``-march=native``, into
-``<cache>/kernels/`` under a name that hashes the sources, the compiler's version, the flags and the CPU, so a
-cache shared between machines never loads a build for another CPU. It links ``libgomp.so.1``, the OpenMP runtime torch has already loaded, so its
-threads are torch's threads. Without a compiler, or when the build fails, the engine uses torch's ops instead
-(said once in the log).
+The sources are compiled into one library by the machine's C++ compiler (``$CXX``, else ``g++``) the first time an
+engine needs them — about three seconds on two cores: they include no torch headers — with ``-march=native``, into
+``<cache>/kernels/`` under a name that hashes the sources, the compiler's version, the flags and the CPU, so a cache
+shared between machines never loads a build for another CPU. It links ``libgomp.so.1``, the OpenMP runtime torch has
+already loaded, so its threads are torch's threads. Without a compiler, or when the build fails, the engine uses
+torch's ops instead (said once in the log).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -74,27 +75,29 @@ def build(cache_dir: Path) -> Path:
     return out
 
 
+def _entry(lib: ctypes.CDLL, name: str, argtypes: list) -> Callable[..., None]:
+    """A library function that returns 0 or a non-zero code for arguments it cannot take (raised here)."""
+    fn = getattr(lib, name)
+    fn.restype = ctypes.c_int
+    fn.argtypes = argtypes
+
+    def call(*args) -> None:
+        rc = fn(*args)
+
+    return call
+
+
 class CpuKernels:
     """The library's entry points, for float32 and bfloat16 tensors on the CPU."""
 
     def __init__(self, library: Path) -> None:
         lib = ctypes.CDLL(str(library))
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        self._decode = lib.eoq_paged_decode_attention
-        self._decode.restype = ctypes.c_int
-        self._decode.argtypes = [ctypes.c_int, p, i64, p, p, p, p, p] + [i64] * 7 + [ctypes.c_float]
-        self._norm = lib.eoq_add_rms_norm
-        self._norm.restype = ctypes.c_int
-        self._norm.argtypes = [ctypes.c_int, p, p, p, p, i64, i64, ctypes.c_float]
-        self._rope = lib.eoq_rope_and_store
-        self._rope.restype = ctypes.c_int
-        self._rope.argtypes = [ctypes.c_int, p, p, p, p, p, p, p, p] + [i64] * 5
-        self._silu_mul = lib.eoq_silu_mul
-        self._silu_mul.restype = ctypes.c_int
-        self._silu_mul.argtypes = [ctypes.c_int, p, p, i64, i64]
-        self._int8 = lib.eoq_int8_matmul
-        self._int8.restype = ctypes.c_int
-        self._int8.argtypes = [ctypes.c_int, p, p, p, p, i64, i64, i64]
+        dt, p, i64, f32 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        self._decode = _entry(lib, "eoq_paged_decode_attention", [dt, p, i64, p, p, p, p, p] + [i64] * 7 + [f32])
+        self._norm = _entry(lib, "eoq_add_rms_norm", [dt, p, p, p, p, i64, i64, f32])
+        self._rope = _entry(lib, "eoq_rope_and_store", [dt, p, p, p, p, p, p, p, p] + [i64] * 5)
+        self._silu_mul = _entry(lib, "eoq_silu_mul", [dt, p, p, i64, i64])
+        self._int8 = _entry(lib, "eoq_int8_matmul", [dt, p, p, p, p, i64, i64, i64])
 
     @staticmethod
     def supports(device: torch.device, dtype: torch.dtype) -> bool:
@@ -108,10 +111,8 @@ class CpuKernels:
         if delta is not None and not delta.is_contiguous():
             delta = delta.contiguous()
         out = torch.empty(rows, dim, dtype=out_dtype)
-        rc = self._norm(_DTYPES[out_dtype], x.data_ptr(), None if delta is None else delta.data_ptr(),
-                        weight.data_ptr(), out.data_ptr(), rows, dim, eps)
-        if rc:
-            raise ValueError(f"add_rms_norm refused its arguments (code {rc})")
+        self._norm(_DTYPES[out_dtype], x.data_ptr(), None if delta is None else delta.data_ptr(),
+                   weight.data_ptr(), out.data_ptr(), rows, dim, eps)
         return out
 
     def rope_and_store(self, qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
@@ -124,11 +125,9 @@ class CpuKernels:
         T = qkv.shape[0]
         out = torch.empty(T, num_heads + num_kv_heads, head_dim, dtype=qkv.dtype)
         cache_slots = k_cache.shape[1] * k_cache.shape[2]
-        rc = self._rope(_DTYPES[qkv.dtype], qkv.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(),
-                        positions.data_ptr(), slots.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                        T, num_heads, num_kv_heads, head_dim, cache_slots)
-        if rc:
-            raise ValueError(f"rope_and_store refused its arguments (code {rc})")
+        self._rope(_DTYPES[qkv.dtype], qkv.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(),
+                   positions.data_ptr(), slots.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                   T, num_heads, num_kv_heads, head_dim, cache_slots)
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -136,9 +135,7 @@ class CpuKernels:
         gate_up = gate_up.contiguous()
         rows, width = gate_up.shape
         out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
-        rc = self._silu_mul(_DTYPES[gate_up.dtype], gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
-        if rc:
-            raise ValueError(f"silu_mul refused its arguments (code {rc})")
+        self._silu_mul(_DTYPES[gate_up.dtype], gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
         return out
 
     def int8_matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -147,10 +144,8 @@ class CpuKernels:
         x = x.contiguous()
         rows, in_f = x.shape
         out = torch.empty(rows, weight.shape[0], dtype=x.dtype)
-        rc = self._int8(_DTYPES[x.dtype], x.data_ptr(), weight.data_ptr(), scales.data_ptr(), out.data_ptr(), rows,
-                        in_f, weight.shape[0])
-        if rc:
-            raise ValueError(f"int8_matmul refused its arguments (code {rc})")
+        self._int8(_DTYPES[x.dtype], x.data_ptr(), weight.data_ptr(), scales.data_ptr(), out.data_ptr(), rows,
+                   in_f, weight.shape[0])
         return out
 
     def paged_decode_attention(
@@ -168,11 +163,9 @@ class CpuKernels:
         if q.stride(2) != 1 or q.stride(1) != hd:
             q = q.contiguous()
         out = torch.empty(D, nh, hd, dtype=q.dtype)
-        rc = self._decode(_DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                          block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(), D, nh, nkv, hd, bs,
-                          num_blocks, block_tables.numel() // max(D, 1), hd**-0.5)
-        if rc:
-            raise ValueError(f"paged decode attention refused its arguments (code {rc})")
+        self._decode(_DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                     block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(), D, nh, nkv, hd, bs,
+                     num_blocks, block_tables.numel() // max(D, 1), hd**-0.5)
         return out
 
 

@@ -1,6 +1,7 @@
-"""The low-bit paths of ``Linear``: made only for weights already on a 4- or 8-bit grid unless asked, used only by
-steps of few rows, and equal to a matmul with the low-bit weights they hold. RMSNorm with the residual add, by eoq's CPU
-kernel and by torch."""
+"""The matmul paths of ``Linear``: the low-bit copies, made only for weights already on a 4- or 8-bit grid unless
+asked, used only by steps of few rows, and equal to a matmul with the low-bit weights they hold; the packed float32
+kernel, equal to ``F.linear`` for any number of rows and outputs. RMSNorm with the residual add, by eoq's CPU kernel
+and by torch."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eoq.engine.model.kernels import CpuKernels, build
+from eoq.engine.model.kernels import CpuKernels, build, pack_gemm_weight
 from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, INT8_GROUP, INT8_MAX_TOKENS, Linear, RMSNorm
 
 IN, OUT = 4 * INT4_GROUP, 48
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory) -> CpuKernels:
+    return CpuKernels(build(tmp_path_factory.mktemp("kernels")))
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
@@ -54,21 +60,21 @@ def test_auto_keeps_a_4bit_copy_only_of_weights_on_a_4bit_grid() -> None:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_small_steps_use_the_4bit_weights_and_big_steps_the_original(bias: bool) -> None:
+def test_small_steps_use_the_4bit_weights_and_big_steps_the_original(kernels, bias: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(OUT, IN, generator=gen)
     b = torch.randn(OUT, generator=gen) if bias else None
     lin = _linear(weight, b)
     assert lin.quantize_int4(only_if_exact=False)  # "always": round to nearest
-    lin.prepare(torch.float32, max_tokens=4)
+    lin.prepare(torch.float32, max_tokens=4, kernels=kernels)
     small, big = torch.randn(4, IN, generator=gen), torch.randn(5, IN, generator=gen)
     assert torch.allclose(lin(small), F.linear(small, _dequantized(weight), b), atol=1e-4)
-    assert torch.allclose(lin(big), F.linear(big, weight, b), atol=1e-5)
+    assert torch.allclose(lin(big), F.linear(big, weight, b), atol=1e-4)
     assert not torch.allclose(lin(small), F.linear(small, weight, b), atol=1e-3)  # the copy really is 4-bit
     assert lin(torch.empty(0, IN)).shape == (0, OUT)  # a step whose chunk samples nothing
 
 
-def test_4bit_grid_weights_give_the_same_result_on_both_paths() -> None:
+def test_4bit_grid_weights_give_the_same_result_on_both_paths(kernels) -> None:
     """On a Q4_1 checkpoint the 4-bit copy is exact: the two paths agree to float rounding, in float32 and bf16."""
     gen = torch.Generator().manual_seed(2)
     weight = _on_grid(gen)
@@ -77,7 +83,8 @@ def test_4bit_grid_weights_give_the_same_result_on_both_paths() -> None:
         lin = _linear(weight)
         assert lin.quantize_int4(only_if_exact=True)
         lin.to(dtype)
-        lin.prepare(dtype, max_tokens=3)
+        lin.prepare(dtype, max_tokens=3, kernels=kernels)
+        assert lin.int4_max_tokens == 3
         ref = F.linear(x, weight)  # float32, the checkpoint's values
         assert (lin(x.to(dtype)).float() - ref).abs().max().item() < tol * ref.abs().max().item()
 
@@ -91,11 +98,6 @@ def test_without_a_copy_every_step_uses_the_original_weights() -> None:
     x = torch.randn(2, IN, generator=gen)
     assert torch.equal(lin(x), F.linear(x, weight))
     assert lin(torch.empty(0, IN)).shape == (0, OUT)
-
-
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory) -> CpuKernels:
-    return CpuKernels(build(tmp_path_factory.mktemp("kernels")))
 
 
 @pytest.mark.parametrize("rows", [0, 1, 40])  # 40: rows spread over threads
@@ -152,13 +154,44 @@ def test_auto_keeps_an_8bit_copy_of_weights_on_an_8bit_grid_and_runs_it_for_two_
                 assert (out - ref).abs().max().item() <= tol * max(ref.abs().max().item(), 1.0)
 
 
-def test_an_8bit_copy_is_dropped_without_the_cpu_kernels() -> None:
-    lin = _linear(_on_int8_grid(torch.Generator().manual_seed(5)))
-    assert lin.quantize("auto") == "int8"
+@pytest.mark.parametrize("grid", ["int4", "int8"])
+def test_a_low_bit_copy_is_dropped_without_the_cpu_kernels(grid: str) -> None:
+    gen = torch.Generator().manual_seed(5)
+    lin = _linear(_on_grid(gen) if grid == "int4" else _on_int8_grid(gen))
+    assert lin.quantize("auto") == grid
     lin.prepare(torch.float32, max_tokens=4, kernels=None)
-    assert lin._int8 is None and lin.quantized_bytes() == 0
+    assert lin._int4 is None and lin._int8 is None and lin.quantized_bytes() == 0
     x = torch.randn(1, IN)
     assert torch.equal(lin(x), F.linear(x, lin.weight))
+
+
+@pytest.mark.parametrize("out_f, in_f", [(48, 128), (100, 64), (49, 96), (7, 32)])  # whole and partial panels
+def test_packed_float32_kernel_equals_linear_for_any_rows(kernels, out_f: int, in_f: int) -> None:
+    gen = torch.Generator().manual_seed(out_f)
+    weight = torch.randn(out_f, in_f, generator=gen)
+    bias = torch.randn(out_f, generator=gen)
+    lin = _linear(weight, bias)
+    lin.prepare(torch.float32, kernels=kernels)
+    assert lin._panels is not None and lin.weight.numel() == 0  # the packed copy replaced the weight
+    for rows in (0, 1, 3, 8, 9, 13, 64, 65, 130):  # tiles of 8 rows, chunks of 64, remainders
+        x = torch.randn(rows, in_f, generator=gen)
+        out = lin(x)
+        assert out.shape == (rows, out_f)
+        torch.testing.assert_close(out, F.linear(x.double(), weight.double(), bias.double()).float(),
+                                   atol=1e-4, rtol=1e-5)
+    # The kernel reads the panels as laid out: a weight whose every output differs is not confused.
+    ramp = torch.arange(out_f * in_f, dtype=torch.float32).view(out_f, in_f) / (out_f * in_f)
+    x = torch.randn(5, in_f, generator=gen)
+    torch.testing.assert_close(kernels.gemm(x, pack_gemm_weight(ramp), out_f), x @ ramp.T, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_weights_are_not_packed_for_the_float32_kernel(kernels) -> None:
+    weight = torch.randn(OUT, IN)
+    lin = _linear(weight).to(torch.bfloat16)
+    lin.prepare(torch.bfloat16, kernels=kernels)
+    assert lin._panels is None
+    x = torch.randn(3, IN).bfloat16()
+    torch.testing.assert_close(lin(x).float(), F.linear(x, weight.bfloat16()).float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 64])  # 64 x 1536: spread over threads
@@ -174,3 +207,26 @@ def test_silu_mul_kernel_equals_torch(kernels, rows, dtype) -> None:
     assert out.dtype == dtype and out.shape == (rows, inter)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("in_f", [32, 96, 576])  # groups: one, an odd number, the default model's 18
+def test_int4_kernel_equals_a_matmul_with_the_dequantized_weight(kernels, in_f: int) -> None:
+    gen = torch.Generator().manual_seed(in_f)
+    out_f = 37
+    q = torch.randint(0, INT4_LEVELS + 1, (out_f, in_f), generator=gen)
+    step = torch.rand(out_f, in_f // INT4_GROUP, generator=gen) * 0.01
+    lo = -torch.rand(out_f, in_f // INT4_GROUP, generator=gen) * 0.05
+    weight = (q.view(out_f, -1, INT4_GROUP) * step[..., None] + lo[..., None]).view(out_f, in_f)
+    halves = q.to(torch.uint8).view(out_f, in_f // INT4_GROUP, 2, INT4_GROUP // 2)
+    packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).contiguous()
+    scales = torch.stack([step, lo], -1).contiguous()
+    for rows in range(0, 9):  # every row count the kernel is built for
+        x = torch.randn(rows, in_f, generator=gen)
+        ref = F.linear(x.double(), weight.double()).float()
+        torch.testing.assert_close(kernels.int4_matmul(x, packed, scales), ref, atol=1e-5, rtol=1e-5)
+        out = kernels.int4_matmul(x.bfloat16(), packed, scales)
+        assert out.dtype == torch.bfloat16
+        ref16 = F.linear(x.bfloat16().double(), weight.double()).float()
+        torch.testing.assert_close(out.float(), ref16, atol=2e-2, rtol=2e-2)
+    with pytest.raises(RuntimeError, match="refused its arguments"):  # more rows than the kernel takes
+        kernels.int4_matmul(torch.randn(9, in_f), packed, scales)

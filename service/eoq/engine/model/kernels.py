@@ -83,6 +83,8 @@ def _entry(lib: ctypes.CDLL, name: str, argtypes: list) -> Callable[..., None]:
 
     def call(*args) -> None:
         rc = fn(*args)
+        if rc:
+            raise RuntimeError(f"eoq's CPU kernel {name} refused its arguments (code {rc})")
 
     return call
 
@@ -98,6 +100,8 @@ class CpuKernels:
         self._rope = _entry(lib, "eoq_rope_and_store", [dt, p, p, p, p, p, p, p, p] + [i64] * 5)
         self._silu_mul = _entry(lib, "eoq_silu_mul", [dt, p, p, i64, i64])
         self._int8 = _entry(lib, "eoq_int8_matmul", [dt, p, p, p, p, i64, i64, i64])
+        self._int4 = _entry(lib, "eoq_int4_matmul", [dt, p, p, p, p, i64, i64, i64])
+        self._gemm = _entry(lib, "eoq_gemm_f32", [p, p, p, i64, i64, i64])
 
     @staticmethod
     def supports(device: torch.device, dtype: torch.dtype) -> bool:
@@ -148,6 +152,25 @@ class CpuKernels:
                    in_f, weight.shape[0])
         return out
 
+    def int4_matmul(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x (rows <= 8, in) @ W^T with W 4-bit in groups of 32 inputs: ``q`` uint8 (out, in / 32, 16) holding
+        q[i] | q[i + 16] << 4, ``scales`` float32 (out, in / 32, 2) = (step, min), w = step * q + min; returned in
+        x's dtype (``csrc/int4_matmul.cpp``)."""
+        x = x.contiguous()
+        rows, in_f = x.shape
+        out = torch.empty(rows, q.shape[0], dtype=x.dtype)
+        self._int4(_DTYPES[x.dtype], x.data_ptr(), q.data_ptr(), scales.data_ptr(), out.data_ptr(), rows, in_f,
+                   q.shape[0])
+        return out
+
+    def gemm(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+        """x (rows, in) float32 @ W^T for W packed by ``pack_gemm_weight`` (``csrc/gemm.cpp``)."""
+        x = x.contiguous()
+        rows, in_f = x.shape
+        out = torch.empty(rows, out_features, dtype=torch.float32)
+        self._gemm(x.data_ptr(), packed.data_ptr(), out.data_ptr(), rows, out_features, in_f)
+        return out
+
     def paged_decode_attention(
         self,
         q: torch.Tensor,  # (D, nh, hd); heads contiguous, any stride between sequences
@@ -167,6 +190,22 @@ class CpuKernels:
                      block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(), D, nh, nkv, hd, bs,
                      num_blocks, block_tables.numel() // max(D, 1), hd**-0.5)
         return out
+
+
+GEMM_LANES = 16  # output features per panel of a packed float32 weight
+
+
+def pack_gemm_weight(w: torch.Tensor) -> torch.Tensor:
+    """W (out, in) float32 as ``CpuKernels.gemm`` reads it: panels of 16 outputs, (ceil(out / 16), in, 16), the
+    last padded with zeros; 64-byte aligned (a fresh tensor)."""
+    out_f, in_f = w.shape
+    panels = -(-out_f // GEMM_LANES)
+    padded = torch.zeros(panels * GEMM_LANES, in_f, dtype=torch.float32)
+    padded[:out_f] = w
+    packed = padded.view(panels, GEMM_LANES, in_f).transpose(1, 2).contiguous()
+    if packed.data_ptr() % 64:  # torch's CPU allocator aligns to 64 bytes; never rely on it silently
+        raise RuntimeError("the packed weight is not 64-byte aligned")
+    return packed
 
 
 def load_cpu_kernels(cache_dir: Path) -> CpuKernels | None:

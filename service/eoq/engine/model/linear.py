@@ -1,17 +1,22 @@
 """Linear layers and norms shared by the decoder families.
 
-``Linear.prepare`` chooses the matmul once, at load: on a CPU in bfloat16 the weight is re-laid out for
-oneDNN (the layout inductor's weight-packing pass uses), which streams the weights ~1.5x faster than
-``F.linear`` on this kind of machine (measured: 10.3 ms vs 16.0 ms for all of SmolLM2-135M's weights at
-batch 1). Everywhere else ``F.linear`` is used.
+``Linear.prepare`` chooses the matmul once, at load:
+- CPU, float32 (CPUs without fast bfloat16), with eoq's kernels: the weight is re-laid out in panels of 16
+  outputs for ``csrc/gemm.cpp``; the BLAS path of ``F.linear`` ran the rows of a decode step at 40-80 GFLOP/s on
+  such a machine (measured, all of SmolLM2-135M's layers at 32 rows: 87-92 ms; packed kernel 24 ms);
+- CPU, bfloat16: the weight is re-laid out for oneDNN (the layout inductor's weight-packing pass uses), which
+  streams the weights ~1.5x faster than ``F.linear`` (measured on an AVX-512 BF16 CPU: 10.3 ms vs 16.0 ms for
+  all of SmolLM2-135M's weights at batch 1);
+- everywhere else ``F.linear``.
 
 ``Linear.quantize`` (CPU) adds a low-bit copy of the weight for the steps that carry few tokens: at batch 1 a
-matmul is a pass over the weights, and fewer bytes are a faster pass.
-- 4-bit, groups of 32 input features each with its own step and minimum (a GGUF's Q4_1), run by torch's int4
-  kernel: measured on the default model, all layers at 1 token 5.0 ms vs 15.7 ms packed bf16; level at 8
-  tokens, bf16 2x faster at 32;
-- 8-bit, symmetric, groups of 32 each with a scale (a GGUF's Q8_0), run by eoq's CPU kernel: the default
-  model's LM head at 1 token 2.2 ms vs 3.3 ms bf16, level at 2 tokens.
+matmul is a pass over the weights, and fewer bytes are a faster pass. Both are run by eoq's CPU kernels (without
+them no copy is kept):
+- 4-bit, groups of 32 input features each with its own step and minimum (a GGUF's Q4_1): measured on the default
+  model in float32 on a 2-core AVX-512 CPU, all layers at 1 token 4.0 ms vs 7.2 ms for the packed float32 kernel,
+  level at 2-3 tokens;
+- 8-bit, symmetric, groups of 32 each with a scale (a GGUF's Q8_0): the default model's LM head at 1 token 2.2 ms
+  vs 3.3 ms bf16 (AVX-512 BF16 CPU), 2.8 vs 4.5 ms float32 (AVX-512 CPU), level at 2-3 tokens.
 By default a copy is made only of weights that already lie on such a grid (the checkpoint is low-bit), so it
 holds the checkpoint's own values; ``int4`` rounds every weight to 4 bits (lossy).
 """
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eoq.engine.model.kernels import CpuKernels
+from eoq.engine.model.kernels import CpuKernels, pack_gemm_weight
 
 INT4_GROUP = 32  # input features that share one step and minimum (Q4_1's block)
 INT4_LEVELS = 15  # 4 bits: values lo + q * step, q in 0..15
@@ -43,9 +48,10 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self._packed: torch.Tensor | None = None
-        self._int4: torch.Tensor | None = None  # packed 4-bit weight for steps of <= int4_max_tokens rows
-        self._int4_scales: torch.Tensor | None = None  # (in / group, out, 2): step and the value of q = 8
+        self._packed: torch.Tensor | None = None  # the weight re-laid out for oneDNN (bfloat16)
+        self._panels: torch.Tensor | None = None  # the weight re-laid out for eoq's float32 kernel
+        self._int4: torch.Tensor | None = None  # (out, in / group, 16) uint8, two 4-bit values a byte
+        self._int4_scales: torch.Tensor | None = None  # (out, in / group, 2) float32: step and minimum
         self.int4_max_tokens = -1  # no 4-bit path (a step may carry 0 rows to the LM head)
         self._int8: torch.Tensor | None = None  # (out, in) int8 for steps of <= int8_max_tokens rows
         self._int8_scales: torch.Tensor | None = None  # (out, in / group) float32
@@ -87,7 +93,7 @@ class Linear(nn.Module):
         """A 4-bit copy (a step and a minimum per group of 32 inputs); with ``only_if_exact`` only when it
         reproduces every weight to within 1 % of its group's step. Returns whether the copy was made."""
         w = self.weight.detach()
-        if self.in_features % INT4_GROUP or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        if self.in_features % INT4_GROUP:
             return False
         out_f, in_f = w.shape
         groups = w.float().view(out_f, in_f // INT4_GROUP, INT4_GROUP)
@@ -99,9 +105,9 @@ class Linear(nn.Module):
             err = (q * step[..., None] + lo[..., None] - groups).abs().amax(-1)
             if bool((err > 0.01 * step + 1e-6 * groups.abs().amax(-1)).any()):
                 return False
-        self._int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_f, in_f).to(torch.int32), 1)
-        # The kernel computes (q - 8) * step + zero: zero is the value at q = 8.
-        self._int4_scales = torch.stack([step, lo + 8 * step], -1).transpose(0, 1).contiguous()
+        halves = q.to(torch.uint8).view(out_f, in_f // INT4_GROUP, 2, INT4_GROUP // 2)
+        self._int4 = (halves[:, :, 0] | (halves[:, :, 1] << 4)).contiguous()  # byte i: q[i] | q[i + 16] << 4
+        self._int4_scales = torch.stack([step, lo], -1).contiguous()
         return True
 
     def quantized_bytes(self) -> int:
@@ -111,34 +117,39 @@ class Linear(nn.Module):
     def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
         """Pick the fastest matmul for the weight's device and dtype (call after weights are loaded; once).
 
-        ``max_tokens``: steps of at most this many rows use the low-bit copy, if one was made (the 8-bit one
-        needs eoq's CPU ``kernels``: without them it is dropped)."""
+        ``max_tokens``: steps of at most this many rows use the low-bit copy, if one was made (it needs eoq's
+        CPU ``kernels``: without them it is dropped)."""
+        usable = kernels is not None and kernels.supports(self.weight.device, dtype)
+        if not usable:
+            self._int4 = self._int4_scales = self._int8 = self._int8_scales = None
+        self._kernels = kernels if usable else None
         if self._int4 is not None:
-            self._int4_scales = self._int4_scales.to(dtype)  # the kernel takes them in the activations' dtype
             self.int4_max_tokens = max_tokens
-        if self._int8 is not None and (kernels is None or not kernels.supports(self.weight.device, dtype)):
-            self._int8 = self._int8_scales = None
         if self._int8 is not None:
-            self._kernels = kernels
             self.int8_max_tokens = min(max_tokens, INT8_MAX_TOKENS)
-        if self._packed is not None:
+        if self._packed is not None or self._panels is not None:
             return
         w = self.weight
-        if w.device.type == "cpu" and w.dtype == torch.bfloat16 and _onednn_packing_available():
+        if usable and w.dtype == torch.float32:
+            self._panels = pack_gemm_weight(w.data)
+            self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)  # as below
+        elif w.device.type == "cpu" and w.dtype == torch.bfloat16 and _onednn_packing_available():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)
             # The packed copy is the weight now: keep one copy in memory (a tied embedding keeps its own).
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in_features)
         if x.shape[0] <= self.int4_max_tokens:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self._int4, INT4_GROUP, self._int4_scales)
-            return y if self.bias is None else y + self.bias
-        if x.shape[0] <= self.int8_max_tokens:
+            y = self._kernels.int4_matmul(x, self._int4, self._int4_scales)
+        elif x.shape[0] <= self.int8_max_tokens:
             y = self._kernels.int8_matmul(x, self._int8, self._int8_scales)
-            return y if self.bias is None else y + self.bias
-        if self._packed is not None:
+        elif self._panels is not None:
+            y = self._kernels.gemm(x, self._panels, self.out_features)
+        elif self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        else:
+            return F.linear(x, self.weight, self.bias)
+        return y if self.bias is None else y + self.bias
 
 
 class _Norm(nn.Module):

@@ -230,3 +230,33 @@ def test_int4_kernel_equals_a_matmul_with_the_dequantized_weight(kernels, in_f: 
         torch.testing.assert_close(out.float(), ref16, atol=2e-2, rtol=2e-2)
     with pytest.raises(RuntimeError, match="refused its arguments"):  # more rows than the kernel takes
         kernels.int4_matmul(torch.randn(9, in_f), packed, scales)
+
+
+@pytest.mark.parametrize("grid", ["int4", "int8"])
+def test_an_exact_low_bit_copy_runs_every_step_in_float32_in_place_of_the_weight(kernels, grid: str) -> None:
+    """On a low-bit checkpoint the float32 weight is not kept: big steps run the same low-bit values through the
+    panel kernel (csrc/gemm.cpp), exact to float rounding."""
+    gen = torch.Generator().manual_seed(6)
+    weight = _on_grid(gen) if grid == "int4" else _on_int8_grid(gen)
+    b = torch.randn(OUT, generator=gen)
+    lin = _linear(weight, b)
+    assert lin.quantize("auto") == grid
+    lin.prepare(torch.float32, max_tokens=2, kernels=kernels)
+    assert lin._lowbit_panels is not None and lin._lowbit_panels.bits == (4 if grid == "int4" else 8)
+    assert lin.weight.numel() == 0 and lin._panels is None
+    for rows in (0, 1, 3, 8, 9, 70):  # the row kernels, then the panel kernel's tiles and chunks
+        x = torch.randn(rows, IN, generator=gen)
+        ref = F.linear(x.double(), weight.double(), b.double()).float()
+        torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_a_rounded_4bit_copy_leaves_big_steps_to_the_original_weight(kernels) -> None:
+    """``int4`` (lossy) keeps the float32 weight for the steps above the limit: only small steps are rounded."""
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(OUT, IN, generator=gen)
+    lin = _linear(weight)
+    assert lin.quantize("int4") == "int4"
+    lin.prepare(torch.float32, max_tokens=2, kernels=kernels)
+    assert lin._lowbit_panels is None and lin._panels is not None
+    x = torch.randn(9, IN, generator=gen)
+    torch.testing.assert_close(lin(x), F.linear(x, weight), atol=1e-4, rtol=1e-5)

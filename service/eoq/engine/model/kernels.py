@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -102,6 +103,7 @@ class CpuKernels:
         self._int8 = _entry(lib, "eoq_int8_matmul", [dt, p, p, p, p, i64, i64, i64])
         self._int4 = _entry(lib, "eoq_int4_matmul", [dt, p, p, p, p, i64, i64, i64])
         self._gemm = _entry(lib, "eoq_gemm_f32", [p, p, p, i64, i64, i64])
+        self._gemm_lowbit = {bits: _entry(lib, f"eoq_gemm_q{bits}", [p, p, p, p, i64, i64, i64]) for bits in (4, 8)}
 
     @staticmethod
     def supports(device: torch.device, dtype: torch.dtype) -> bool:
@@ -171,6 +173,16 @@ class CpuKernels:
         self._gemm(x.data_ptr(), packed.data_ptr(), out.data_ptr(), rows, out_features, in_f)
         return out
 
+    def gemm_lowbit(self, x: torch.Tensor, panels: LowBitPanels, out_features: int) -> torch.Tensor:
+        """x (rows, in) float32 @ W^T for a 4- or 8-bit W packed by ``pack_int4_panels`` / ``pack_int8_panels``
+        (``csrc/gemm.cpp``)."""
+        x = x.contiguous()
+        rows, in_f = x.shape
+        out = torch.empty(rows, out_features, dtype=torch.float32)
+        self._gemm_lowbit[panels.bits](x.data_ptr(), panels.values.data_ptr(), panels.scales.data_ptr(),
+                                       out.data_ptr(), rows, out_features, in_f)
+        return out
+
     def paged_decode_attention(
         self,
         q: torch.Tensor,  # (D, nh, hd); heads contiguous, any stride between sequences
@@ -206,6 +218,44 @@ def pack_gemm_weight(w: torch.Tensor) -> torch.Tensor:
     if packed.data_ptr() % 64:  # torch's CPU allocator aligns to 64 bytes; never rely on it silently
         raise RuntimeError("the packed weight is not 64-byte aligned")
     return packed
+
+
+@dataclass(frozen=True, slots=True)
+class LowBitPanels:
+    """A 4- or 8-bit weight in panels of 16 outputs for ``CpuKernels.gemm_lowbit``."""
+
+    bits: int
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.values, self.scales))
+
+
+def _padded_rows(t: torch.Tensor) -> torch.Tensor:
+    """t (out, ...) with zero rows added up to a multiple of 16, viewed as (panels, 16, ...)."""
+    panels = -(-t.shape[0] // GEMM_LANES)
+    padded = torch.zeros(panels * GEMM_LANES, *t.shape[1:], dtype=t.dtype)
+    padded[: t.shape[0]] = t
+    return padded.view(panels, GEMM_LANES, *t.shape[1:])
+
+
+def pack_int4_panels(q: torch.Tensor, step: torch.Tensor, lo: torch.Tensor) -> LowBitPanels:
+    """A 4-bit weight (``q`` (out, in) in 0..15, ``step`` and ``lo`` (out, in / 32): w = step * q + lo): values
+    uint8 (ceil(out / 16), in / 2, 16) with inputs 2i and 2i + 1 in the low and high nibble, scales float32
+    (ceil(out / 16), in / 32, 2, 16) = each group's steps then minimums; padded outputs are 0."""
+    pairs = _padded_rows(q.to(torch.uint8)).unflatten(2, (-1, 2))  # (panels, 16, in / 2, 2)
+    values = (pairs[..., 0] | (pairs[..., 1] << 4)).transpose(1, 2).contiguous()
+    scales = _padded_rows(torch.stack([step, lo], -1).float()).permute(0, 2, 3, 1).contiguous()
+    return LowBitPanels(4, values, scales)
+
+
+def pack_int8_panels(q: torch.Tensor, scale: torch.Tensor) -> LowBitPanels:
+    """An 8-bit weight (``q`` (out, in) int8, ``scale`` (out, in / 32): w = scale * q): values int8
+    (ceil(out / 16), in, 16), scales float32 (ceil(out / 16), in / 32, 16); padded outputs are 0."""
+    values = _padded_rows(q.to(torch.int8)).transpose(1, 2).contiguous()
+    scales = _padded_rows(scale.float()).transpose(1, 2).contiguous()
+    return LowBitPanels(8, values, scales)
 
 
 def load_cpu_kernels(cache_dir: Path) -> CpuKernels | None:

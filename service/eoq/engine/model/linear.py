@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eoq.engine.model.kernels import CpuKernels, pack_gemm_weight
+from eoq.engine.model.kernels import CpuKernels, LowBitPanels, pack_gemm_weight, pack_int4_panels, pack_int8_panels
 
 INT4_GROUP = 32  # input features that share one step and minimum (Q4_1's block)
 INT4_LEVELS = 15  # 4 bits: values lo + q * step, q in 0..15
@@ -53,6 +53,9 @@ class Linear(nn.Module):
         self._int4: torch.Tensor | None = None  # (out, in / group, 16) uint8, two 4-bit values a byte
         self._int4_scales: torch.Tensor | None = None  # (out, in / group, 2) float32: step and minimum
         self.int4_max_tokens = -1  # no 4-bit path (a step may carry 0 rows to the LM head)
+        # An exact low-bit copy in panels for eoq's float32 kernel (csrc/gemm.cpp), which then runs every other
+        # step too, in place of the float32 weight.
+        self._lowbit_panels: LowBitPanels | None = None
         self._int8: torch.Tensor | None = None  # (out, in) int8 for steps of <= int8_max_tokens rows
         self._int8_scales: torch.Tensor | None = None  # (out, in / group) float32
         self.int8_max_tokens = -1
@@ -87,6 +90,8 @@ class Linear(nn.Module):
                 return False
         self._int8 = q.to(torch.int8).view(out_f, in_f).contiguous()
         self._int8_scales = scale.contiguous()
+        if only_if_exact:
+            self._lowbit_panels = pack_int8_panels(self._int8, scale)
         return True
 
     def quantize_int4(self, only_if_exact: bool) -> bool:
@@ -105,14 +110,18 @@ class Linear(nn.Module):
             err = (q * step[..., None] + lo[..., None] - groups).abs().amax(-1)
             if bool((err > 0.01 * step + 1e-6 * groups.abs().amax(-1)).any()):
                 return False
-        halves = q.to(torch.uint8).view(out_f, in_f // INT4_GROUP, 2, INT4_GROUP // 2)
+        q = q.to(torch.uint8).view(out_f, in_f)
+        halves = q.view(out_f, in_f // INT4_GROUP, 2, INT4_GROUP // 2)
         self._int4 = (halves[:, :, 0] | (halves[:, :, 1] << 4)).contiguous()  # byte i: q[i] | q[i + 16] << 4
         self._int4_scales = torch.stack([step, lo], -1).contiguous()
+        if only_if_exact:
+            self._lowbit_panels = pack_int4_panels(q, step, lo)
         return True
 
     def quantized_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self._int4, self._int4_scales, self._int8,
-                                                            self._int8_scales) if t is not None)
+        copies = sum(t.numel() * t.element_size() for t in (self._int4, self._int4_scales, self._int8,
+                                                              self._int8_scales) if t is not None)
+        return copies + (self._lowbit_panels.nbytes() if self._lowbit_panels is not None else 0)
 
     def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
         """Pick the fastest matmul for the weight's device and dtype (call after weights are loaded; once).
@@ -122,15 +131,19 @@ class Linear(nn.Module):
         usable = kernels is not None and kernels.supports(self.weight.device, dtype)
         if not usable:
             self._int4 = self._int4_scales = self._int8 = self._int8_scales = None
+        if not usable or dtype != torch.float32:
+            self._lowbit_panels = None
         self._kernels = kernels if usable else None
         if self._int4 is not None:
             self.int4_max_tokens = max_tokens
         if self._int8 is not None:
             self.int8_max_tokens = min(max_tokens, INT8_MAX_TOKENS)
-        if self._packed is not None or self._panels is not None:
+        if self._packed is not None or self._panels is not None or self.weight.numel() == 0:
             return
         w = self.weight
-        if usable and w.dtype == torch.float32:
+        if self._lowbit_panels is not None:  # the exact low-bit copy serves every step: no float32 copy
+            self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
+        elif usable and w.dtype == torch.float32:
             self._panels = pack_gemm_weight(w.data)
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)  # as below
         elif w.device.type == "cpu" and w.dtype == torch.bfloat16 and _onednn_packing_available():
@@ -143,6 +156,8 @@ class Linear(nn.Module):
             y = self._kernels.int4_matmul(x, self._int4, self._int4_scales)
         elif x.shape[0] <= self.int8_max_tokens:
             y = self._kernels.int8_matmul(x, self._int8, self._int8_scales)
+        elif self._lowbit_panels is not None:
+            y = self._kernels.gemm_lowbit(x, self._lowbit_panels, self.out_features)
         elif self._panels is not None:
             y = self._kernels.gemm(x, self._panels, self.out_features)
         elif self._packed is not None:

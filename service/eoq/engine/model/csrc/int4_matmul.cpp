@@ -22,6 +22,7 @@ using eoq::store;
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kMaxRows = 8;
+constexpr int64_t kAhead = 4;  // outputs to prefetch ahead
 
 // One output feature at a time: the low and high halves of a group go to separate accumulators, and with one or
 // two rows consecutive groups alternate between two sets, so the FMAs do not wait on each other.
@@ -40,6 +41,12 @@ void int4_rows(const float* xf, const uint8_t* q, const float* scales, float* ou
 #pragma GCC unroll 8
             for (int r = 0; r < R; ++r) acc[s][0][r] = acc[s][1][r] = _mm512_setzero_ps();
         const __m512i low = _mm512_set1_epi32(0xf);
+        if (o + kAhead < out_f) {  // a few outputs ahead: the weights stream from memory at one token a step
+            for (int64_t b = 0; b < ng * (kGroup / 2); b += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(qo + kAhead * ng * (kGroup / 2) + b), _MM_HINT_T0);
+            for (int64_t b = 0; b < ng * 2; b += 16)
+                _mm_prefetch(reinterpret_cast<const char*>(so + kAhead * ng * 2 + b), _MM_HINT_T0);
+        }
         auto group = [&](int64_t g, __m512(&a)[2][R]) {
             const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qo + g * 16)));
             const __m512 step = _mm512_set1_ps(so[2 * g]);

@@ -13,7 +13,7 @@ using eoq::store;
 
 template <typename T>
 void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter) {
-#pragma omp parallel for if (rows * inter >= 65536)
+#pragma omp parallel for if (rows * inter >= 16384)
     for (int64_t r = 0; r < rows; ++r) {
         const T* g = gate_up + r * 2 * inter;
         const T* u = g + inter;

@@ -105,3 +105,11 @@ def merge(outs: list[RequestOutput]) -> RequestOutput:
 
 
 __all__ = ["FinishReason", "generate", "make_core", "merge", "run_to_end"]
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels_lib(tmp_path_factory):
+    """eoq's CPU kernels, built once for the session into a temporary folder."""
+    from eoq.engine.model.kernels import CpuKernels, build
+
+    return CpuKernels(build(tmp_path_factory.mktemp("kernels")))

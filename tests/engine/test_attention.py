@@ -11,15 +11,14 @@ import torch
 
 from eoq.engine.model import attention
 from eoq.engine.model.attention import AttentionMetadata, paged_attention
-from eoq.engine.model.kernels import CpuKernels, build
 
 NKV, GROUP, HD, BS, NUM_BLOCKS = 2, 3, 16, 4, 400
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    """The C++ kernel, built here from its source into a fresh folder (the machine's compiler must build it)."""
-    return CpuKernels(build(tmp_path_factory.mktemp("kernels"))).paged_decode_attention
+def kernel(cpu_kernels_lib):
+    """The C++ kernel, built from its source into a fresh folder (the machine's compiler must build it)."""
+    return cpu_kernels_lib.paged_decode_attention
 
 
 def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -94,6 +93,34 @@ def test_kernel_in_bfloat16_over_long_contexts(kernel, group: int) -> None:
         probs = torch.softmax((q[i].float().unsqueeze(1) @ keys.transpose(1, 2)).squeeze(1) / hd**0.5, dim=-1)
         ref = (probs.unsqueeze(1) @ values).squeeze(1)  # (nh, hd)
         torch.testing.assert_close(out[i].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("hd", [32, 64, 128, 80])  # the vectorized head sizes, and one taking the plain loop
+def test_kernel_in_float32_for_each_head_size(kernel, hd: int) -> None:
+    """float32, blocks of 16: contexts of one token, part of a block, whole blocks and many blocks (the vectorized
+    scoring takes 16 keys at a time and must ignore a block's unused slots, filled here with huge values)."""
+    gen = torch.Generator().manual_seed(hd)
+    nh, bs, num_blocks = NKV * GROUP, 16, 200
+    k_cache = torch.randn(NKV, num_blocks, bs, hd, generator=gen)
+    v_cache = torch.randn(NKV, num_blocks, bs, hd, generator=gen)
+    lengths = [1, 15, 16, 17, 100, 333]
+    width = -(-max(lengths) // bs)
+    blocks = torch.randperm(num_blocks, generator=gen)
+    tables = [blocks[i * 30 : i * 30 + -(-n // bs)].tolist() for i, n in enumerate(lengths)]
+    for n, table in zip(lengths, tables):  # slots past the context: stale data must not leak in
+        if n % bs:
+            k_cache[:, table[-1], n % bs :] = 1e30
+            v_cache[:, table[-1], n % bs :] = 1e30
+    q = torch.randn(len(lengths), nh, hd, generator=gen)
+    out = kernel(q, k_cache, v_cache, torch.tensor([b for t in tables for b in t + [0] * (width - len(t))]),
+                 torch.tensor(lengths))
+    kv_head = torch.arange(nh) // GROUP
+    for i, (n, table) in enumerate(zip(lengths, tables)):
+        keys = k_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n]  # (nh, n, hd)
+        values = v_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n]
+        probs = torch.softmax((q[i].unsqueeze(1) @ keys.transpose(1, 2)).squeeze(1) / hd**0.5, dim=-1)
+        ref = (probs.unsqueeze(1) @ values).squeeze(1)  # (nh, hd)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_without_a_compiler_the_engine_falls_back_to_torch(monkeypatch, tmp_path, caplog) -> None:

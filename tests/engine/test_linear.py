@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eoq.engine.model.kernels import CpuKernels, build, pack_gemm_weight
+from eoq.engine.model.kernels import CpuKernels, pack_gemm_weight
 from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, INT8_GROUP, INT8_MAX_TOKENS, Linear, RMSNorm
 
 IN, OUT = 4 * INT4_GROUP, 48
 
 
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory) -> CpuKernels:
-    return CpuKernels(build(tmp_path_factory.mktemp("kernels")))
+def kernels(cpu_kernels_lib) -> CpuKernels:
+    return cpu_kernels_lib
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
@@ -220,7 +220,7 @@ def test_int4_kernel_equals_a_matmul_with_the_dequantized_weight(kernels, in_f: 
     halves = q.to(torch.uint8).view(out_f, in_f // INT4_GROUP, 2, INT4_GROUP // 2)
     packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).contiguous()
     scales = torch.stack([step, lo], -1).contiguous()
-    for rows in range(0, 9):  # every row count the kernel is built for
+    for rows in range(9):  # every row count the kernel is built for
         x = torch.randn(rows, in_f, generator=gen)
         ref = F.linear(x.double(), weight.double()).float()
         torch.testing.assert_close(kernels.int4_matmul(x, packed, scales), ref, atol=1e-5, rtol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from eoq.engine.sampler import Sampler, SamplingBatch, apply_repetition_penalty, apply_top_k_top_p
@@ -43,8 +44,9 @@ def test_repetition_penalty_matches_transformers():
     assert torch.allclose(ours, torch.cat([ref0, ref1]))
 
 
-def test_greedy_rows_take_the_argmax_and_sampled_rows_follow_their_distribution():
-    sampler = Sampler(CPU, seed=0)
+@pytest.mark.parametrize("with_kernels", [False, True])
+def test_greedy_rows_take_the_argmax_and_sampled_rows_follow_their_distribution(request, with_kernels):
+    sampler = Sampler(CPU, seed=0, kernels=request.getfixturevalue("cpu_kernels_lib") if with_kernels else None)
     probs = torch.tensor([0.1, 0.6, 0.3])
     logits = probs.log().repeat(2, 1)
     params = [SamplingParams(), SamplingParams(temperature=1.0)]
@@ -71,3 +73,18 @@ def test_seeded_row_ignores_its_neighbours():
         return [sampler(logits, SamplingBatch.build(params, [], gens, CPU))[row].item() for _ in range(20)]
 
     assert draw(1, 0) == draw(5, 3) == draw(8, 7)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 100, 49152])
+def test_argmax_kernel_takes_the_first_of_equal_maxima(cpu_kernels_lib, n):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(40, n, generator=gen)  # 40 rows x 49152: spread over threads
+    x[1] = float("-inf")
+    x[2, n // 2] = x[2, n - 1] = x[2].max() + 1  # a tie: the first wins
+    x[3] = 7.0  # all equal
+    if n > 1:
+        x[4, -1] = 1e30  # the last element, past the vectorized part
+    out = cpu_kernels_lib.argmax(x)
+    assert out.dtype == torch.int64
+    assert torch.equal(out, x.argmax(dim=-1))
+    assert out[2].item() == n // 2 and out[3].item() == 0

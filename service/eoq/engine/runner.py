@@ -35,7 +35,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(spec.num_layers, 2, spec.num_kv_heads, num_blocks, block_size, spec.head_dim,
                                     dtype=dtype, device=device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_layers)]
-        self.sampler = Sampler(device, seed)
+        self.sampler = Sampler(device, seed, kernels)
         self._generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()

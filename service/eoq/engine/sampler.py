@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eoq.engine.model.kernels import CpuKernels
 from eoq.engine.types import SamplingParams
 
 
@@ -48,23 +49,26 @@ class SamplingBatch:
         return cls(temperature, top_k, top_p, penalty, seen, generators, all_greedy)
 
 
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.argmax(-1)``: the same indices (the first of equal maxima), but ``max`` is ~2.5x faster on a CPU
-    (measured: 0.45 ms vs 1.2 ms for 32 x 49152 float32 logits)."""
-    return x.max(dim=-1).indices
-
-
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, device: torch.device, seed: int = 0, kernels: CpuKernels | None = None) -> None:
         self.device = device
         self.shared_generator = torch.Generator(device=device)
         self.shared_generator.manual_seed(seed)
+        self.kernels = kernels
+
+    def _argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """``x.argmax(-1)``: the same indices (the first of equal maxima). eoq's CPU kernel takes float32 rows
+        (measured: 0.85 ms with torch for 32 x 49152 logits on 2 cores); elsewhere ``max``, ~2.5x faster than
+        ``argmax`` on a CPU (0.45 ms vs 1.2 ms)."""
+        if self.kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[1]:
+            return self.kernels.argmax(x)
+        return x.max(dim=-1).indices
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits (S, V) float32 -> next token ids (S,) int64."""
         if batch.repetition_penalty is not None:
             logits = apply_repetition_penalty(logits, batch.repetition_penalty, batch.seen_token_ids)
-        greedy = _argmax(logits)  # (S,)
+        greedy = self._argmax(logits)  # (S,)
         if batch.all_greedy:
             return greedy
         t = batch.temperature
@@ -72,7 +76,7 @@ class Sampler:
         if batch.top_k is not None or batch.top_p is not None:
             logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
         probs = logits.softmax(dim=-1)  # (S, V)
-        sampled = _argmax(probs / self._exponential_noise(probs.shape, batch.generators))  # (S,)
+        sampled = self._argmax(probs / self._exponential_noise(probs.shape, batch.generators))  # (S,)
         return torch.where(t > 0, sampled, greedy)
 
     def _exponential_noise(self, shape: torch.Size, generators: list[torch.Generator | None]) -> torch.Tensor:

@@ -103,6 +103,7 @@ class CpuKernels:
         self._int8 = _entry(lib, "eoq_int8_matmul", [dt, p, p, p, p, i64, i64, i64])
         self._int4 = _entry(lib, "eoq_int4_matmul", [dt, p, p, p, p, i64, i64, i64])
         self._gemm = _entry(lib, "eoq_gemm_f32", [p, p, p, i64, i64, i64])
+        self._argmax = _entry(lib, "eoq_argmax", [p, p, i64, i64])
         self._gemm_lowbit = {bits: _entry(lib, f"eoq_gemm_q{bits}", [p, p, p, p, i64, i64, i64]) for bits in (4, 8)}
 
     @staticmethod
@@ -181,6 +182,13 @@ class CpuKernels:
         out = torch.empty(rows, out_features, dtype=torch.float32)
         self._gemm_lowbit[panels.bits](x.data_ptr(), panels.values.data_ptr(), panels.scales.data_ptr(),
                                        out.data_ptr(), rows, out_features, in_f)
+        return out
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """The index of each row's first largest value, for x (rows, n) float32 (``csrc/argmax.cpp``)."""
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._argmax(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1])
         return out
 
     def paged_decode_attention(

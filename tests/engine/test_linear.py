@@ -260,3 +260,20 @@ def test_a_rounded_4bit_copy_leaves_big_steps_to_the_original_weight(kernels) ->
     assert lin._lowbit_panels is None and lin._panels is not None
     x = torch.randn(9, IN, generator=gen)
     torch.testing.assert_close(lin(x), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_f", [32, 96, 576])  # blocks: one, an odd number, the default model's 18
+def test_int8_kernel_equals_a_matmul_with_the_dequantized_weight(kernels, in_f: int) -> None:
+    gen = torch.Generator().manual_seed(in_f)
+    out_f = 37
+    q = torch.randint(-127, 128, (out_f, in_f), generator=gen, dtype=torch.int8)
+    scales = torch.rand(out_f, in_f // INT8_GROUP, generator=gen) * 1e-2
+    weight = (q.view(out_f, -1, INT8_GROUP).float() * scales[..., None]).view(out_f, in_f)
+    for rows in range(9):  # every row count the kernel is built for
+        x = torch.randn(rows, in_f, generator=gen)
+        ref = F.linear(x.double(), weight.double()).float()
+        torch.testing.assert_close(kernels.int8_matmul(x, q, scales), ref, atol=1e-5, rtol=1e-5)
+        out = kernels.int8_matmul(x.bfloat16(), q, scales)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), F.linear(x.bfloat16().double(), weight.double()).float(),
+                                   atol=2e-2, rtol=2e-2)

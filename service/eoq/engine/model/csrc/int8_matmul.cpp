@@ -20,33 +20,59 @@ using eoq::store;
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxRows = 8;
+constexpr int64_t kAhead = 4;  // outputs to prefetch ahead
 
-template <typename T>
-void int8_matmul(const T* x, const int8_t* w, const float* scales, T* y, int64_t rows, int64_t in_f, int64_t out_f) {
+// One output feature at a time, for R rows: each block's two halves go to separate sums and, with one or two rows,
+// consecutive blocks alternate between two sets, so the FMAs do not wait on each other; the weights of a few
+// outputs ahead are prefetched (at one token a step the pass over the weights streams from memory).
+template <int R>
+void int8_rows(const float* xf, const int8_t* w, const float* scales, float* out, int64_t in_f, int64_t out_f) {
     const int64_t nb = in_f / kBlock;
-    std::vector<float> xf(rows * in_f);
-    for (int64_t i = 0; i < rows * in_f; ++i) xf[i] = load(x[i]);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < out_f; ++o) {
         const int8_t* wo = w + o * in_f;
         const float* so = scales + o * nb;
-        float sums[kMaxRows];
 #if defined(__AVX512F__)
-        __m512 acc[kMaxRows];
-        for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; ++b) {
-            const __m512 s = _mm512_set1_ps(so[b]);
-            for (int64_t h = 0; h < kBlock; h += 16) {
-                const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wo + b * kBlock + h));
-                const __m512 wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s);
-                for (int64_t r = 0; r < rows; ++r)
-                    acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf.data() + r * in_f + b * kBlock + h), acc[r]);
-            }
+        if (o + kAhead < out_f) {
+            for (int64_t b = 0; b < in_f; b += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(wo + kAhead * in_f + b), _MM_HINT_T0);
+            for (int64_t b = 0; b < nb; b += 16)
+                _mm_prefetch(reinterpret_cast<const char*>(so + kAhead * nb + b), _MM_HINT_T0);
         }
-        for (int64_t r = 0; r < rows; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+        constexpr int kSets = R <= 2 ? 2 : 1;
+        __m512 acc[kSets][2][R];
+#pragma GCC unroll 2
+        for (int st = 0; st < kSets; ++st)
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) acc[st][0][r] = acc[st][1][r] = _mm512_setzero_ps();
+        auto block = [&](int64_t b, __m512(&a)[2][R]) {
+            const __m512 sc = _mm512_set1_ps(so[b]);
+            const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(wo + b * kBlock)))), sc);
+            const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                                reinterpret_cast<const __m128i*>(wo + b * kBlock + 16)))), sc);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const float* xr = xf + r * in_f + b * kBlock;
+                a[0][r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a[0][r]);
+                a[1][r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), a[1][r]);
+            }
+        };
+        int64_t b = 0;
+        for (; b + kSets <= nb; b += kSets) {
+#pragma GCC unroll 2
+            for (int st = 0; st < kSets; ++st) block(b + st, acc[st]);
+        }
+        for (; b < nb; ++b) block(b, acc[0]);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            __m512 sum = _mm512_add_ps(acc[0][0][r], acc[0][1][r]);
+            if constexpr (kSets == 2) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[1][0][r], acc[1][1][r]));
+            out[r * out_f + o] = _mm512_reduce_add_ps(sum);
+        }
 #else
-        for (int64_t r = 0; r < rows; ++r) {
-            const float* xr = xf.data() + r * in_f;
+        for (int r = 0; r < R; ++r) {
+            const float* xr = xf + r * in_f;
             float total = 0.f;
             for (int64_t b = 0; b < nb; ++b) {
                 float part = 0.f;
@@ -55,10 +81,27 @@ void int8_matmul(const T* x, const int8_t* w, const float* scales, T* y, int64_t
                     part += xr[b * kBlock + i] * static_cast<float>(wo[b * kBlock + i]);
                 total += part * so[b];
             }
-            sums[r] = total;
+            out[r * out_f + o] = total;
         }
 #endif
-        for (int64_t r = 0; r < rows; ++r) store(sums[r], y + r * out_f + o);
+    }
+}
+
+using RowsFn = void (*)(const float*, const int8_t*, const float*, float*, int64_t, int64_t);
+constexpr RowsFn kRows[kMaxRows + 1] = {nullptr,      int8_rows<1>, int8_rows<2>, int8_rows<3>, int8_rows<4>,
+                                        int8_rows<5>, int8_rows<6>, int8_rows<7>, int8_rows<8>};
+
+template <typename T>
+void int8_matmul(const T* x, const int8_t* w, const float* scales, T* y, int64_t rows, int64_t in_f, int64_t out_f) {
+    if (rows == 0) return;
+    std::vector<float> xf(rows * in_f);
+    for (int64_t i = 0; i < rows * in_f; ++i) xf[i] = load(x[i]);
+    if constexpr (sizeof(T) == sizeof(float)) {
+        kRows[rows](xf.data(), w, scales, reinterpret_cast<float*>(y), in_f, out_f);
+    } else {
+        std::vector<float> out(rows * out_f);
+        kRows[rows](xf.data(), w, scales, out.data(), in_f, out_f);
+        for (int64_t i = 0; i < rows * out_f; ++i) store(out[i], y + i);
     }
 }
 

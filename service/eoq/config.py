@@ -42,11 +42,12 @@ class Settings(BaseSettings):
         "weight rounded to 4 bits (lossy)",
     )
     quantized_max_tokens: int = Field(
-        4, description="steps of at most this many tokens use the low-bit copies (0 = never; 8-bit: at most 2)"
+        4, description="steps of at most this many tokens use the low-bit row kernels (8-bit: at most 2); in float32 "
+        "bigger steps run exact copies in panels (0 = no copies)"
     )
     cpu_kernels: bool = Field(
-        True, description="on a CPU, eoq's C++ kernels (decode attention over the paged cache, RMSNorm), compiled "
-        "for the machine at first start (~3 s, kept under <cache-dir>/kernels; without a C++ compiler torch's ops)",
+        True, description="on a CPU, eoq's C++ kernels (decode attention over the paged cache, the float32 GEMM, the "
+        "low-bit matmuls, RMSNorm, RoPE, SwiGLU, argmax), compiled for the machine at first start (3-7 s, kept under <cache-dir>/kernels; without a C++ compiler torch's ops)",
     )
     kv_cache_memory_gb: float | None = Field(
         None, description="KV cache budget in GiB (default: 1 GiB on CPU, 85% of the GPU memory free after loading on CUDA)"

@@ -1,7 +1,7 @@
 """eoq's C++ kernels for the CPU (``csrc/``), built for this machine and called through ctypes.
 
 The sources are compiled into one library by the machine's C++ compiler (``$CXX``, else ``g++``) the first time an
-engine needs them — about three seconds on two cores: they include no torch headers — with ``-march=native``, into
+engine needs them — 3 to 7 seconds on two cores: they include no torch headers — with ``-march=native``, into
 ``<cache>/kernels/`` under a name that hashes the sources, the compiler's version, the flags and the CPU, so a cache
 shared between machines never loads a build for another CPU. It links ``libgomp.so.1``, the OpenMP runtime torch has
 already loaded, so its threads are torch's threads. Without a compiler, or when the build fails, the engine uses
@@ -212,17 +212,21 @@ class CpuKernels:
         return out
 
 
-GEMM_LANES = 16  # output features per panel of a packed float32 weight
+GEMM_LANES = 16  # output features per panel of a weight packed for csrc/gemm.cpp
+
+
+def _padded_rows(t: torch.Tensor) -> torch.Tensor:
+    """t (out, ...) with zero rows added up to a multiple of 16, viewed as (panels, 16, ...)."""
+    panels = -(-t.shape[0] // GEMM_LANES)
+    padded = torch.zeros(panels * GEMM_LANES, *t.shape[1:], dtype=t.dtype)
+    padded[: t.shape[0]] = t
+    return padded.view(panels, GEMM_LANES, *t.shape[1:])
 
 
 def pack_gemm_weight(w: torch.Tensor) -> torch.Tensor:
     """W (out, in) float32 as ``CpuKernels.gemm`` reads it: panels of 16 outputs, (ceil(out / 16), in, 16), the
     last padded with zeros; 64-byte aligned (a fresh tensor)."""
-    out_f, in_f = w.shape
-    panels = -(-out_f // GEMM_LANES)
-    padded = torch.zeros(panels * GEMM_LANES, in_f, dtype=torch.float32)
-    padded[:out_f] = w
-    packed = padded.view(panels, GEMM_LANES, in_f).transpose(1, 2).contiguous()
+    packed = _padded_rows(w.float()).transpose(1, 2).contiguous()
     if packed.data_ptr() % 64:  # torch's CPU allocator aligns to 64 bytes; never rely on it silently
         raise RuntimeError("the packed weight is not 64-byte aligned")
     return packed
@@ -238,14 +242,6 @@ class LowBitPanels:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.values, self.scales))
-
-
-def _padded_rows(t: torch.Tensor) -> torch.Tensor:
-    """t (out, ...) with zero rows added up to a multiple of 16, viewed as (panels, 16, ...)."""
-    panels = -(-t.shape[0] // GEMM_LANES)
-    padded = torch.zeros(panels * GEMM_LANES, *t.shape[1:], dtype=t.dtype)
-    padded[: t.shape[0]] = t
-    return padded.view(panels, GEMM_LANES, *t.shape[1:])
 
 
 def pack_int4_panels(q: torch.Tensor, step: torch.Tensor, lo: torch.Tensor) -> LowBitPanels:

@@ -3,22 +3,25 @@
 ``Linear.prepare`` chooses the matmul once, at load:
 - CPU, float32 (CPUs without fast bfloat16), with eoq's kernels: the weight is re-laid out in panels of 16
   outputs for ``csrc/gemm.cpp``; the BLAS path of ``F.linear`` ran the rows of a decode step at 40-80 GFLOP/s on
-  such a machine (measured, all of SmolLM2-135M's layers at 32 rows: 87-92 ms; packed kernel 24 ms);
+  such a machine (measured, all of SmolLM2-135M's layers at 32 rows, weights in cache: 87-92 ms; kernel 24 ms);
 - CPU, bfloat16: the weight is re-laid out for oneDNN (the layout inductor's weight-packing pass uses), which
   streams the weights ~1.5x faster than ``F.linear`` (measured on an AVX-512 BF16 CPU: 10.3 ms vs 16.0 ms for
   all of SmolLM2-135M's weights at batch 1);
 - everywhere else ``F.linear``.
 
-``Linear.quantize`` (CPU) adds a low-bit copy of the weight for the steps that carry few tokens: at batch 1 a
-matmul is a pass over the weights, and fewer bytes are a faster pass. Both are run by eoq's CPU kernels (without
-them no copy is kept):
-- 4-bit, groups of 32 input features each with its own step and minimum (a GGUF's Q4_1): measured on the default
-  model in float32 on a 2-core AVX-512 CPU, all layers at 1 token 4.0 ms vs 7.2 ms for the packed float32 kernel,
-  level at 2-3 tokens;
-- 8-bit, symmetric, groups of 32 each with a scale (a GGUF's Q8_0): the default model's LM head at 1 token 2.2 ms
-  vs 3.3 ms bf16 (AVX-512 BF16 CPU), 2.8 vs 4.5 ms float32 (AVX-512 CPU), level at 2-3 tokens.
+``Linear.quantize`` (CPU) adds a low-bit copy of the weight: at few rows a matmul is a pass over the weights, and
+fewer bytes are a faster pass. The copies are run by eoq's CPU kernels (without them none is kept):
+- 4-bit, groups of 32 input features each with its own step and minimum (a GGUF's Q4_1); on a 2-core AVX-512
+  CPU (~20 GB/s) all of the default model's layers at 1 token, streamed from memory, take 5.4 ms (torch's int4
+  CPU kernel took 110 ms there), about level with the float32 kernel at 4 tokens;
+- 8-bit, symmetric, groups of 32 each with a scale (a GGUF's Q8_0): the default model's LM head at 1 token
+  1.8 ms there (2.2 ms vs 3.3 ms bf16 on an AVX-512 BF16 CPU), level with the dtype's path at 2-3 tokens.
+Steps of up to ``max_tokens`` rows run row kernels on them. In float32 an exact copy also runs every bigger
+step, in panels (``csrc/gemm.cpp`` expands each block of weights into float32 in L1 just before use): the float32
+weight is then not kept, and a step streams an eighth of the bytes.
 By default a copy is made only of weights that already lie on such a grid (the checkpoint is low-bit), so it
-holds the checkpoint's own values; ``int4`` rounds every weight to 4 bits (lossy).
+holds the checkpoint's own values; ``int4`` rounds every weight to 4 bits (lossy; then only the small steps use
+it).
 """
 
 from __future__ import annotations
@@ -138,7 +141,7 @@ class Linear(nn.Module):
             self.int4_max_tokens = max_tokens
         if self._int8 is not None:
             self.int8_max_tokens = min(max_tokens, INT8_MAX_TOKENS)
-        if self._packed is not None or self._panels is not None or self.weight.numel() == 0:
+        if self.weight.numel() == 0:  # prepared already: a re-laid-out copy replaced the weight
             return
         w = self.weight
         if self._lowbit_panels is not None:  # the exact low-bit copy serves every step: no float32 copy

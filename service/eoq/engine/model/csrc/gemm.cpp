@@ -226,23 +226,13 @@ void gemm_lowbit(const float* x, const Format& w, float* y, int64_t rows, int64_
     }
 }
 #else
-void gemm(const float* x, const float* packed, float* y, int64_t rows, int64_t n, int64_t k) {
-    const int64_t panels = (n + kLanes - 1) / kLanes;
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < panels; ++p) {
-        const float* b = packed + p * k * kLanes;
-        const int64_t cols = std::min(kLanes, n - p * kLanes);
-        for (int64_t r = 0; r < rows; ++r) {
-            float acc[kLanes] = {};
-            const float* a = x + r * k;
-            for (int64_t i = 0; i < k; ++i) {
-#pragma omp simd
-                for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[i] * b[i * kLanes + j];
-            }
-            for (int64_t j = 0; j < cols; ++j) y[r * n + p * kLanes + j] = acc[j];
-        }
-    }
-}
+// Portable versions: each panel's weights as float32, then plain loops the compiler vectorizes.
+struct F32 {
+    const float* w;
+    int64_t k;
+
+    float weight(int64_t p, int64_t i, int64_t j) const { return w[(p * k + i) * kLanes + j]; }
+};
 
 struct Q4 {
     const uint8_t* q;
@@ -285,6 +275,10 @@ void gemm_lowbit(const float* x, const Format& f, float* y, int64_t rows, int64_
             for (int64_t j = 0; j < cols; ++j) y[r * n + p * kLanes + j] = acc[j];
         }
     }
+}
+
+void gemm(const float* x, const float* packed, float* y, int64_t rows, int64_t n, int64_t k) {
+    gemm_lowbit(x, F32{packed, k}, y, rows, n, k);
 }
 #endif
 

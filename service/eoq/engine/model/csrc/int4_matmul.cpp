@@ -7,21 +7,18 @@
 // weights and multiplied with every input row. Output features are spread over torch's OpenMP threads.
 
 #include <cstdint>
-#include <vector>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-#include "bf16.h"
+#include "rows.h"
 
 namespace {
 
-using eoq::load;
-using eoq::store;
-
 constexpr int64_t kGroup = 32;
-constexpr int64_t kMaxRows = 8;
+using eoq::kMaxRows;
 constexpr int64_t kAhead = 4;  // outputs to prefetch ahead
 
 // One output feature at a time: the low and high halves of a group go to separate accumulators, and with one or
@@ -94,23 +91,6 @@ void int4_rows(const float* xf, const uint8_t* q, const float* scales, float* ou
     }
 }
 
-using RowsFn = void (*)(const float*, const uint8_t*, const float*, float*, int64_t, int64_t);
-constexpr RowsFn kRows[kMaxRows + 1] = {nullptr,      int4_rows<1>, int4_rows<2>, int4_rows<3>, int4_rows<4>,
-                                        int4_rows<5>, int4_rows<6>, int4_rows<7>, int4_rows<8>};
-
-template <typename T>
-void int4_matmul(const T* x, const uint8_t* q, const float* scales, T* y, int64_t rows, int64_t in_f, int64_t out_f) {
-    std::vector<float> xf(rows * in_f);
-    for (int64_t i = 0; i < rows * in_f; ++i) xf[i] = load(x[i]);
-    if constexpr (sizeof(T) == sizeof(float)) {
-        kRows[rows](xf.data(), q, scales, reinterpret_cast<float*>(y), in_f, out_f);
-    } else {
-        std::vector<float> out(rows * out_f);
-        kRows[rows](xf.data(), q, scales, out.data(), in_f, out_f);
-        for (int64_t i = 0; i < rows * out_f; ++i) store(out[i], y + i);
-    }
-}
-
 }  // namespace
 
 extern "C" {
@@ -120,15 +100,13 @@ extern "C" {
 int eoq_int4_matmul(int dtype, const void* x, const uint8_t* q, const float* scales, void* y, int64_t rows,
                     int64_t in_f, int64_t out_f) {
     if (rows < 0 || rows > kMaxRows || in_f % kGroup) return 1;
-    if (rows == 0) return 0;
-    if (dtype == 0) {
-        int4_matmul(static_cast<const float*>(x), q, scales, static_cast<float*>(y), rows, in_f, out_f);
-    } else if (dtype == 1) {
-        int4_matmul(static_cast<const uint16_t*>(x), q, scales, static_cast<uint16_t*>(y), rows, in_f, out_f);
-    } else {
-        return 2;
-    }
-    return 0;
+    return eoq::by_dtype(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        eoq::run_rows(static_cast<const T*>(x), static_cast<T*>(y), rows, in_f, out_f,
+                      [&](auto r, const float* xf, float* out) {
+                          int4_rows<decltype(r)::value>(xf, q, scales, out, in_f, out_f);
+                      });
+    });
 }
 
 }  // extern "C"

@@ -5,21 +5,18 @@
 // Output features are spread over torch's OpenMP threads; each reads its weight rows once for all input rows.
 
 #include <cstdint>
-#include <vector>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-#include "bf16.h"
+#include "rows.h"
 
 namespace {
 
-using eoq::load;
-using eoq::store;
-
 constexpr int64_t kBlock = 32;
-constexpr int64_t kMaxRows = 8;
+using eoq::kMaxRows;
 constexpr int64_t kAhead = 4;  // outputs to prefetch ahead
 
 // One output feature at a time, for R rows: each block's two halves go to separate sums and, with one or two rows,
@@ -87,24 +84,6 @@ void int8_rows(const float* xf, const int8_t* w, const float* scales, float* out
     }
 }
 
-using RowsFn = void (*)(const float*, const int8_t*, const float*, float*, int64_t, int64_t);
-constexpr RowsFn kRows[kMaxRows + 1] = {nullptr,      int8_rows<1>, int8_rows<2>, int8_rows<3>, int8_rows<4>,
-                                        int8_rows<5>, int8_rows<6>, int8_rows<7>, int8_rows<8>};
-
-template <typename T>
-void int8_matmul(const T* x, const int8_t* w, const float* scales, T* y, int64_t rows, int64_t in_f, int64_t out_f) {
-    if (rows == 0) return;
-    std::vector<float> xf(rows * in_f);
-    for (int64_t i = 0; i < rows * in_f; ++i) xf[i] = load(x[i]);
-    if constexpr (sizeof(T) == sizeof(float)) {
-        kRows[rows](xf.data(), w, scales, reinterpret_cast<float*>(y), in_f, out_f);
-    } else {
-        std::vector<float> out(rows * out_f);
-        kRows[rows](xf.data(), w, scales, out.data(), in_f, out_f);
-        for (int64_t i = 0; i < rows * out_f; ++i) store(out[i], y + i);
-    }
-}
-
 }  // namespace
 
 extern "C" {
@@ -115,14 +94,13 @@ extern "C" {
 int eoq_int8_matmul(int dtype, const void* x, const int8_t* w, const float* scales, void* y, int64_t rows,
                     int64_t in_f, int64_t out_f) {
     if (rows < 0 || rows > kMaxRows || in_f % kBlock) return 1;
-    if (dtype == 0) {
-        int8_matmul(static_cast<const float*>(x), w, scales, static_cast<float*>(y), rows, in_f, out_f);
-    } else if (dtype == 1) {
-        int8_matmul(static_cast<const uint16_t*>(x), w, scales, static_cast<uint16_t*>(y), rows, in_f, out_f);
-    } else {
-        return 2;
-    }
-    return 0;
+    return eoq::by_dtype(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        eoq::run_rows(static_cast<const T*>(x), static_cast<T*>(y), rows, in_f, out_f,
+                      [&](auto r, const float* xf, float* out) {
+                          int8_rows<decltype(r)::value>(xf, w, scales, out, in_f, out_f);
+                      });
+    });
 }
 
 }  // extern "C"

@@ -116,7 +116,7 @@ class EoqServer:
         argv = [
             sys.executable, "-m", "eoq.cli", "serve",
             "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-            "--cache-dir", str(model_cache_dir()), "--kv-cache-memory-gb", "0.25", "--grace-period-seconds", "5",
+            "--cache-dir", str(model_cache_dir()), "--kv-cache-memory-gb", "0.5", "--grace-period-seconds", "5",
         ]  # fmt: skip
         if redis_url is not None:
             argv += ["--redis-url", redis_url]

@@ -96,39 +96,32 @@ TileFn tile_for(int mr, int nr) {
     }
 }
 
-void gemm(const float* x, const float* packed, float* y, int64_t rows, int64_t n, int64_t k) {
-    const int64_t panels = (n + kLanes - 1) / kLanes;
-    const int64_t groups = (panels + kNR - 1) / kNR;
-    const int64_t stride = k * kLanes;
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
-        const int64_t rc = std::min(kRowChunk, rows - r0);
-#pragma omp parallel for schedule(static)
-        for (int64_t g = 0; g < groups; ++g) {
-            const int64_t p0 = g * kNR;
-            const int nr = static_cast<int>(std::min<int64_t>(kNR, panels - p0));
-            const int64_t col0 = p0 * kLanes;
-            const int64_t cols = std::min(nr * kLanes, n - col0);
-            for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
-                const int64_t kc = std::min(kBlockK, k - k0);
-                // The next block of these panels, or the first of the next panels.
-                const bool last = k0 + kBlockK >= k;
-                for (int j = 0; j < kNR; ++j) {
-                    const int64_t pn = last ? p0 + kNR + j : p0 + j;
-                    if (pn >= panels) continue;
-                    prefetch_bytes(packed + pn * stride + (last ? 0 : k0 + kBlockK) * kLanes,
-                                   kBlockK * kLanes * sizeof(float));
-                }
-                for (int64_t r = 0; r < rc; r += kMR) {
-                    const int mr = static_cast<int>(std::min<int64_t>(kMR, rc - r));
-                    tile_for(mr, nr)(x + (r0 + r) * k + k0, k, packed + p0 * stride + k0 * kLanes, stride, kc,
-                                     y + (r0 + r) * n + col0, n, cols, k0 > 0);
-                }
-            }
-        }
-    }
-}
+// The panel formats. Each gives the float32 weights of panels [p0, p0 + nr) for inputs [k0, k0 + kc) — its own
+// memory, or a block it expanded them into — with the distance from one panel to the next (stride), and asks for
+// a panel's block ahead of its use.
 
-// The low-bit panel formats: each expands a block of a panel into float32 and asks for a block ahead of use.
+// float32: (panels, k, 16), used where it lies.
+struct F32 {
+    const float* w;
+    int64_t k;
+
+    const float* panels(int64_t p0, int, int64_t k0, int64_t, float*, int64_t& stride) const {
+        stride = k * kLanes;
+        return w + p0 * k * kLanes + k0 * kLanes;
+    }
+
+    void prefetch(int64_t p, int64_t k0) const {
+        prefetch_bytes(w + (p * k + k0) * kLanes, kBlockK * kLanes * sizeof(float));
+    }
+};
+
+// The low-bit formats expand each panel's block into (kc, 16) float32; k0 and kc are multiples of 32.
+template <typename Format>
+const float* expanded(const Format& f, int64_t p0, int nr, int64_t k0, int64_t kc, float* block, int64_t& stride) {
+    for (int j = 0; j < nr; ++j) f.expand(p0 + j, k0, kc, block + j * kBlockK * kLanes);
+    stride = kBlockK * kLanes;
+    return block;
+}
 
 // 4-bit: values (panels, k / 2, 16) uint8, inputs 2i and 2i + 1 in the low and high nibble; scales (panels, k / 32,
 // 2, 16) float32, each group's 16 steps then 16 minimums: w = step * q + min.
@@ -137,7 +130,10 @@ struct Q4 {
     const float* s;
     int64_t k;
 
-    // Panel p's weights for inputs [k0, k0 + kc) into out (kc, 16); k0 and kc multiples of 32.
+    const float* panels(int64_t p0, int nr, int64_t k0, int64_t kc, float* block, int64_t& stride) const {
+        return expanded(*this, p0, nr, k0, kc, block, stride);
+    }
+
     void expand(int64_t p, int64_t k0, int64_t kc, float* out) const {
         const uint8_t* qp = q + p * (k / 2) * kLanes;
         const float* sp = s + p * (k / 32) * 2 * kLanes;
@@ -169,6 +165,10 @@ struct Q8 {
     const float* s;
     int64_t k;
 
+    const float* panels(int64_t p0, int nr, int64_t k0, int64_t kc, float* block, int64_t& stride) const {
+        return expanded(*this, p0, nr, k0, kc, block, stride);
+    }
+
     void expand(int64_t p, int64_t k0, int64_t kc, float* out) const {
         const int8_t* qp = q + p * k * kLanes;
         const float* sp = s + p * (k / 32) * kLanes;
@@ -189,10 +189,11 @@ struct Q8 {
     }
 };
 
-// Each thread expands the block of weights it is about to use (3 panels x 128 inputs, 24 KiB) into float32 in its
-// L1 cache and runs the float32 tiles over it for every row of the chunk.
+// Output panels are spread over the threads in groups of 3; a thread takes each group's weights a block of 128
+// inputs at a time (a low-bit format expands it into float32 in the thread's L1 cache) and runs the tiles over it
+// for every row of the chunk, asking for the next block meanwhile.
 template <typename Format>
-void gemm_lowbit(const float* x, const Format& w, float* y, int64_t rows, int64_t n, int64_t k) {
+void gemm_panels(const float* x, const Format& w, float* y, int64_t rows, int64_t n, int64_t k) {
     const int64_t panels = (n + kLanes - 1) / kLanes;
     const int64_t groups = (panels + kNR - 1) / kNR;
     for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
@@ -208,8 +209,9 @@ void gemm_lowbit(const float* x, const Format& w, float* y, int64_t rows, int64_
                 const int64_t cols = std::min(nr * kLanes, n - col0);
                 for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
                     const int64_t kc = std::min(kBlockK, k - k0);
-                    for (int j = 0; j < nr; ++j) w.expand(p0 + j, k0, kc, block + j * kBlockK * kLanes);
-                    // The next block of these panels, or the first of the next panels (as in gemm).
+                    int64_t stride = 0;
+                    const float* b = w.panels(p0, nr, k0, kc, block, stride);
+                    // The next block of these panels, or the first of the next panels.
                     const bool last = k0 + kBlockK >= k;
                     for (int j = 0; j < kNR; ++j) {
                         const int64_t pn = last ? p0 + kNR + j : p0 + j;
@@ -217,8 +219,8 @@ void gemm_lowbit(const float* x, const Format& w, float* y, int64_t rows, int64_
                     }
                     for (int64_t r = 0; r < rc; r += kMR) {
                         const int mr = static_cast<int>(std::min<int64_t>(kMR, rc - r));
-                        tile_for(mr, nr)(x + (r0 + r) * k + k0, k, block, kBlockK * kLanes, kc,
-                                         y + (r0 + r) * n + col0, n, cols, k0 > 0);
+                        tile_for(mr, nr)(x + (r0 + r) * k + k0, k, b, stride, kc, y + (r0 + r) * n + col0, n, cols,
+                                         k0 > 0);
                     }
                 }
             }
@@ -257,7 +259,7 @@ struct Q8 {
 };
 
 template <typename Format>
-void gemm_lowbit(const float* x, const Format& f, float* y, int64_t rows, int64_t n, int64_t k) {
+void gemm_panels(const float* x, const Format& f, float* y, int64_t rows, int64_t n, int64_t k) {
     const int64_t panels = (n + kLanes - 1) / kLanes;
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < panels; ++p) {
@@ -276,10 +278,6 @@ void gemm_lowbit(const float* x, const Format& f, float* y, int64_t rows, int64_
         }
     }
 }
-
-void gemm(const float* x, const float* packed, float* y, int64_t rows, int64_t n, int64_t k) {
-    gemm_lowbit(x, F32{packed, k}, y, rows, n, k);
-}
 #endif
 
 }  // namespace
@@ -290,7 +288,7 @@ extern "C" {
 // Returns 0, or non-zero for arguments it cannot take.
 int eoq_gemm_f32(const float* x, const float* packed, float* y, int64_t rows, int64_t n, int64_t k) {
     if (rows < 0 || n <= 0 || k <= 0 || reinterpret_cast<uintptr_t>(packed) % 64) return 1;
-    gemm(x, packed, y, rows, n, k);
+    gemm_panels(x, F32{packed, k}, y, rows, n, k);
     return 0;
 }
 
@@ -298,14 +296,14 @@ int eoq_gemm_f32(const float* x, const float* packed, float* y, int64_t rows, in
 // y float32 (rows, n); k a multiple of 32. Returns 0, or non-zero for arguments it cannot take.
 int eoq_gemm_q4(const float* x, const uint8_t* q, const float* scales, float* y, int64_t rows, int64_t n, int64_t k) {
     if (rows < 0 || n <= 0 || k <= 0 || k % 32) return 1;
-    gemm_lowbit(x, Q4{q, scales, k}, y, rows, n, k);
+    gemm_panels(x, Q4{q, scales, k}, y, rows, n, k);
     return 0;
 }
 
 // As eoq_gemm_q4 for an 8-bit weight: q int8 (ceil(n / 16), k, 16), scales float32 (ceil(n / 16), k / 32, 16).
 int eoq_gemm_q8(const float* x, const int8_t* q, const float* scales, float* y, int64_t rows, int64_t n, int64_t k) {
     if (rows < 0 || n <= 0 || k <= 0 || k % 32) return 1;
-    gemm_lowbit(x, Q8{q, scales, k}, y, rows, n, k);
+    gemm_panels(x, Q8{q, scales, k}, y, rows, n, k);
     return 0;
 }
 

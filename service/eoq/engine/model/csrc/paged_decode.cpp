@@ -15,6 +15,10 @@
 
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -152,15 +156,22 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
 #pragma omp parallel
     {
         std::vector<float> qf(G * head_dim), row(head_dim), acc(G * head_dim), scores;
-#pragma omp for schedule(static)
+#ifdef _OPENMP
+        const int64_t threads = omp_get_num_threads();
+#else
+        const int64_t threads = 1;
+#endif
+        // Items dealt round-robin: contexts of different lengths spread over the threads, and each thread knows
+        // its next item.
+#pragma omp for schedule(static, 1)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t s = item / num_kv_heads, h = item % num_kv_heads;
             const int64_t ctx = context_lens[s];
             const int64_t* table = block_tables + s * table_width;
-            // The next item's keys and values, while this one computes: its blocks lie anywhere in the cache, so
-            // the hardware prefetcher cannot guess them (a thread's items are consecutive: static schedule).
-            if (item + 1 < items) {
-                const int64_t sn = (item + 1) / num_kv_heads, hn = (item + 1) % num_kv_heads;
+            // This thread's next item's keys and values, while this one computes: its blocks lie anywhere in the
+            // cache, so the hardware prefetcher cannot guess them.
+            if (const int64_t next = item + threads; next < items) {
+                const int64_t sn = next / num_kv_heads, hn = next % num_kv_heads;
                 const int64_t* tn = block_tables + sn * table_width;
                 for (int64_t t0 = 0; t0 < context_lens[sn]; t0 += block_size) {
                     const int64_t off = (hn * num_blocks + tn[t0 / block_size]) * block_size * head_dim;

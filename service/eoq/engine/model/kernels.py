@@ -147,7 +147,7 @@ class CpuKernels:
 
     def int8_matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """x (rows <= 8, in) @ W^T with W int8 (out, in) in groups of 32 inputs, each with a float32 scale
-        (``scales`` (out, in / 32)); returned in x's dtype (``csrc/int8_matmul.cpp``)."""
+        (``scales`` (out, in / 32)); returned in x's dtype (``csrc/lowbit_rows.cpp``)."""
         x = x.contiguous()
         rows, in_f = x.shape
         out = torch.empty(rows, weight.shape[0], dtype=x.dtype)
@@ -158,7 +158,7 @@ class CpuKernels:
     def int4_matmul(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """x (rows <= 8, in) @ W^T with W 4-bit in groups of 32 inputs: ``q`` uint8 (out, in / 32, 16) holding
         q[i] | q[i + 16] << 4, ``scales`` float32 (out, in / 32, 2) = (step, min), w = step * q + min; returned in
-        x's dtype (``csrc/int4_matmul.cpp``)."""
+        x's dtype (``csrc/lowbit_rows.cpp``)."""
         x = x.contiguous()
         rows, in_f = x.shape
         out = torch.empty(rows, q.shape[0], dtype=x.dtype)

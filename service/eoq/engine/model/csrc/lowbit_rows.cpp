@@ -1,0 +1,192 @@
+// y = x W^T for the few rows (<= 8) of a small step, with W held low-bit in groups of 32 input features: one pass
+// over the weight at a fraction of float32's bytes (at one token a step the pass streams from memory).
+//
+// - 4-bit (a GGUF's Q4_1): q (out_f, in_f / 32, 16) bytes, byte i of a group holding q[i] in its low and
+//   q[i + 16] in its high nibble; scales (out_f, in_f / 32, 2) float32 (step, min): w = step * q + min.
+// - 8-bit (a GGUF's Q8_0): q (out_f, in_f) int8; scales (out_f, in_f / 32) float32: w = scale * q.
+//
+// One output feature at a time, spread over torch's OpenMP threads: each group is decoded into float32 weights
+// and multiplied with every input row. With AVX-512 a group's two halves go to separate sums and, with one or two
+// rows, consecutive groups alternate between two sets of sums, so the FMAs do not wait on each other; the weights
+// of a few outputs ahead are prefetched. x and y are float32 or bfloat16; the sums are float32.
+
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "bf16.h"
+
+namespace {
+
+using eoq::load;
+using eoq::store;
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kMaxRows = 8;
+constexpr int64_t kAhead = 4;  // outputs to prefetch ahead
+
+inline void prefetch(const void* p, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
+}
+
+struct Int4 {
+    const uint8_t* q;
+    const float* s;
+    int64_t ng;  // groups per output
+
+    __attribute__((always_inline)) void prefetch_output(int64_t o) const {
+        prefetch(q + o * ng * 16, ng * 16);
+        prefetch(s + o * ng * 2, ng * 2 * sizeof(float));
+    }
+
+    void decode(int64_t o, int64_t g, float* w) const {
+        const uint8_t* qg = q + (o * ng + g) * 16;
+        const float step = s[(o * ng + g) * 2], mn = s[(o * ng + g) * 2 + 1];
+        for (int64_t i = 0; i < 16; ++i) {
+            w[i] = step * static_cast<float>(qg[i] & 0xf) + mn;
+            w[i + 16] = step * static_cast<float>(qg[i] >> 4) + mn;
+        }
+    }
+
+#if defined(__AVX512F__)
+    __attribute__((always_inline)) void decode(int64_t o, int64_t g, __m512& lo, __m512& hi) const {
+        const __m512i v =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (o * ng + g) * 16)));
+        const __m512 step = _mm512_set1_ps(s[(o * ng + g) * 2]);
+        const __m512 mn = _mm512_set1_ps(s[(o * ng + g) * 2 + 1]);
+        lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xf))), step, mn);
+        hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), step, mn);
+    }
+#endif
+};
+
+struct Int8 {
+    const int8_t* q;
+    const float* s;
+    int64_t ng;
+
+    __attribute__((always_inline)) void prefetch_output(int64_t o) const {
+        prefetch(q + o * ng * kGroup, ng * kGroup);
+        prefetch(s + o * ng, ng * sizeof(float));
+    }
+
+    void decode(int64_t o, int64_t g, float* w) const {
+        const int8_t* qg = q + (o * ng + g) * kGroup;
+        const float scale = s[o * ng + g];
+        for (int64_t i = 0; i < kGroup; ++i) w[i] = scale * static_cast<float>(qg[i]);
+    }
+
+#if defined(__AVX512F__)
+    __attribute__((always_inline)) void decode(int64_t o, int64_t g, __m512& lo, __m512& hi) const {
+        const int8_t* qg = q + (o * ng + g) * kGroup;
+        const __m512 scale = _mm512_set1_ps(s[o * ng + g]);
+        lo = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg)))), scale);
+        hi = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + 16)))),
+            scale);
+    }
+#endif
+};
+
+// out (R, out_f) = xf (R, in_f) W^T, all float32.
+template <int R, typename Format>
+void rows_matmul(const float* xf, const Format& format, float* out, int64_t in_f, int64_t out_f) {
+    const int64_t ng = in_f / kGroup;
+    const Format f = format;  // a local copy: stores to out cannot change its pointers, so they stay in registers
+#pragma omp parallel for schedule(static) firstprivate(f)
+    for (int64_t o = 0; o < out_f; ++o) {
+#if defined(__AVX512F__)
+        if (o + kAhead < out_f) f.prefetch_output(o + kAhead);
+        constexpr int kSets = R <= 2 ? 2 : 1;
+        __m512 acc[kSets][2][R];
+#pragma GCC unroll 2
+        for (int st = 0; st < kSets; ++st)
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) acc[st][0][r] = acc[st][1][r] = _mm512_setzero_ps();
+        auto group = [&](int64_t g, __m512(&a)[2][R]) {
+            __m512 lo, hi;
+            f.decode(o, g, lo, hi);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const float* xr = xf + r * in_f + g * kGroup;
+                a[0][r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), a[0][r]);
+                a[1][r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), a[1][r]);
+            }
+        };
+        int64_t g = 0;
+        for (; g + kSets <= ng; g += kSets) {
+#pragma GCC unroll 2
+            for (int st = 0; st < kSets; ++st) group(g + st, acc[st]);
+        }
+        for (; g < ng; ++g) group(g, acc[0]);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            __m512 sum = _mm512_add_ps(acc[0][0][r], acc[0][1][r]);
+            if constexpr (kSets == 2) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[1][0][r], acc[1][1][r]));
+            out[r * out_f + o] = _mm512_reduce_add_ps(sum);
+        }
+#else
+        float w[kGroup];
+        float acc[R] = {};
+        for (int64_t g = 0; g < ng; ++g) {
+            f.decode(o, g, w);
+            for (int r = 0; r < R; ++r) {
+                const float* xr = xf + r * in_f + g * kGroup;
+                float part = 0.f;
+#pragma omp simd reduction(+ : part)
+                for (int64_t i = 0; i < kGroup; ++i) part += w[i] * xr[i];
+                acc[r] += part;
+            }
+        }
+        for (int r = 0; r < R; ++r) out[r * out_f + o] = acc[r];
+#endif
+    }
+}
+
+// rows_matmul instantiated for the row count: F(std::integral_constant<int, rows>).
+template <typename F, int... R>
+void with_row_count(int64_t rows, F&& f, std::integer_sequence<int, R...>) {
+    ((rows == R + 1 ? (f(std::integral_constant<int, R + 1>{}), 0) : 0), ...);
+}
+
+// The entry points' shared body: rows of x (float32 or bfloat16, as dtype says) widened to float32, the kernel for
+// their count run on them, its float32 outputs narrowed back.
+template <typename Format>
+int run(int dtype, const void* x, const Format& f, void* y, int64_t rows, int64_t in_f, int64_t out_f) {
+    if (rows < 0 || rows > kMaxRows || in_f % kGroup) return 1;
+    if (dtype != 0 && dtype != 1) return 2;
+    if (rows == 0) return 0;
+    std::vector<float> xf(rows * in_f), out(dtype == 0 ? 0 : rows * out_f);
+    for (int64_t i = 0; i < rows * in_f; ++i)
+        xf[i] = dtype == 0 ? static_cast<const float*>(x)[i] : load(static_cast<const uint16_t*>(x)[i]);
+    float* dst = dtype == 0 ? static_cast<float*>(y) : out.data();
+    with_row_count(rows, [&](auto r) { rows_matmul<decltype(r)::value>(xf.data(), f, dst, in_f, out_f); },
+                   std::make_integer_sequence<int, kMaxRows>{});
+    if (dtype == 1)
+        for (int64_t i = 0; i < rows * out_f; ++i) store(out[i], static_cast<uint16_t*>(y) + i);
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype of x and y: 0 = float32, 1 = bfloat16. x (rows, in_f), y (rows, out_f), the weight as above; all
+// contiguous. rows <= 8, in_f a multiple of 32. Return 0, or non-zero for arguments they cannot take.
+int eoq_int4_matmul(int dtype, const void* x, const uint8_t* q, const float* scales, void* y, int64_t rows,
+                    int64_t in_f, int64_t out_f) {
+    return run(dtype, x, Int4{q, scales, in_f / kGroup}, y, rows, in_f, out_f);
+}
+
+int eoq_int8_matmul(int dtype, const void* x, const int8_t* q, const float* scales, void* y, int64_t rows,
+                    int64_t in_f, int64_t out_f) {
+    return run(dtype, x, Int8{q, scales, in_f / kGroup}, y, rows, in_f, out_f);
+}
+
+}  // extern "C"

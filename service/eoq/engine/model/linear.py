@@ -129,8 +129,9 @@ class Linear(nn.Module):
     def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
         """Pick the fastest matmul for the weight's device and dtype (call after weights are loaded; once).
 
-        ``max_tokens``: steps of at most this many rows use the low-bit copy, if one was made (it needs eoq's
-        CPU ``kernels``: without them it is dropped)."""
+        ``max_tokens``: steps of at most this many rows run the low-bit copy's row kernel, if a copy was made (it
+        needs eoq's CPU ``kernels``: without them it is dropped). In float32 an exact copy also runs the bigger
+        steps, in panels, and the weight itself is dropped."""
         usable = kernels is not None and kernels.supports(self.weight.device, dtype)
         if not usable:
             self._int4 = self._int4_scales = self._int8 = self._int8_scales = None

@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     )
     cpu_kernels: bool = Field(
         True, description="on a CPU, eoq's C++ kernels (decode attention over the paged cache, the float32 GEMM, the "
-        "low-bit matmuls, RMSNorm, RoPE, SwiGLU, argmax), compiled for the machine at first start (3-7 s, kept under <cache-dir>/kernels; without a C++ compiler torch's ops)",
+        "low-bit matmuls, RMSNorm, RoPE, SwiGLU, argmax), compiled for the machine at first start (3-7 s, kept "
+        "under <cache-dir>/kernels; without a C++ compiler torch's ops)",
     )
     kv_cache_memory_gb: float | None = Field(
         None, description="KV cache budget in GiB (default: 1 GiB on CPU, 85% of the GPU memory free after loading on CUDA)"

@@ -56,8 +56,9 @@ class Linear(nn.Module):
         self._int4: torch.Tensor | None = None  # (out, in / group, 16) uint8, two 4-bit values a byte
         self._int4_scales: torch.Tensor | None = None  # (out, in / group, 2) float32: step and minimum
         self.int4_max_tokens = -1  # no 4-bit path (a step may carry 0 rows to the LM head)
-        # An exact low-bit copy in panels for eoq's float32 kernel (csrc/gemm.cpp), which then runs every other
-        # step too, in place of the float32 weight.
+        self._exact_copy = False  # the low-bit copy holds the weight's own values (made by quantize, auto)
+        # In float32, an exact copy in panels for eoq's float32 kernel (csrc/gemm.cpp), which then runs every other
+        # step too, in place of the float32 weight (made by prepare).
         self._lowbit_panels: LowBitPanels | None = None
         self._int8: torch.Tensor | None = None  # (out, in) int8 for steps of <= int8_max_tokens rows
         self._int8_scales: torch.Tensor | None = None  # (out, in / group) float32
@@ -76,14 +77,18 @@ class Linear(nn.Module):
             return "int8"
         return None
 
+    def _weight_groups(self, group: int) -> torch.Tensor | None:
+        """The weight as float32 (out, in / group, group), or None when the inputs do not split into groups."""
+        if self.in_features % group:
+            return None
+        return self.weight.detach().float().view(self.out_features, self.in_features // group, group)
+
     def quantize_int8(self, only_if_exact: bool) -> bool:
         """An 8-bit copy (symmetric, a scale per group of 32 inputs); with ``only_if_exact`` only when it
         reproduces every weight to within 1 % of its group's scale. Returns whether the copy was made."""
-        w = self.weight.detach()
-        if self.in_features % INT8_GROUP:
+        groups = self._weight_groups(INT8_GROUP)
+        if groups is None:
             return False
-        out_f, in_f = w.shape
-        groups = w.float().view(out_f, in_f // INT8_GROUP, INT8_GROUP)
         amax = groups.abs().amax(-1)  # (out, in / group)
         scale = amax / 127
         q = (groups / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).round_().clamp_(-127, 127)
@@ -91,20 +96,18 @@ class Linear(nn.Module):
             err = (q * scale[..., None] - groups).abs().amax(-1)
             if bool((err > 0.01 * scale + 1e-6 * amax).any()):
                 return False
-        self._int8 = q.to(torch.int8).view(out_f, in_f).contiguous()
+        self._int8 = q.to(torch.int8).view(self.out_features, self.in_features).contiguous()
         self._int8_scales = scale.contiguous()
-        if only_if_exact:
-            self._lowbit_panels = pack_int8_panels(self._int8, scale)
+        self._exact_copy = only_if_exact
         return True
 
     def quantize_int4(self, only_if_exact: bool) -> bool:
         """A 4-bit copy (a step and a minimum per group of 32 inputs); with ``only_if_exact`` only when it
         reproduces every weight to within 1 % of its group's step. Returns whether the copy was made."""
-        w = self.weight.detach()
-        if self.in_features % INT4_GROUP:
+        groups = self._weight_groups(INT4_GROUP)
+        if groups is None:
             return False
-        out_f, in_f = w.shape
-        groups = w.float().view(out_f, in_f // INT4_GROUP, INT4_GROUP)
+        out_f, in_f = self.out_features, self.in_features
         lo = groups.amin(-1)  # (out, in / group)
         step = (groups.amax(-1) - lo) / INT4_LEVELS
         q = ((groups - lo[..., None]) / step.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
@@ -113,13 +116,22 @@ class Linear(nn.Module):
             err = (q * step[..., None] + lo[..., None] - groups).abs().amax(-1)
             if bool((err > 0.01 * step + 1e-6 * groups.abs().amax(-1)).any()):
                 return False
-        q = q.to(torch.uint8).view(out_f, in_f)
-        halves = q.view(out_f, in_f // INT4_GROUP, 2, INT4_GROUP // 2)
+        halves = q.to(torch.uint8).view(out_f, in_f // INT4_GROUP, 2, INT4_GROUP // 2)
         self._int4 = (halves[:, :, 0] | (halves[:, :, 1] << 4)).contiguous()  # byte i: q[i] | q[i + 16] << 4
         self._int4_scales = torch.stack([step, lo], -1).contiguous()
-        if only_if_exact:
-            self._lowbit_panels = pack_int4_panels(q, step, lo)
+        self._exact_copy = only_if_exact
         return True
+
+    def _pack_exact_copy(self) -> LowBitPanels | None:
+        """The exact low-bit copy re-laid out in panels (``kernels.pack_int4_panels`` / ``pack_int8_panels``)."""
+        if not self._exact_copy:
+            return None
+        if self._int4 is not None:
+            q = torch.cat([self._int4 & 0xF, self._int4 >> 4], -1).view(self.out_features, self.in_features)
+            return pack_int4_panels(q, self._int4_scales[..., 0], self._int4_scales[..., 1])
+        if self._int8 is not None:
+            return pack_int8_panels(self._int8, self._int8_scales)
+        return None
 
     def quantized_bytes(self) -> int:
         copies = sum(t.numel() * t.element_size() for t in (self._int4, self._int4_scales, self._int8,
@@ -135,8 +147,8 @@ class Linear(nn.Module):
         usable = kernels is not None and kernels.supports(self.weight.device, dtype)
         if not usable:
             self._int4 = self._int4_scales = self._int8 = self._int8_scales = None
-        if not usable or dtype != torch.float32:
-            self._lowbit_panels = None
+        elif dtype == torch.float32 and self._lowbit_panels is None and self.weight.numel():
+            self._lowbit_panels = self._pack_exact_copy()
         self._kernels = kernels if usable else None
         if self._int4 is not None:
             self.int4_max_tokens = max_tokens

@@ -69,6 +69,9 @@ def _log_quantized(model: DecoderModel, mode: str, max_tokens: int, dtype: torch
         log.info("quantized weights (%s): none (the checkpoint's weights are not low-bit, or eoq's CPU kernels are "
                  "missing); every matmul runs in %s", mode, dtype)
         return
-    log.info("quantized weights (%s): %s copies of %d matmuls (%d MiB more), used by steps of <= %d tokens", mode,
+    panels = sum(lin._lowbit_panels is not None for lin in linears)
+    log.info("quantized weights (%s): %s copies of %d matmuls (%d MiB), used by steps of <= %d tokens%s", mode,
              " and ".join(f"{n} {k}" for k, n in kinds.items() if n), len(linears),
-             sum(lin.quantized_bytes() for lin in linears) >> 20, max_tokens)
+             sum(lin.quantized_bytes() for lin in linears) >> 20, max_tokens,
+             f"; {panels} of them exact, running every bigger step too in place of their float32 weights"
+             if panels else "")

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace eoq {
 
@@ -23,6 +24,23 @@ inline void store(float x, uint16_t* dst) {  // round to nearest even, as torch 
     }
     bits += 0x7fffu + ((bits >> 16) & 1u);
     *dst = static_cast<uint16_t>(bits >> 16);
+}
+
+// The entry points' element types: f(tag) with tag a null pointer of the type ``dtype`` names (0 = float32,
+// 1 = bfloat16 held as uint16_t; Elem<decltype(tag)> is that type). Returns 0, or 2 for another dtype.
+template <typename Tag>
+using Elem = std::remove_pointer_t<Tag>;
+
+template <typename F>
+int with_dtype(int dtype, F&& f) {
+    if (dtype == 0) {
+        f(static_cast<float*>(nullptr));
+    } else if (dtype == 1) {
+        f(static_cast<uint16_t*>(nullptr));
+    } else {
+        return 2;
+    }
+    return 0;
 }
 
 }  // namespace eoq

@@ -160,17 +160,17 @@ void with_row_count(int64_t rows, F&& f, std::integer_sequence<int, R...>) {
 template <typename Format>
 int run(int dtype, const void* x, const Format& f, void* y, int64_t rows, int64_t in_f, int64_t out_f) {
     if (rows < 0 || rows > kMaxRows || in_f % kGroup) return 1;
-    if (dtype != 0 && dtype != 1) return 2;
-    if (rows == 0) return 0;
-    std::vector<float> xf(rows * in_f), out(dtype == 0 ? 0 : rows * out_f);
-    for (int64_t i = 0; i < rows * in_f; ++i)
-        xf[i] = dtype == 0 ? static_cast<const float*>(x)[i] : load(static_cast<const uint16_t*>(x)[i]);
-    float* dst = dtype == 0 ? static_cast<float*>(y) : out.data();
-    with_row_count(rows, [&](auto r) { rows_matmul<decltype(r)::value>(xf.data(), f, dst, in_f, out_f); },
-                   std::make_integer_sequence<int, kMaxRows>{});
-    if (dtype == 1)
-        for (int64_t i = 0; i < rows * out_f; ++i) store(out[i], static_cast<uint16_t*>(y) + i);
-    return 0;
+    return eoq::with_dtype(dtype, [&](auto* tag) {
+        using T = eoq::Elem<decltype(tag)>;
+        if (rows == 0) return;
+        std::vector<float> xf(rows * in_f), out(std::is_same_v<T, float> ? 0 : rows * out_f);
+        for (int64_t i = 0; i < rows * in_f; ++i) xf[i] = load(static_cast<const T*>(x)[i]);
+        float* dst = std::is_same_v<T, float> ? static_cast<float*>(y) : out.data();
+        with_row_count(rows, [&](auto r) { rows_matmul<decltype(r)::value>(xf.data(), f, dst, in_f, out_f); },
+                       std::make_integer_sequence<int, kMaxRows>{});
+        if constexpr (!std::is_same_v<T, float>)
+            for (int64_t i = 0; i < rows * out_f; ++i) store(out[i], static_cast<T*>(y) + i);
+    });
 }
 
 }  // namespace

@@ -280,18 +280,12 @@ int eoq_paged_decode_attention(int dtype, const void* q, int64_t q_stride, const
                                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                                int64_t num_blocks, int64_t table_width, float scale) {
     if (num_kv_heads <= 0 || num_heads % num_kv_heads) return 1;
-    if (dtype == 0) {
-        decode(static_cast<const float*>(q), q_stride, static_cast<const float*>(k_cache),
-               static_cast<const float*>(v_cache), block_tables, context_lens, static_cast<float*>(out), num_seqs,
-               num_heads, num_kv_heads, head_dim, block_size, num_blocks, table_width, scale);
-    } else if (dtype == 1) {
-        decode(static_cast<const uint16_t*>(q), q_stride, static_cast<const uint16_t*>(k_cache),
-               static_cast<const uint16_t*>(v_cache), block_tables, context_lens, static_cast<uint16_t*>(out),
-               num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, table_width, scale);
-    } else {
-        return 2;
-    }
-    return 0;
+    return eoq::with_dtype(dtype, [&](auto* tag) {
+        using T = eoq::Elem<decltype(tag)>;
+        decode(static_cast<const T*>(q), q_stride, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),
+               block_tables, context_lens, static_cast<T*>(out), num_seqs, num_heads, num_kv_heads, head_dim,
+               block_size, num_blocks, table_width, scale);
+    });
 }
 
 }  // extern "C"

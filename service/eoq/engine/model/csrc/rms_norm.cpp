@@ -44,14 +44,10 @@ extern "C" {
 // or null; weight (dim) float32; out (rows, dim). All contiguous. Returns 0, or non-zero for a dtype it lacks.
 int eoq_add_rms_norm(int dtype, float* x, const void* delta, const float* weight, void* out, int64_t rows,
                      int64_t dim, float eps) {
-    if (dtype == 0) {
-        add_rms_norm(x, static_cast<const float*>(delta), weight, static_cast<float*>(out), rows, dim, eps);
-    } else if (dtype == 1) {
-        add_rms_norm(x, static_cast<const uint16_t*>(delta), weight, static_cast<uint16_t*>(out), rows, dim, eps);
-    } else {
-        return 2;
-    }
-    return 0;
+    return eoq::with_dtype(dtype, [&](auto* tag) {
+        using T = eoq::Elem<decltype(tag)>;
+        add_rms_norm(x, static_cast<const T*>(delta), weight, static_cast<T*>(out), rows, dim, eps);
+    });
 }
 
 }  // extern "C"

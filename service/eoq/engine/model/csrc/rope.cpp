@@ -60,18 +60,12 @@ int eoq_rope_and_store(int dtype, const void* qkv, const float* cos_table, const
                        int64_t tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                        int64_t cache_slots) {
     if (head_dim % 2) return 1;
-    if (dtype == 0) {
-        rope_and_store(static_cast<const float*>(qkv), cos_table, sin_table, positions, slots,
-                       static_cast<float*>(qk_out), static_cast<float*>(k_cache), static_cast<float*>(v_cache),
-                       tokens, num_heads, num_kv_heads, head_dim, cache_slots);
-    } else if (dtype == 1) {
-        rope_and_store(static_cast<const uint16_t*>(qkv), cos_table, sin_table, positions, slots,
-                       static_cast<uint16_t*>(qk_out), static_cast<uint16_t*>(k_cache),
-                       static_cast<uint16_t*>(v_cache), tokens, num_heads, num_kv_heads, head_dim, cache_slots);
-    } else {
-        return 2;
-    }
-    return 0;
+    return eoq::with_dtype(dtype, [&](auto* tag) {
+        using T = eoq::Elem<decltype(tag)>;
+        rope_and_store(static_cast<const T*>(qkv), cos_table, sin_table, positions, slots, static_cast<T*>(qk_out),
+                       static_cast<T*>(k_cache), static_cast<T*>(v_cache), tokens, num_heads, num_kv_heads, head_dim,
+                       cache_slots);
+    });
 }
 
 }  // extern "C"

@@ -36,14 +36,10 @@ extern "C" {
 // dtype: 0 = float32, 1 = bfloat16. gate_up (rows, 2 inter): the gate, then the up projection; out (rows, inter).
 // Both contiguous. Returns 0, or non-zero for a dtype it lacks.
 int eoq_silu_mul(int dtype, const void* gate_up, void* out, int64_t rows, int64_t inter) {
-    if (dtype == 0) {
-        silu_mul(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, inter);
-    } else if (dtype == 1) {
-        silu_mul(static_cast<const uint16_t*>(gate_up), static_cast<uint16_t*>(out), rows, inter);
-    } else {
-        return 2;
-    }
-    return 0;
+    return eoq::with_dtype(dtype, [&](auto* tag) {
+        using T = eoq::Elem<decltype(tag)>;
+        silu_mul(static_cast<const T*>(gate_up), static_cast<T*>(out), rows, inter);
+    });
 }
 
 }  // extern "C"

@@ -39,7 +39,10 @@ INT8_MAX_TOKENS = 2  # the 8-bit kernel is compute-bound beyond: bf16 wins from 
 
 
 def _onednn_packing_available() -> bool:
-    return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    """Whether oneDNN can pack a bfloat16 weight here: it refuses on CPUs without AVX-512 (BW/VL/DQ) or
+    AVX-NE-CONVERT, where bfloat16 runs through F.linear."""
+    return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Linear(nn.Module):

@@ -14,87 +14,87 @@
 // this machine kind, 2-3x under the same BLAS with packed weights; packed weights in that BLAS are only used for
 // one batch size, decided when packing. This kernel takes any number of rows.
 //
-// A tile of up to 8 rows x 48 output features is held in 24 AVX-512 registers over a block of 128 input
-// features: each input feature costs 3 weight loads and 8 broadcasts for 24 FMAs; the block's sums are then added
-// to the output (sums of 128 terms added up, not one running sum over all inputs: closer to the exact result).
+// A tile of rows x panels is held in registers over a block of 128 input features — 8 rows x 48 outputs in 24
+// AVX-512 registers (each input feature: 3 weight loads and 8 broadcasts for 24 FMAs), 6 x 16 in 12 AVX2 registers
+// (simd.h) —; the block's sums are then added to the output (sums of 128 terms added up, not one running sum over
+// all inputs: closer to the exact result).
 // Output panels are spread over torch's OpenMP threads; each thread walks the rows of a chunk of up to 64 rows
 // while its panels' block of weights (24 KiB) stays in its L1 cache.
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
+#include <utility>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
+
+using eoq::simd::F16;
 
 constexpr int64_t kLanes = 16;  // output features per panel
 constexpr int64_t kRowChunk = 64;
 constexpr int64_t kBlockK = 128;
-
-#if defined(__AVX512F__)
-constexpr int kMR = 8;  // rows per tile
-constexpr int kNR = 3;  // panels per tile
+constexpr int kMR = eoq::simd::kGemmRows;    // rows per tile
+constexpr int kNR = eoq::simd::kGemmPanels;  // panels per tile
 
 // Ask for [p, p + bytes) ahead of use; a block cut short at a weight's end may ask past it: harmless, prefetches
 // never fault.
 inline void prefetch_bytes(const void* p, int64_t bytes) {
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(static_cast<const char*>(p) + b, _MM_HINT_T0);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
 }
 
 template <int MR, int NR>
 void tile(const float* a, int64_t lda, const float* b, int64_t panel_stride, int64_t k, float* c, int64_t ldc,
           int64_t cols, bool accumulate) {
-    __m512 acc[MR][NR];
+    F16 acc[MR][NR];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 3
-        for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_setzero_ps();
+        for (int j = 0; j < NR; ++j) acc[m][j] = eoq::simd::zero();
     for (int64_t p = 0; p < k; ++p) {
-        __m512 bv[NR];
+        F16 bv[NR];
 #pragma GCC unroll 3
-        for (int j = 0; j < NR; ++j) bv[j] = _mm512_load_ps(b + j * panel_stride + p * kLanes);
+        for (int j = 0; j < NR; ++j) bv[j] = eoq::simd::load(b + j * panel_stride + p * kLanes);
 #pragma GCC unroll 8
         for (int m = 0; m < MR; ++m) {
-            const __m512 av = _mm512_set1_ps(a[m * lda + p]);
+            const F16 av = eoq::simd::set1(a[m * lda + p]);
 #pragma GCC unroll 3
-            for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_fmadd_ps(av, bv[j], acc[m][j]);
+            for (int j = 0; j < NR; ++j) acc[m][j] = eoq::simd::fmadd(av, bv[j], acc[m][j]);
         }
     }
 #pragma GCC unroll 3
     for (int j = 0; j < NR; ++j) {
-        const int64_t left = cols - j * kLanes;
-        const __mmask16 mask = left >= kLanes ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+        const int left = static_cast<int>(std::min<int64_t>(cols - j * kLanes, kLanes));
 #pragma GCC unroll 8
         for (int m = 0; m < MR; ++m) {
             float* out = c + m * ldc + j * kLanes;
-            const __m512 sum = accumulate ? _mm512_add_ps(acc[m][j], _mm512_maskz_loadu_ps(mask, out)) : acc[m][j];
-            _mm512_mask_storeu_ps(out, mask, sum);
+            if (left == kLanes) {
+                eoq::simd::store(out, accumulate ? acc[m][j] + eoq::simd::load(out) : acc[m][j]);
+            } else {
+                eoq::simd::store_first(out, accumulate ? acc[m][j] + eoq::simd::load_first(out, left) : acc[m][j],
+                                       left);
+            }
         }
     }
 }
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, bool);
 
-template <int MR>
-constexpr TileFn pick(int nr) {
-    return nr == 1 ? tile<MR, 1> : nr == 2 ? tile<MR, 2> : tile<MR, 3>;
+template <int MR, int... NR>
+constexpr TileFn pick(int nr, std::integer_sequence<int, NR...>) {
+    TileFn fn = nullptr;
+    ((fn = nr == NR + 1 ? tile<MR, NR + 1> : fn), ...);
+    return fn;
 }
 
-TileFn tile_for(int mr, int nr) {
-    switch (mr) {
-        case 1: return pick<1>(nr);
-        case 2: return pick<2>(nr);
-        case 3: return pick<3>(nr);
-        case 4: return pick<4>(nr);
-        case 5: return pick<5>(nr);
-        case 6: return pick<6>(nr);
-        case 7: return pick<7>(nr);
-        default: return pick<8>(nr);
-    }
+template <int... MR>
+TileFn tile_for(int mr, int nr, std::integer_sequence<int, MR...>) {
+    TileFn fn = nullptr;
+    ((fn = mr == MR + 1 ? pick<MR + 1>(nr, std::make_integer_sequence<int, kNR>{}) : fn), ...);
+    return fn;
 }
+
+inline TileFn tile_for(int mr, int nr) { return tile_for(mr, nr, std::make_integer_sequence<int, kMR>{}); }
 
 // The panel formats. Each gives the float32 weights of panels [p0, p0 + nr) for inputs [k0, k0 + kc) — its own
 // memory, or a block it expanded them into — with the distance from one panel to the next (stride), and asks for
@@ -137,18 +137,15 @@ struct Q4 {
     void expand(int64_t p, int64_t k0, int64_t kc, float* out) const {
         const uint8_t* qp = q + p * (k / 2) * kLanes;
         const float* sp = s + p * (k / 32) * 2 * kLanes;
-        const __m512i low = _mm512_set1_epi32(0xf);
         for (int64_t g0 = k0; g0 < k0 + kc; g0 += 32) {
-            const __m512 step = _mm512_loadu_ps(sp + (g0 / 32) * 2 * kLanes);
-            const __m512 mn = _mm512_loadu_ps(sp + (g0 / 32) * 2 * kLanes + kLanes);
+            const F16 step = eoq::simd::load(sp + (g0 / 32) * 2 * kLanes);
+            const F16 mn = eoq::simd::load(sp + (g0 / 32) * 2 * kLanes + kLanes);
 #pragma GCC unroll 4
             for (int64_t i = g0; i < g0 + 32; i += 2) {
-                const __m512i v =
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qp + (i / 2) * kLanes)));
-                _mm512_store_ps(out + (i - k0) * kLanes,
-                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), step, mn));
-                _mm512_store_ps(out + (i + 1 - k0) * kLanes,
-                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), step, mn));
+                F16 lo, hi;
+                eoq::simd::from_nibbles(qp + (i / 2) * kLanes, lo, hi);
+                eoq::simd::store(out + (i - k0) * kLanes, eoq::simd::fmadd(lo, step, mn));
+                eoq::simd::store(out + (i + 1 - k0) * kLanes, eoq::simd::fmadd(hi, step, mn));
             }
         }
     }
@@ -173,13 +170,10 @@ struct Q8 {
         const int8_t* qp = q + p * k * kLanes;
         const float* sp = s + p * (k / 32) * kLanes;
         for (int64_t g0 = k0; g0 < k0 + kc; g0 += 32) {
-            const __m512 scale = _mm512_loadu_ps(sp + (g0 / 32) * kLanes);
+            const F16 scale = eoq::simd::load(sp + (g0 / 32) * kLanes);
 #pragma GCC unroll 4
-            for (int64_t i = g0; i < g0 + 32; ++i) {
-                const __m512i v =
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qp + i * kLanes)));
-                _mm512_store_ps(out + (i - k0) * kLanes, _mm512_mul_ps(_mm512_cvtepi32_ps(v), scale));
-            }
+            for (int64_t i = g0; i < g0 + 32; ++i)
+                eoq::simd::store(out + (i - k0) * kLanes, eoq::simd::from_i8(qp + i * kLanes) * scale);
         }
     }
 
@@ -189,7 +183,7 @@ struct Q8 {
     }
 };
 
-// Output panels are spread over the threads in groups of 3; a thread takes each group's weights a block of 128
+// Output panels are spread over the threads in groups of kNR; a thread takes each group's weights a block of 128
 // inputs at a time (a low-bit format expands it into float32 in the thread's L1 cache) and runs the tiles over it
 // for every row of the chunk, asking for the next block meanwhile.
 template <typename Format>
@@ -227,58 +221,6 @@ void gemm_panels(const float* x, const Format& w, float* y, int64_t rows, int64_
         }
     }
 }
-#else
-// Portable versions: each panel's weights as float32, then plain loops the compiler vectorizes.
-struct F32 {
-    const float* w;
-    int64_t k;
-
-    float weight(int64_t p, int64_t i, int64_t j) const { return w[(p * k + i) * kLanes + j]; }
-};
-
-struct Q4 {
-    const uint8_t* q;
-    const float* s;
-    int64_t k;
-
-    float weight(int64_t p, int64_t i, int64_t j) const {
-        const uint8_t byte = q[(p * (k / 2) + i / 2) * kLanes + j];
-        const float* sg = s + (p * (k / 32) + i / 32) * 2 * kLanes;
-        return sg[j] * static_cast<float>(i % 2 ? byte >> 4 : byte & 0xf) + sg[kLanes + j];
-    }
-};
-
-struct Q8 {
-    const int8_t* q;
-    const float* s;
-    int64_t k;
-
-    float weight(int64_t p, int64_t i, int64_t j) const {
-        return s[(p * (k / 32) + i / 32) * kLanes + j] * static_cast<float>(q[(p * k + i) * kLanes + j]);
-    }
-};
-
-template <typename Format>
-void gemm_panels(const float* x, const Format& f, float* y, int64_t rows, int64_t n, int64_t k) {
-    const int64_t panels = (n + kLanes - 1) / kLanes;
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < panels; ++p) {
-        std::vector<float> w(k * kLanes);
-        for (int64_t i = 0; i < k; ++i)
-            for (int64_t j = 0; j < kLanes; ++j) w[i * kLanes + j] = f.weight(p, i, j);
-        const int64_t cols = std::min(kLanes, n - p * kLanes);
-        for (int64_t r = 0; r < rows; ++r) {
-            float acc[kLanes] = {};
-            const float* a = x + r * k;
-            for (int64_t i = 0; i < k; ++i) {
-#pragma omp simd
-                for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[i] * w[i * kLanes + j];
-            }
-            for (int64_t j = 0; j < cols; ++j) y[r * n + p * kLanes + j] = acc[j];
-        }
-    }
-}
-#endif
 
 }  // namespace
 

@@ -6,25 +6,22 @@
 // - 8-bit (a GGUF's Q8_0): q (out_f, in_f) int8; scales (out_f, in_f / 32) float32: w = scale * q.
 //
 // One output feature at a time, spread over torch's OpenMP threads: each group is decoded into float32 weights
-// and multiplied with every input row. With AVX-512 a group's two halves go to separate sums and, with one or two
-// rows, consecutive groups alternate between two sets of sums, so the FMAs do not wait on each other; the weights
-// of a few outputs ahead are prefetched. x and y are float32 or bfloat16; the sums are float32.
+// (simd.h's 16 lanes) and multiplied with every input row, into independent sums so the FMAs do not wait on each
+// other; the weights of a few outputs ahead are prefetched. x and y are float32 or bfloat16; the sums are float32.
 
 #include <cstdint>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "bf16.h"
+#include "simd.h"
 
 namespace {
 
 using eoq::load;
 using eoq::store;
+using eoq::simd::F16;
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kMaxRows = 8;
@@ -44,25 +41,14 @@ struct Int4 {
         prefetch(s + o * ng * 2, ng * 2 * sizeof(float));
     }
 
-    void decode(int64_t o, int64_t g, float* w) const {
-        const uint8_t* qg = q + (o * ng + g) * 16;
-        const float step = s[(o * ng + g) * 2], mn = s[(o * ng + g) * 2 + 1];
-        for (int64_t i = 0; i < 16; ++i) {
-            w[i] = step * static_cast<float>(qg[i] & 0xf) + mn;
-            w[i + 16] = step * static_cast<float>(qg[i] >> 4) + mn;
-        }
+    // Group g of output o as float32: inputs [0, 16) in lo, [16, 32) in hi.
+    __attribute__((always_inline)) void decode(int64_t o, int64_t g, F16& lo, F16& hi) const {
+        eoq::simd::from_nibbles(q + (o * ng + g) * 16, lo, hi);
+        const F16 step = eoq::simd::set1(s[(o * ng + g) * 2]);
+        const F16 mn = eoq::simd::set1(s[(o * ng + g) * 2 + 1]);
+        lo = eoq::simd::fmadd(lo, step, mn);
+        hi = eoq::simd::fmadd(hi, step, mn);
     }
-
-#if defined(__AVX512F__)
-    __attribute__((always_inline)) void decode(int64_t o, int64_t g, __m512& lo, __m512& hi) const {
-        const __m512i v =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (o * ng + g) * 16)));
-        const __m512 step = _mm512_set1_ps(s[(o * ng + g) * 2]);
-        const __m512 mn = _mm512_set1_ps(s[(o * ng + g) * 2 + 1]);
-        lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xf))), step, mn);
-        hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), step, mn);
-    }
-#endif
 };
 
 struct Int8 {
@@ -75,23 +61,12 @@ struct Int8 {
         prefetch(s + o * ng, ng * sizeof(float));
     }
 
-    void decode(int64_t o, int64_t g, float* w) const {
+    __attribute__((always_inline)) void decode(int64_t o, int64_t g, F16& lo, F16& hi) const {
         const int8_t* qg = q + (o * ng + g) * kGroup;
-        const float scale = s[o * ng + g];
-        for (int64_t i = 0; i < kGroup; ++i) w[i] = scale * static_cast<float>(qg[i]);
+        const F16 scale = eoq::simd::set1(s[o * ng + g]);
+        lo = eoq::simd::from_i8(qg) * scale;
+        hi = eoq::simd::from_i8(qg + 16) * scale;
     }
-
-#if defined(__AVX512F__)
-    __attribute__((always_inline)) void decode(int64_t o, int64_t g, __m512& lo, __m512& hi) const {
-        const int8_t* qg = q + (o * ng + g) * kGroup;
-        const __m512 scale = _mm512_set1_ps(s[o * ng + g]);
-        lo = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg)))), scale);
-        hi = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + 16)))),
-            scale);
-    }
-#endif
 };
 
 // out (R, out_f) = xf (R, in_f) W^T, all float32.
@@ -99,24 +74,28 @@ template <int R, typename Format>
 void rows_matmul(const float* xf, const Format& format, float* out, int64_t in_f, int64_t out_f) {
     const int64_t ng = in_f / kGroup;
     const Format f = format;  // a local copy: stores to out cannot change its pointers, so they stay in registers
+    // Independent sums, so the FMAs do not wait on each other: with one or two rows consecutive groups alternate
+    // between two sets; where registers are plenty (AVX-512) a group's two halves go to separate sums too.
+    constexpr int kSets = R <= 2 ? 2 : 1;
+    constexpr int kHalves = eoq::simd::kManyRegisters ? 2 : 1;
 #pragma omp parallel for schedule(static) firstprivate(f)
     for (int64_t o = 0; o < out_f; ++o) {
-#if defined(__AVX512F__)
         if (o + kAhead < out_f) f.prefetch_output(o + kAhead);
-        constexpr int kSets = R <= 2 ? 2 : 1;
-        __m512 acc[kSets][2][R];
+        F16 acc[kSets][kHalves][R];
 #pragma GCC unroll 2
         for (int st = 0; st < kSets; ++st)
+#pragma GCC unroll 2
+            for (int h = 0; h < kHalves; ++h)
 #pragma GCC unroll 8
-            for (int r = 0; r < R; ++r) acc[st][0][r] = acc[st][1][r] = _mm512_setzero_ps();
-        auto group = [&](int64_t g, __m512(&a)[2][R]) {
-            __m512 lo, hi;
+                for (int r = 0; r < R; ++r) acc[st][h][r] = eoq::simd::zero();
+        auto group = [&](int64_t g, F16(&a)[kHalves][R]) {
+            F16 lo, hi;
             f.decode(o, g, lo, hi);
 #pragma GCC unroll 8
             for (int r = 0; r < R; ++r) {
                 const float* xr = xf + r * in_f + g * kGroup;
-                a[0][r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), a[0][r]);
-                a[1][r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), a[1][r]);
+                a[0][r] = eoq::simd::fmadd(lo, eoq::simd::load(xr), a[0][r]);
+                a[kHalves - 1][r] = eoq::simd::fmadd(hi, eoq::simd::load(xr + 16), a[kHalves - 1][r]);
             }
         };
         int64_t g = 0;
@@ -127,25 +106,14 @@ void rows_matmul(const float* xf, const Format& format, float* out, int64_t in_f
         for (; g < ng; ++g) group(g, acc[0]);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-            __m512 sum = _mm512_add_ps(acc[0][0][r], acc[0][1][r]);
-            if constexpr (kSets == 2) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[1][0][r], acc[1][1][r]));
-            out[r * out_f + o] = _mm512_reduce_add_ps(sum);
+            F16 sum = acc[0][0][r];
+#pragma GCC unroll 2
+            for (int st = 0; st < kSets; ++st)
+#pragma GCC unroll 2
+                for (int h = 0; h < kHalves; ++h)
+                    if (st + h > 0) sum = sum + acc[st][h][r];
+            out[r * out_f + o] = eoq::simd::reduce_add(sum);
         }
-#else
-        float w[kGroup];
-        float acc[R] = {};
-        for (int64_t g = 0; g < ng; ++g) {
-            f.decode(o, g, w);
-            for (int r = 0; r < R; ++r) {
-                const float* xr = xf + r * in_f + g * kGroup;
-                float part = 0.f;
-#pragma omp simd reduction(+ : part)
-                for (int64_t i = 0; i < kGroup; ++i) part += w[i] * xr[i];
-                acc[r] += part;
-            }
-        }
-        for (int r = 0; r < R; ++r) out[r * out_f + o] = acc[r];
-#endif
     }
 }
 

@@ -3,6 +3,7 @@ model's tokenizer so detokenization is real, and engine cores over them in float
 
 from __future__ import annotations
 
+import platform
 import shutil
 from pathlib import Path
 
@@ -107,9 +108,31 @@ def merge(outs: list[RequestOutput]) -> RequestOutput:
 __all__ = ["FinishReason", "generate", "make_core", "merge", "run_to_end"]
 
 
-@pytest.fixture(scope="session")
-def cpu_kernels_lib(tmp_path_factory):
-    """eoq's CPU kernels, built once for the session into a temporary folder."""
+def _kernel_builds() -> list[str]:
+    """The ``-march`` levels to build eoq's CPU kernels for: this machine's, and on x86-64 each older branch of
+    ``csrc/simd.h`` it can run (AVX2 under AVX-512, the generic vectors under AVX2), so every branch this machine
+    can execute is tested here, not only the one its own build takes."""
+    builds = ["native"]
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return builds
+    try:
+        flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+                    .split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return builds
+    if "avx512f" in flags and {"avx2", "fma"} <= flags:
+        builds.append("x86-64-v3")
+    if "avx512f" in flags or {"avx2", "fma"} <= flags:
+        builds.append("x86-64")
+    return builds
+
+
+@pytest.fixture(scope="session", params=_kernel_builds())
+def cpu_kernels_lib(request, tmp_path_factory):
+    """eoq's CPU kernels, built once a session into a temporary folder for each ``-march`` of _kernel_builds."""
     from eoq.engine.model.kernels import CpuKernels, build
 
-    return CpuKernels(build(tmp_path_factory.mktemp("kernels")))
+    lib = CpuKernels(build(tmp_path_factory.mktemp("kernels"), march=request.param))
+    expected = {"x86-64-v3": "avx2", "x86-64": "generic"}.get(request.param)
+    assert expected in (None, lib.isa), f"-march={request.param} built the {lib.isa} branch"
+    return lib

@@ -29,10 +29,21 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tor
     return (probs.unsqueeze(1) @ v).squeeze(1)
 
 
-@pytest.mark.parametrize("path", ["kernel", "torch"])
-@pytest.mark.parametrize("num_decodes", sorted({1, attention.SMALL_DECODE_BATCH, attention.SMALL_DECODE_BATCH + 1,
-                                                attention.MID_DECODE_BATCH, attention.MID_DECODE_BATCH + 1, 45}))
-def test_decode_attention_equals_plain_attention(num_decodes: int, path: str, request) -> None:
+DECODE_COUNTS = sorted({1, attention.SMALL_DECODE_BATCH, attention.SMALL_DECODE_BATCH + 1, attention.MID_DECODE_BATCH,
+                        attention.MID_DECODE_BATCH + 1, 45})
+
+
+@pytest.mark.parametrize("num_decodes", DECODE_COUNTS)
+def test_decode_attention_kernel_equals_plain_attention(num_decodes: int, kernel) -> None:
+    _check_decode_attention(num_decodes, kernel)
+
+
+@pytest.mark.parametrize("num_decodes", DECODE_COUNTS)
+def test_decode_attention_in_torch_equals_plain_attention(num_decodes: int) -> None:
+    _check_decode_attention(num_decodes, None)
+
+
+def _check_decode_attention(num_decodes: int, kernel) -> None:
     gen = torch.Generator().manual_seed(num_decodes)
     D = num_decodes
     k_cache = torch.randn(NKV, NUM_BLOCKS, BS, HD, generator=gen)
@@ -57,8 +68,8 @@ def test_decode_attention_equals_plain_attention(num_decodes: int, path: str, re
         decode_bias=torch.zeros(D, width * BS).masked_fill_(pad, float("-inf")).view(1, D, 1, width * BS),
         decode_context_lens=lengths,
     )
-    if path == "kernel":
-        meta.decode_kernel, meta.decode_lens = request.getfixturevalue("kernel"), torch.tensor(lengths)
+    if kernel is not None:
+        meta.decode_kernel, meta.decode_lens = kernel, torch.tensor(lengths)
 
     out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta).view(D, NKV * GROUP, HD)
 

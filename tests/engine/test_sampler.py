@@ -44,9 +44,15 @@ def test_repetition_penalty_matches_transformers():
     assert torch.allclose(ours, torch.cat([ref0, ref1]))
 
 
-@pytest.mark.parametrize("with_kernels", [False, True])
-def test_greedy_rows_take_the_argmax_and_sampled_rows_follow_their_distribution(request, with_kernels):
-    sampler = Sampler(CPU, seed=0, kernels=request.getfixturevalue("cpu_kernels_lib") if with_kernels else None)
+def test_greedy_rows_take_the_argmax_and_sampled_rows_follow_their_distribution():
+    _check_greedy_and_sampled_rows(Sampler(CPU, seed=0))
+
+
+def test_greedy_rows_take_the_argmax_kernel_and_sampled_rows_follow_their_distribution(cpu_kernels_lib):
+    _check_greedy_and_sampled_rows(Sampler(CPU, seed=0, kernels=cpu_kernels_lib))
+
+
+def _check_greedy_and_sampled_rows(sampler: Sampler) -> None:
     probs = torch.tensor([0.1, 0.6, 0.3])
     logits = probs.log().repeat(2, 1)
     params = [SamplingParams(), SamplingParams(temperature=1.0)]

@@ -103,7 +103,7 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
         info.name, info.architecture, info.device, info.dtype, model_len, time.monotonic() - t0,
         num_blocks * cfg.block_size * bytes_per_token / GiB, capacity, num_blocks, cfg.block_size, bytes_per_token,
         capacity // model_len, capacity // 1024, torch.get_num_threads(),
-        "eoq's CPU kernels" if kernels else "torch's ops only",
+        f"eoq's CPU kernels ({kernels.isa})" if kernels else "torch's ops only",
     )
     return core, info
 

@@ -27,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-Wno-psabi", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-Wno-psabi", "-shared", "-fPIC", "-std=c++17"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -46,10 +46,13 @@ def _sources() -> dict[str, bytes]:
             if f.name.endswith((".cpp", ".h"))}
 
 
-def build(cache_dir: Path) -> Path:
-    """Compile ``csrc/*.cpp`` into one library (once per source, compiler and CPU) and return its path.
+def build(cache_dir: Path, march: str = "native") -> Path:
+    """Compile ``csrc/*.cpp`` into one library (once per source, compiler, CPU and ``march``) and return its path.
 
+    ``march``: the instruction set to build for (``-march=``): this machine's by default; tests also build older
+    ones (``x86-64-v3``: AVX2, ``x86-64``: none of the wide vectors) to run each of ``csrc/simd.h``'s branches.
     Raises ``RuntimeError`` with the compiler's message when there is no compiler or the build fails."""
+    flags = [*FLAGS, f"-march={march}"]
     sources = _sources()
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
@@ -57,7 +60,7 @@ def build(cache_dir: Path) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     digest = hashlib.sha256()
     for part in [*(n.encode() + b"\0" + b for n, b in sources.items()), cxx.encode(), version.encode(),
-                 " ".join(FLAGS).encode(), _cpu_id().encode()]:
+                 " ".join(flags).encode(), _cpu_id().encode()]:
         digest.update(part + b"\0")
     out = cache_dir / f"eoq_cpu-{digest.hexdigest()[:16]}.so"
     if out.is_file():
@@ -68,11 +71,11 @@ def build(cache_dir: Path) -> Path:
             (Path(tmp) / name).write_bytes(text)
         lib = Path(tmp) / "eoq_cpu.so"
         cpp = [str(Path(tmp) / n) for n in sources if n.endswith(".cpp")]
-        done = subprocess.run([cxx, *FLAGS, "-o", str(lib), *cpp], capture_output=True, text=True, check=False)
+        done = subprocess.run([cxx, *flags, "-o", str(lib), *cpp], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed to build eoq's CPU kernels: {done.stderr.strip()[-2000:]}")
         os.replace(lib, out)  # atomic: engines starting together never load a half-written file
-    log.info("built eoq's CPU kernels for this CPU: %s", out)
+    log.info("built eoq's CPU kernels for this CPU (-march=%s): %s", march, out)
     return out
 
 
@@ -105,6 +108,8 @@ class CpuKernels:
         self._gemm = _entry(lib, "eoq_gemm_f32", [p, p, p, i64, i64, i64])
         self._argmax = _entry(lib, "eoq_argmax", [p, p, i64, i64])
         self._gemm_lowbit = {bits: _entry(lib, f"eoq_gemm_q{bits}", [p, p, p, p, i64, i64, i64]) for bits in (4, 8)}
+        lib.eoq_simd_isa.restype = ctypes.c_char_p
+        self.isa: str = lib.eoq_simd_isa().decode()  # the vectors the kernels use: avx512, avx2 or generic
 
     @staticmethod
     def supports(device: torch.device, dtype: torch.dtype) -> bool:

@@ -19,15 +19,13 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "bf16.h"
+#include "simd.h"
 
 namespace {
 
 using eoq::load;
+using eoq::simd::F16;
 using eoq::store;
 
 inline void prefetch(const void* start, int64_t bytes) {
@@ -40,83 +38,67 @@ inline void prefetch_l2(const void* start, int64_t bytes) {  // into the L2 cach
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-
-// The lane sums of 16 vectors as one vector (lane j = the sum of v[j]'s lanes): four rounds of pairing, each
-// halving the vectors and the partial sums they hold, instead of 16 separate reductions.
-inline __m512 sum_lanes16(__m512 (&v)[16]) {
-    const __m512i lo1 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-    const __m512i hi1 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    const __m512i lo2 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
-    const __m512i hi2 = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    const __m512i lo3 = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
-    const __m512i hi3 = _mm512_setr_epi32(2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    const __m512i lo4 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i hi4 = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    __m512 a[8], b[4], c[2];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i)
-        a[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], lo1, v[2 * i + 1]),
-                             _mm512_permutex2var_ps(v[2 * i], hi1, v[2 * i + 1]));
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i)
-        b[i] = _mm512_add_ps(_mm512_permutex2var_ps(a[2 * i], lo2, a[2 * i + 1]),
-                             _mm512_permutex2var_ps(a[2 * i], hi2, a[2 * i + 1]));
-#pragma GCC unroll 2
-    for (int i = 0; i < 2; ++i)
-        c[i] = _mm512_add_ps(_mm512_permutex2var_ps(b[2 * i], lo3, b[2 * i + 1]),
-                             _mm512_permutex2var_ps(b[2 * i], hi3, b[2 * i + 1]));
-    return _mm512_add_ps(_mm512_permutex2var_ps(c[0], lo4, c[1]), _mm512_permutex2var_ps(c[0], hi4, c[1]));
-}
-
 // q . k for the n (<= 16) keys of one block and one query (head_dim = 16 * HV, scaled, float32), into out[0..n).
 template <int HV, typename T>
 inline void block_scores(const float* qg, const T* kb, int64_t n, float* out) {
-    __m512 qv[HV];
+    F16 qv[HV];
 #pragma GCC unroll 8
-    for (int v = 0; v < HV; ++v) qv[v] = _mm512_loadu_ps(qg + 16 * v);
-    __m512 acc[16];
+    for (int v = 0; v < HV; ++v) qv[v] = eoq::simd::load(qg + 16 * v);
+    F16 acc[16];
 #pragma GCC unroll 16
     for (int j = 0; j < 16; ++j) {
-        acc[j] = _mm512_setzero_ps();
+        acc[j] = eoq::simd::zero();
         if (j < n) {
 #pragma GCC unroll 8
-            for (int v = 0; v < HV; ++v) acc[j] = _mm512_fmadd_ps(qv[v], load16(kb + j * 16 * HV + 16 * v), acc[j]);
+            for (int v = 0; v < HV; ++v) acc[j] = eoq::simd::fmadd(qv[v], eoq::simd::load(kb + j * 16 * HV + 16 * v), acc[j]);
         }
     }
-    _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), sum_lanes16(acc));
+    eoq::simd::store_first(out, eoq::simd::sum_lanes16(acc), static_cast<int>(n));
 }
 
-// acc (16 * HV floats) += sum over the block's n values of p[j] * v[j]; two sets of sums so the FMAs overlap.
+// acc (16 * HV floats) += sum over the block's n values of p[j] * v[j]; with registers to spare (AVX-512) two sets
+// of sums so the FMAs overlap.
 template <int HV, typename T>
 inline void block_values(const float* p, const T* vb, int64_t n, float* acc) {
-    __m512 a[2][HV];
+    constexpr int kSets = eoq::simd::kManyRegisters ? 2 : 1;
+    F16 a[kSets][HV];
 #pragma GCC unroll 8
     for (int v = 0; v < HV; ++v) {
-        a[0][v] = _mm512_loadu_ps(acc + 16 * v);
-        a[1][v] = _mm512_setzero_ps();
+        a[0][v] = eoq::simd::load(acc + 16 * v);
+        if constexpr (kSets == 2) a[1][v] = eoq::simd::zero();
     }
     int64_t j = 0;
-    for (; j + 2 <= n; j += 2) {
-        const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
+    for (; j + kSets <= n; j += kSets) {
+#pragma GCC unroll 2
+        for (int st = 0; st < kSets; ++st) {
+            const F16 pj = eoq::simd::set1(p[j + st]);
 #pragma GCC unroll 8
-        for (int v = 0; v < HV; ++v) {
-            a[0][v] = _mm512_fmadd_ps(p0, load16(vb + j * 16 * HV + 16 * v), a[0][v]);
-            a[1][v] = _mm512_fmadd_ps(p1, load16(vb + (j + 1) * 16 * HV + 16 * v), a[1][v]);
+            for (int v = 0; v < HV; ++v)
+                a[st][v] = eoq::simd::fmadd(pj, eoq::simd::load(vb + (j + st) * 16 * HV + 16 * v), a[st][v]);
         }
     }
     if (j < n) {
-        const __m512 p0 = _mm512_set1_ps(p[j]);
+        const F16 pj = eoq::simd::set1(p[j]);
 #pragma GCC unroll 8
-        for (int v = 0; v < HV; ++v) a[0][v] = _mm512_fmadd_ps(p0, load16(vb + j * 16 * HV + 16 * v), a[0][v]);
+        for (int v = 0; v < HV; ++v) a[0][v] = eoq::simd::fmadd(pj, eoq::simd::load(vb + j * 16 * HV + 16 * v), a[0][v]);
     }
 #pragma GCC unroll 8
-    for (int v = 0; v < HV; ++v) _mm512_storeu_ps(acc + 16 * v, _mm512_add_ps(a[0][v], a[1][v]));
+    for (int v = 0; v < HV; ++v) {
+        if constexpr (kSets == 2) a[0][v] = a[0][v] + a[1][v];
+        eoq::simd::store(acc + 16 * v, a[0][v]);
+    }
+}
+
+// The scores / weighted values of one block through block_scores / block_values where they are built for this
+// head size (false: the caller's plain loops).
+template <typename T>
+inline bool fast_block_scores(const float* qg, const T* kb, int64_t n, int64_t head_dim, float* out) {
+    switch (head_dim) {
+        case 64: block_scores<4>(qg, kb, n, out); return true;
+        case 128: block_scores<8>(qg, kb, n, out); return true;
+        case 32: block_scores<2>(qg, kb, n, out); return true;
+        default: return false;
+    }
 }
 
 template <typename T>
@@ -127,23 +109,6 @@ inline bool fast_block_values(const float* p, const T* vb, int64_t n, int64_t he
         case 32: block_values<2>(p, vb, n, acc); return true;
         default: return false;
     }
-}
-#endif
-
-// Scores of one query against the n keys of a block, through block_scores where it is built for this head size.
-template <typename T>
-inline bool fast_block_scores(const float* qg, const T* kb, int64_t n, int64_t head_dim, float* out) {
-#if defined(__AVX512F__)
-    switch (head_dim) {
-        case 64: block_scores<4>(qg, kb, n, out); return true;
-        case 128: block_scores<8>(qg, kb, n, out); return true;
-        case 32: block_scores<2>(qg, kb, n, out); return true;
-        default: return false;
-    }
-#else
-    (void)qg, (void)kb, (void)n, (void)head_dim, (void)out;
-    return false;
-#endif
 }
 
 template <typename T>
@@ -240,13 +205,11 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
             for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
                 const T* vb = v_cache + (h * num_blocks + table[t0 / block_size]) * block_size * head_dim;
                 const int64_t n = std::min(block_size, ctx - t0);
-#if defined(__AVX512F__)
                 if (fast_block_values(scores.data() + t0, vb, n, head_dim, acc.data())) {
                     for (int64_t g = 1; g < G; ++g)
                         fast_block_values(scores.data() + g * ctx + t0, vb, n, head_dim, acc.data() + g * head_dim);
                     continue;
                 }
-#endif
                 for (int64_t j = 0; j < n; ++j) {
                     const T* vr = vb + j * head_dim;
 #pragma omp simd

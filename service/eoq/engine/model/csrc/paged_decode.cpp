@@ -50,7 +50,8 @@ inline void block_scores(const float* qg, const T* kb, int64_t n, float* out) {
         acc[j] = eoq::simd::zero();
         if (j < n) {
 #pragma GCC unroll 8
-            for (int v = 0; v < HV; ++v) acc[j] = eoq::simd::fmadd(qv[v], eoq::simd::load(kb + j * 16 * HV + 16 * v), acc[j]);
+            for (int v = 0; v < HV; ++v)
+                acc[j] = eoq::simd::fmadd(qv[v], eoq::simd::load(kb + j * 16 * HV + 16 * v), acc[j]);
         }
     }
     eoq::simd::store_first(out, eoq::simd::sum_lanes16(acc), static_cast<int>(n));
@@ -80,7 +81,8 @@ inline void block_values(const float* p, const T* vb, int64_t n, float* acc) {
     if (j < n) {
         const F16 pj = eoq::simd::set1(p[j]);
 #pragma GCC unroll 8
-        for (int v = 0; v < HV; ++v) a[0][v] = eoq::simd::fmadd(pj, eoq::simd::load(vb + j * 16 * HV + 16 * v), a[0][v]);
+        for (int v = 0; v < HV; ++v)
+            a[0][v] = eoq::simd::fmadd(pj, eoq::simd::load(vb + j * 16 * HV + 16 * v), a[0][v]);
     }
 #pragma GCC unroll 8
     for (int v = 0; v < HV; ++v) {

@@ -220,14 +220,7 @@ def test_int4_kernel_equals_a_matmul_with_the_dequantized_weight(kernels, in_f: 
     halves = q.to(torch.uint8).view(out_f, in_f // INT4_GROUP, 2, INT4_GROUP // 2)
     packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).contiguous()
     scales = torch.stack([step, lo], -1).contiguous()
-    for rows in range(9):  # every row count the kernel is built for
-        x = torch.randn(rows, in_f, generator=gen)
-        ref = F.linear(x.double(), weight.double()).float()
-        torch.testing.assert_close(kernels.int4_matmul(x, packed, scales), ref, atol=1e-5, rtol=1e-5)
-        out = kernels.int4_matmul(x.bfloat16(), packed, scales)
-        assert out.dtype == torch.bfloat16
-        ref16 = F.linear(x.bfloat16().double(), weight.double()).float()
-        torch.testing.assert_close(out.float(), ref16, atol=2e-2, rtol=2e-2)
+    _check_row_kernel(lambda x: kernels.int4_matmul(x, packed, scales), weight, gen)
     with pytest.raises(RuntimeError, match="refused its arguments"):  # more rows than the kernel takes
         kernels.int4_matmul(torch.randn(9, in_f), packed, scales)
 
@@ -269,11 +262,17 @@ def test_int8_kernel_equals_a_matmul_with_the_dequantized_weight(kernels, in_f: 
     q = torch.randint(-127, 128, (out_f, in_f), generator=gen, dtype=torch.int8)
     scales = torch.rand(out_f, in_f // INT8_GROUP, generator=gen) * 1e-2
     weight = (q.view(out_f, -1, INT8_GROUP).float() * scales[..., None]).view(out_f, in_f)
-    for rows in range(9):  # every row count the kernel is built for
-        x = torch.randn(rows, in_f, generator=gen)
+    _check_row_kernel(lambda x: kernels.int8_matmul(x, q, scales), weight, gen)
+
+
+def _check_row_kernel(matmul, weight: torch.Tensor, gen: torch.Generator) -> None:
+    """A low-bit row kernel (``matmul(x)``) against float64 with the dequantized ``weight``, for every row count it
+    is built for, in float32 and bfloat16."""
+    for rows in range(9):
+        x = torch.randn(rows, weight.shape[1], generator=gen)
         ref = F.linear(x.double(), weight.double()).float()
-        torch.testing.assert_close(kernels.int8_matmul(x, q, scales), ref, atol=1e-5, rtol=1e-5)
-        out = kernels.int8_matmul(x.bfloat16(), q, scales)
+        torch.testing.assert_close(matmul(x), ref, atol=1e-5, rtol=1e-5)
+        out = matmul(x.bfloat16())
         assert out.dtype == torch.bfloat16
-        torch.testing.assert_close(out.float(), F.linear(x.bfloat16().double(), weight.double()).float(),
-                                   atol=2e-2, rtol=2e-2)
+        ref16 = F.linear(x.bfloat16().double(), weight.double()).float()
+        torch.testing.assert_close(out.float(), ref16, atol=2e-2, rtol=2e-2)

@@ -115,24 +115,24 @@ struct F32 {
     }
 };
 
-// The low-bit formats expand each panel's block into (kc, 16) float32; k0 and kc are multiples of 32.
+// The low-bit formats (Format derives from Expanded<Format>) expand each panel's block into (kc, 16) float32 with
+// their expand(); k0 and kc are multiples of 32.
 template <typename Format>
-const float* expanded(const Format& f, int64_t p0, int nr, int64_t k0, int64_t kc, float* block, int64_t& stride) {
-    for (int j = 0; j < nr; ++j) f.expand(p0 + j, k0, kc, block + j * kBlockK * kLanes);
-    stride = kBlockK * kLanes;
-    return block;
-}
+struct Expanded {
+    const float* panels(int64_t p0, int nr, int64_t k0, int64_t kc, float* block, int64_t& stride) const {
+        for (int j = 0; j < nr; ++j)
+            static_cast<const Format&>(*this).expand(p0 + j, k0, kc, block + j * kBlockK * kLanes);
+        stride = kBlockK * kLanes;
+        return block;
+    }
+};
 
 // 4-bit: values (panels, k / 2, 16) uint8, inputs 2i and 2i + 1 in the low and high nibble; scales (panels, k / 32,
 // 2, 16) float32, each group's 16 steps then 16 minimums: w = step * q + min.
-struct Q4 {
+struct Q4 : Expanded<Q4> {
     const uint8_t* q;
     const float* s;
     int64_t k;
-
-    const float* panels(int64_t p0, int nr, int64_t k0, int64_t kc, float* block, int64_t& stride) const {
-        return expanded(*this, p0, nr, k0, kc, block, stride);
-    }
 
     void expand(int64_t p, int64_t k0, int64_t kc, float* out) const {
         const uint8_t* qp = q + p * (k / 2) * kLanes;
@@ -157,14 +157,10 @@ struct Q4 {
 };
 
 // 8-bit: values (panels, k, 16) int8; scales (panels, k / 32, 16) float32: w = scale * q.
-struct Q8 {
+struct Q8 : Expanded<Q8> {
     const int8_t* q;
     const float* s;
     int64_t k;
-
-    const float* panels(int64_t p0, int nr, int64_t k0, int64_t kc, float* block, int64_t& stride) const {
-        return expanded(*this, p0, nr, k0, kc, block, stride);
-    }
 
     void expand(int64_t p, int64_t k0, int64_t kc, float* out) const {
         const int8_t* qp = q + p * k * kLanes;
@@ -238,14 +234,14 @@ int eoq_gemm_f32(const float* x, const float* packed, float* y, int64_t rows, in
 // y float32 (rows, n); k a multiple of 32. Returns 0, or non-zero for arguments it cannot take.
 int eoq_gemm_q4(const float* x, const uint8_t* q, const float* scales, float* y, int64_t rows, int64_t n, int64_t k) {
     if (rows < 0 || n <= 0 || k <= 0 || k % 32) return 1;
-    gemm_panels(x, Q4{q, scales, k}, y, rows, n, k);
+    gemm_panels(x, Q4{{}, q, scales, k}, y, rows, n, k);
     return 0;
 }
 
 // As eoq_gemm_q4 for an 8-bit weight: q int8 (ceil(n / 16), k, 16), scales float32 (ceil(n / 16), k / 32, 16).
 int eoq_gemm_q8(const float* x, const int8_t* q, const float* scales, float* y, int64_t rows, int64_t n, int64_t k) {
     if (rows < 0 || n <= 0 || k <= 0 || k % 32) return 1;
-    gemm_panels(x, Q8{q, scales, k}, y, rows, n, k);
+    gemm_panels(x, Q8{{}, q, scales, k}, y, rows, n, k);
     return 0;
 }
 

@@ -12,7 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -91,24 +91,14 @@ inline void block_values(const float* p, const T* vb, int64_t n, float* acc) {
     }
 }
 
-// The scores / weighted values of one block through block_scores / block_values where they are built for this
-// head size (false: the caller's plain loops).
-template <typename T>
-inline bool fast_block_scores(const float* qg, const T* kb, int64_t n, int64_t head_dim, float* out) {
+// f(std::integral_constant<int, HV>) for the head sizes block_scores / block_values are built for (16 * HV lanes);
+// false for the others (the caller's plain loops).
+template <typename F>
+inline bool with_head_vectors(int64_t head_dim, F&& f) {
     switch (head_dim) {
-        case 64: block_scores<4>(qg, kb, n, out); return true;
-        case 128: block_scores<8>(qg, kb, n, out); return true;
-        case 32: block_scores<2>(qg, kb, n, out); return true;
-        default: return false;
-    }
-}
-
-template <typename T>
-inline bool fast_block_values(const float* p, const T* vb, int64_t n, int64_t head_dim, float* acc) {
-    switch (head_dim) {
-        case 64: block_values<4>(p, vb, n, acc); return true;
-        case 128: block_values<8>(p, vb, n, acc); return true;
-        case 32: block_values<2>(p, vb, n, acc); return true;
+        case 64: f(std::integral_constant<int, 4>{}); return true;
+        case 128: f(std::integral_constant<int, 8>{}); return true;
+        case 32: f(std::integral_constant<int, 2>{}); return true;
         default: return false;
     }
 }
@@ -168,11 +158,11 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
                 if (t0 + block_size < ctx) prefetch(k_cache + (h * num_blocks + table[b + 1]) * block_size * head_dim,
                                                     block_bytes);
                 prefetch(v_cache + (h * num_blocks + table[b]) * block_size * head_dim, block_bytes);
-                if (block_size == 16 && fast_block_scores(qf.data(), kb, n, head_dim, scores.data() + t0)) {
-                    for (int64_t g = 1; g < G; ++g)
-                        fast_block_scores(qf.data() + g * head_dim, kb, n, head_dim, scores.data() + g * ctx + t0);
+                if (block_size == 16 && with_head_vectors(head_dim, [&](auto hv) {
+                        for (int64_t g = 0; g < G; ++g)
+                            block_scores<hv>(qf.data() + g * head_dim, kb, n, scores.data() + g * ctx + t0);
+                    }))
                     continue;
-                }
                 for (int64_t j = 0; j < n; ++j) {
                     const T* kr = kb + j * head_dim;
 #pragma omp simd
@@ -207,11 +197,11 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
             for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
                 const T* vb = v_cache + (h * num_blocks + table[t0 / block_size]) * block_size * head_dim;
                 const int64_t n = std::min(block_size, ctx - t0);
-                if (fast_block_values(scores.data() + t0, vb, n, head_dim, acc.data())) {
-                    for (int64_t g = 1; g < G; ++g)
-                        fast_block_values(scores.data() + g * ctx + t0, vb, n, head_dim, acc.data() + g * head_dim);
+                if (with_head_vectors(head_dim, [&](auto hv) {
+                        for (int64_t g = 0; g < G; ++g)
+                            block_values<hv>(scores.data() + g * ctx + t0, vb, n, acc.data() + g * head_dim);
+                    }))
                     continue;
-                }
                 for (int64_t j = 0; j < n; ++j) {
                     const T* vr = vb + j * head_dim;
 #pragma omp simd

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
         "low-bit matmuls, RMSNorm, RoPE, SwiGLU, argmax), compiled for the machine at first start (3-7 s, kept "
         "under <cache-dir>/kernels; without a C++ compiler torch's ops)",
     )
+    decode_graphs: Literal["auto", "off", "eager"] = Field(
+        "auto", description="on CUDA, replay decode steps from CUDA graphs captured per batch and context bucket "
+        "(auto); off = launch every kernel each step; eager = the graphs' padded steps without capturing (debugging)"
+    )
     kv_cache_memory_gb: float | None = Field(
         None, description="KV cache budget in GiB (default: 1 GiB on CPU, 85% of the GPU memory free after loading on CUDA)"
     )

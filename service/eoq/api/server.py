@@ -128,6 +128,7 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         quantized_weights=settings.quantized_weights,
         quantized_max_tokens=settings.quantized_max_tokens,
         cpu_kernels=settings.cpu_kernels,
+        decode_graphs=settings.decode_graphs,
         kernel_cache_dir=settings.cache_dir / "kernels",
     )
     engine = AsyncEngine(engine_cfg, settings.engine_mode, settings.max_queue_size, observer=metrics)

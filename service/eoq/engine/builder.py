@@ -70,7 +70,9 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
 
     bytes_per_token = model.kv_spec.bytes_per_token(dtype)
     budget = _kv_budget_bytes(cfg, device)
-    num_blocks = int(budget // (bytes_per_token * cfg.block_size))
+    graphs = _decode_graphs(cfg.decode_graphs, device)
+    # With decode graphs one block of the budget is their null block (padding rows write there).
+    num_blocks = int(budget // (bytes_per_token * cfg.block_size)) - (graphs != "off")
     capacity = num_blocks * cfg.block_size
     if capacity < model_len:
         need_gb = model_len * bytes_per_token / GiB
@@ -82,7 +84,8 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
     eos = eos_token_ids(cfg.checkpoint, tokenizer, config) | set(cfg.extra_eos_token_ids)
     blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
     scheduler = Scheduler(blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-    runner = ModelRunner(model, num_blocks, cfg.block_size, device, dtype, cfg.seed, kernels)
+    runner = ModelRunner(model, num_blocks, cfg.block_size, device, dtype, cfg.seed, kernels, graphs,
+                         cfg.max_num_seqs)
     core = EngineCore(runner, scheduler, tokenizer, frozenset(eos))
     info = ModelInfo(
         name=cfg.model_name,
@@ -99,13 +102,23 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
     )
     log.info(
         "model %s (%s) on %s in %s, context %d tokens, loaded in %.1f s; KV cache %.2f GiB = %d tokens "
-        "(%d blocks of %d, %d bytes/token) = %d full-length or ~%d sequences of 1k tokens; %s threads; %s",
+        "(%d blocks of %d, %d bytes/token) = %d full-length or ~%d sequences of 1k tokens; %s threads; %s%s",
         info.name, info.architecture, info.device, info.dtype, model_len, time.monotonic() - t0,
         num_blocks * cfg.block_size * bytes_per_token / GiB, capacity, num_blocks, cfg.block_size, bytes_per_token,
         capacity // model_len, capacity // 1024, torch.get_num_threads(),
         f"eoq's CPU kernels ({kernels.isa})" if kernels else "torch's ops only",
+        {"cuda": "; decode steps from CUDA graphs", "eager": "; padded decode steps (no graphs)"}.get(graphs, ""),
     )
     return core, info
+
+
+def _decode_graphs(setting: str, device: torch.device) -> str:
+    """The runner's ``decode_graphs`` for the ``--decode-graphs`` setting: ``auto`` = CUDA graphs on CUDA."""
+    if setting not in ("auto", "off", "eager"):
+        raise ConfigError(f"--decode-graphs {setting!r}: use auto, off or eager")
+    if setting == "auto":
+        return "cuda" if device.type == "cuda" else "off"
+    return setting
 
 
 def _cpu_kernels(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> CpuKernels | None:

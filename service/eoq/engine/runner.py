@@ -11,7 +11,8 @@ import logging
 
 import torch
 
-from eoq.engine.model.attention import AttentionMetadata, PrefillChunk
+from eoq.engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from eoq.engine.model.attention import AttentionMetadata, PrefillChunk, padding_bias
 from eoq.engine.model.base import DecoderModel
 from eoq.engine.model.kernels import CpuKernels
 from eoq.engine.sampler import Sampler, SamplingBatch
@@ -23,7 +24,11 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, seed: int = 0, kernels: CpuKernels | None = None) -> None:
+                 dtype: torch.dtype, seed: int = 0, kernels: CpuKernels | None = None, decode_graphs: str = "off",
+                 max_num_seqs: int = 64) -> None:
+        """``decode_graphs``: ``cuda`` replays decode steps from CUDA graphs (``cuda_graphs.py``), ``eager`` runs
+        the same padded steps without graphs (tests), ``off`` neither. With graphs the cache holds one block
+        more than ``num_blocks``, the null block that padding rows write to."""
         self.model = model
         self.decode_kernel = kernels.paged_decode_attention if kernels is not None else None
         self.device = device
@@ -32,9 +37,15 @@ class ModelRunner:
         self.num_blocks = num_blocks
         spec = model.kv_spec
         # One allocation for the whole cache: (layers, K/V, kv_heads, blocks, block_size, head_dim).
-        self.kv_cache = torch.zeros(spec.num_layers, 2, spec.num_kv_heads, num_blocks, block_size, spec.head_dim,
-                                    dtype=dtype, device=device)
+        null_blocks = 0 if decode_graphs == "off" else 1
+        self.kv_cache = torch.zeros(spec.num_layers, 2, spec.num_kv_heads, num_blocks + null_blocks, block_size,
+                                    spec.head_dim, dtype=dtype, device=device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_layers)]
+        self.graphs: DecodeGraphs | None = None
+        if decode_graphs != "off":
+            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, null_block=num_blocks,
+                                       max_batch=max_num_seqs, max_width=-(-model.max_positions // block_size),
+                                       dtype=dtype, device=device, capture=decode_graphs == "cuda")
         self.sampler = Sampler(device, seed, kernels)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -42,8 +53,12 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> list[int]:
         """Run one step. Returns the sampled token of each sequence that samples, in the order of
         ``sampling_sequences(out)``."""
-        input_ids, positions, meta, logits_indices, sampling = self._prepare(out)
-        logits = self.model(input_ids, positions, self.kv_caches, meta, logits_indices)  # (S, V)
+        logits = self._run_graph(out)
+        if logits is not None:
+            sampling = list(out.decodes)
+        else:
+            input_ids, positions, meta, logits_indices, sampling = self._prepare(out)
+            logits = self.model(input_ids, positions, self.kv_caches, meta, logits_indices)  # (S, V)
         if not sampling:
             return []
         batch = SamplingBatch.build(
@@ -57,6 +72,21 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         """Forget per-request state (its generator) once the request has ended."""
         self._generators.pop(request_id, None)
+
+    def _run_graph(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """The logits of a decode-only step replayed from a graph, or None when the step has prefill chunks or a
+        shape beyond the graphs'. A graph that fails to capture turns graphs off (logged); the step runs eagerly."""
+        if self.graphs is None or out.prefills or not out.decodes:
+            return None
+        inputs = DecodeInputs.of(out.decodes, self.block_size)
+        if not self.graphs.fits(len(out.decodes), inputs.width):
+            return None
+        try:
+            return self.graphs.run(inputs)
+        except RuntimeError:
+            log.exception("decode graphs failed: decode steps run eagerly from now on")
+            self.graphs = None
+            return None
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         seed = seq.sampling.seed
@@ -81,25 +111,16 @@ class ModelRunner:
         decode_blocks = decode_bias = lens = None
         ctx_lens: list[int] = []
         if D:
-            width = 0
-            for seq in out.decodes:
-                p = seq.num_computed_tokens
-                ids.append(seq.token_ids[p])
-                pos.append(p)
-                slots.append(seq.block_ids[p // bs] * bs + p % bs)
-                ctx_lens.append(p + 1)
-                width = max(width, p // bs + 1)
-            tables: list[int] = []
-            for seq in out.decodes:
-                row = seq.block_ids[:width]
-                tables.extend(row)
-                tables.extend([0] * (width - len(row)))
-            decode_blocks = torch.tensor(tables, dtype=torch.int64)  # (D * width,)
+            dec = DecodeInputs.of(out.decodes, bs)
+            ids.extend(dec.token_ids)
+            pos.extend(dec.positions)
+            slots.extend(dec.slots)
+            ctx_lens = dec.context_lens
+            width = dec.width
+            decode_blocks = torch.tensor(dec.padded_tables(width, 0), dtype=torch.int64)  # (D * width,)
             lens = torch.tensor(ctx_lens, dtype=torch.int64)
             if self.decode_kernel is None:
-                pad = torch.arange(width * bs).unsqueeze(0) >= lens.unsqueeze(1)  # (D, L)
-                decode_bias = torch.zeros(D, width * bs, dtype=self.dtype).masked_fill_(pad, float("-inf"))
-                decode_bias = decode_bias.view(1, D, 1, width * bs)
+                decode_bias = padding_bias(lens, width * bs, self.dtype)
             logits_indices.extend(range(D))
             sampling.extend(out.decodes)
 

@@ -159,6 +159,7 @@ class EngineConfig:
     quantized_max_tokens: int = 4
     cpu_kernels: bool = True  # CPU: eoq's C++ kernels (model.kernels), built on first use
     kernel_cache_dir: Path | None = None  # where built kernels are kept (default: <eoq cache>/kernels)
+    decode_graphs: str = "auto"  # auto (CUDA graphs on CUDA) | off | eager (padded steps, no graphs: tests)
     extra_eos_token_ids: tuple[int, ...] = ()  # e.g. the chat template's end-of-turn token
 
 

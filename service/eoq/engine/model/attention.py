@@ -47,6 +47,17 @@ class AttentionMetadata:
     # use it with decode_blocks and decode_lens, and decode_bias is not needed.
     decode_kernel: Callable[..., torch.Tensor] | None = None
     decode_lens: torch.Tensor | None = None  # (D,) int64: decode_context_lens as a tensor, for the kernel
+    # Shapes fixed for a CUDA graph (cuda_graphs.py): decodes always attend over the gathered blocks with
+    # decode_bias, never per sequence (decode_context_lens is not read).
+    padded: bool = False
+
+
+def padding_bias(lens: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of decodes attending over ``length`` gathered positions: (1, D, 1, length), 0 where a
+    position is below the sequence's length (``lens`` (D,) int64), -inf from it on."""
+    beyond = torch.arange(length, device=lens.device) >= lens.unsqueeze(1)  # (D, length)
+    bias = torch.zeros(beyond.shape, dtype=dtype, device=lens.device).masked_fill_(beyond, float("-inf"))
+    return bias.view(1, -1, 1, length)
 
 
 def paged_attention(
@@ -113,7 +124,7 @@ def _decode_attention(
     G = nh // nkv
     assert meta.decode_blocks is not None and meta.decode_bias is not None
     L = meta.decode_bias.shape[-1]
-    if D <= SMALL_DECODE_BATCH:
+    if D <= SMALL_DECODE_BATCH and not meta.padded:
         width = L // bs
         outs = []
         for i, ctx in enumerate(meta.decode_context_lens):

@@ -1,0 +1,194 @@
+"""Decode steps replayed from CUDA graphs.
+
+On a GPU a decode step of a small model is several hundred kernel launches of a few microseconds of work each:
+the launches, not the arithmetic, set the step time. A CUDA graph records one step's launches once and replays
+them with a single call. A graph fixes every shape and address, so a decode step is padded to a captured shape
+before it runs:
+- the batch to the next of ``batch_buckets`` (1, 2, 4, then multiples of 8 up to the most sequences a step holds);
+  padded rows decode token 0 at position 0 into the *null block* (one KV-cache block beyond those the block
+  manager hands out) and attend to it alone, so they never touch a sequence's cache;
+- the block tables to the next power of two of blocks (``width``; capped at a full-length sequence's), padded with
+  the null block; decode attention gathers that fixed window and masks what lies beyond each sequence's length
+  with a bias the graph computes from the lengths (``attention.padding_bias``).
+A step's inputs are copied into the graph's own input tensors, the graph is replayed, and the first rows of its
+logits are the step's. Each shape is captured the first time a step needs it (logged; a few tens of ms), all in
+one memory pool. Steps with prefill chunks, and shapes beyond the buckets, run eagerly as before.
+
+``DecodeGraphs(capture=False)`` runs the same padded step eagerly: the tests check the padding on a CPU, where
+there are no graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from eoq.engine.model.attention import AttentionMetadata, padding_bias
+from eoq.engine.model.base import DecoderModel
+
+log = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes graphs are captured for: 1, 2, 4, then multiples of 8, the last one ``max_batch``."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8))
+    return [*sizes, max_batch]
+
+
+def width_bucket(blocks: int, max_width: int) -> int:
+    """The captured table width for ``blocks`` blocks: the next power of two, at most ``max_width``."""
+    width = 1 << max(blocks - 1, 0).bit_length()
+    return min(width, max_width)
+
+
+@dataclass(slots=True)
+class DecodeInputs:
+    """One decode step's model inputs, one entry per decoding sequence (host lists)."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]  # cache slot of each new token
+    context_lens: list[int]  # tokens each sequence attends to, the new one included
+    block_tables: list[list[int]]  # the blocks holding each sequence's first context_lens tokens
+
+    @classmethod
+    def of(cls, decodes: Seq, block_size: int) -> DecodeInputs:
+        """The inputs of ``decodes`` (engine sequences, each with one new token to compute)."""
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        for seq in decodes:
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_ids[p // block_size] * block_size + p % block_size)
+            lens.append(p + 1)
+            tables.append(seq.block_ids[: p // block_size + 1])
+        return cls(ids, pos, slots, lens, tables)
+
+    @property
+    def width(self) -> int:
+        """Blocks in the longest table."""
+        return max((len(t) for t in self.block_tables), default=0)
+
+    def padded_tables(self, width: int, pad_block: int) -> list[int]:
+        """The tables flattened to (rows * width,), each padded to ``width`` with ``pad_block``."""
+        flat: list[int] = []
+        for row in self.block_tables:
+            flat.extend(row)
+            flat.extend([pad_block] * (width - len(row)))
+        return flat
+
+
+@dataclass(slots=True)
+class _Graph:
+    """One captured shape: its input tensors (written before each replay), its graph, and the logits it fills."""
+
+    token_ids: torch.Tensor  # (B,)
+    positions: torch.Tensor  # (B,)
+    slots: torch.Tensor  # (B,)
+    blocks: torch.Tensor  # (B * W,)
+    lens: torch.Tensor  # (B,)
+    rows: torch.Tensor  # (B,) arange: every row's logits
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None  # (B, vocab) float32, written by each replay
+
+
+class DecodeGraphs:
+    """Pads decode steps to captured shapes and replays them (see the module's docstring)."""
+
+    def __init__(self, model: DecoderModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                 null_block: int, max_batch: int, max_width: int, dtype: torch.dtype, device: torch.device,
+                 capture: bool = True) -> None:
+        if capture and device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.null_block = null_block
+        self.batches = batch_buckets(max_batch)
+        self.max_width = max_width
+        self.dtype = dtype
+        self.device = device
+        self.capture = capture
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = None  # the graphs' shared memory pool (CUDA), from the first capture on
+
+    def fits(self, num_decodes: int, width: int) -> bool:
+        return 0 < num_decodes <= self.batches[-1] and width <= self.max_width
+
+    def shape(self, num_decodes: int, width: int) -> tuple[int, int]:
+        """The (batch, width) a step of ``num_decodes`` sequences with tables of ``width`` blocks runs as."""
+        batch = next(b for b in self.batches if b >= num_decodes)
+        return batch, width_bucket(width, self.max_width)
+
+    @property
+    def captured(self) -> list[tuple[int, int]]:
+        return sorted(self._graphs)
+
+    def run(self, inputs: DecodeInputs) -> torch.Tensor:
+        """The logits (D, vocab) float32 of a decode step of D = len(inputs.token_ids) sequences."""
+        D = len(inputs.token_ids)
+        B, W = self.shape(D, inputs.width)
+        pad = B - D
+        null_slot = self.null_block * self.block_size
+        host = {
+            "token_ids": inputs.token_ids + [0] * pad,
+            "positions": inputs.positions + [0] * pad,
+            "slots": inputs.slots + [null_slot] * pad,
+            "blocks": inputs.padded_tables(W, self.null_block) + [self.null_block] * (pad * W),
+            "lens": inputs.context_lens + [1] * pad,
+        }
+        graph = self._graphs.get((B, W))
+        if graph is None:
+            graph = self._new_graph(B, W)
+        for name, values in host.items():
+            getattr(graph, name).copy_(torch.tensor(values, dtype=torch.int64), non_blocking=True)
+        if graph.graph is None:
+            graph.logits = self._forward(graph, W)
+        else:
+            graph.graph.replay()
+        return graph.logits[:D]
+
+    def _forward(self, g: _Graph, width: int) -> torch.Tensor:
+        B = g.token_ids.shape[0]
+        meta = AttentionMetadata(
+            slot_mapping=g.slots,
+            num_decodes=B,
+            decode_blocks=g.blocks,
+            decode_bias=padding_bias(g.lens, width * self.block_size, self.dtype),  # computed inside the graph
+            decode_lens=g.lens,
+            padded=True,
+        )
+        return self.model(g.token_ids, g.positions, self.kv_caches, meta, g.rows)
+
+    def _new_graph(self, B: int, W: int) -> _Graph:
+        def buf(n: int, fill: int) -> torch.Tensor:
+            return torch.full((n,), fill, dtype=torch.int64, device=self.device)
+
+        g = _Graph(token_ids=buf(B, 0), positions=buf(B, 0), slots=buf(B, self.null_block * self.block_size),
+                   blocks=buf(B * W, self.null_block), lens=buf(B, 1),
+                   rows=torch.arange(B, dtype=torch.int64, device=self.device))
+        if self.capture:
+            self._capture(g, W)
+        self._graphs[(B, W)] = g
+        return g
+
+    def _capture(self, g: _Graph, width: int) -> None:
+        """Record the padded step of ``g``'s shape. Its inputs hold padding rows only (null block): the warm-up
+        runs and the capture write nothing into any sequence's cache."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up off the main stream: lazy inits and autotuning happen here
+            for _ in range(2):
+                self._forward(g, width)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            g.logits = self._forward(g, width)
+        if self._pool is None:
+            self._pool = graph.pool()
+        g.graph = graph
+        log.info("captured a CUDA graph for decode steps of %d sequences x %d blocks (%d graphs)",
+                 g.token_ids.shape[0], width, len(self._graphs) + 1)

@@ -81,18 +81,23 @@ class DecodeInputs:
         return flat
 
 
-@dataclass(slots=True)
 class _Graph:
-    """One captured shape: its input tensors (written before each replay), its graph, and the logits it fills."""
+    """One captured shape: its inputs (written before each replay: views of one tensor), its graph, and the
+    logits it fills."""
 
-    token_ids: torch.Tensor  # (B,)
-    positions: torch.Tensor  # (B,)
-    slots: torch.Tensor  # (B,)
-    blocks: torch.Tensor  # (B * W,)
-    lens: torch.Tensor  # (B,)
-    rows: torch.Tensor  # (B,) arange: every row's logits
-    graph: torch.cuda.CUDAGraph | None = None
-    logits: torch.Tensor | None = None  # (B, vocab) float32, written by each replay
+    def __init__(self, batch: int, width: int, null_block: int, block_size: int, device: torch.device) -> None:
+        B = batch
+        self.values = torch.empty(B * (4 + width), dtype=torch.int64, device=device)
+        self.token_ids, self.positions, self.slots, self.lens, self.blocks = self.values.split([B] * 4 + [B * width])
+        # Until a step writes them, padding: the warm-up and the capture touch only the null block.
+        self.token_ids.zero_()
+        self.positions.zero_()
+        self.slots.fill_(null_block * block_size)
+        self.lens.fill_(1)
+        self.blocks.fill_(null_block)
+        self.rows = torch.arange(B, dtype=torch.int64, device=device)  # every row's logits
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None  # (B, vocab) float32, written by each replay
 
 
 class DecodeGraphs:
@@ -132,19 +137,19 @@ class DecodeGraphs:
         D = len(inputs.token_ids)
         B, W = self.shape(D, inputs.width)
         pad = B - D
-        null_slot = self.null_block * self.block_size
-        host = {
-            "token_ids": inputs.token_ids + [0] * pad,
-            "positions": inputs.positions + [0] * pad,
-            "slots": inputs.slots + [null_slot] * pad,
-            "blocks": inputs.padded_tables(W, self.null_block) + [self.null_block] * (pad * W),
-            "lens": inputs.context_lens + [1] * pad,
-        }
         graph = self._graphs.get((B, W))
         if graph is None:
             graph = self._new_graph(B, W)
-        for name, values in host.items():
-            getattr(graph, name).copy_(torch.tensor(values, dtype=torch.int64), non_blocking=True)
+        # All inputs in one host tensor, in the order of _Graph.values' views: one copy to the device a step.
+        host = torch.tensor(
+            inputs.token_ids + [0] * pad
+            + inputs.positions + [0] * pad
+            + inputs.slots + [self.null_block * self.block_size] * pad
+            + inputs.context_lens + [1] * pad
+            + inputs.padded_tables(W, self.null_block) + [self.null_block] * (pad * W),
+            dtype=torch.int64,
+        )
+        graph.values.copy_(host, non_blocking=True)
         if graph.graph is None:
             graph.logits = self._forward(graph, W)
         else:
@@ -164,12 +169,7 @@ class DecodeGraphs:
         return self.model(g.token_ids, g.positions, self.kv_caches, meta, g.rows)
 
     def _new_graph(self, B: int, W: int) -> _Graph:
-        def buf(n: int, fill: int) -> torch.Tensor:
-            return torch.full((n,), fill, dtype=torch.int64, device=self.device)
-
-        g = _Graph(token_ids=buf(B, 0), positions=buf(B, 0), slots=buf(B, self.null_block * self.block_size),
-                   blocks=buf(B * W, self.null_block), lens=buf(B, 1),
-                   rows=torch.arange(B, dtype=torch.int64, device=self.device))
+        g = _Graph(B, W, self.null_block, self.block_size, self.device)
         if self.capture:
             self._capture(g, W)
         self._graphs[(B, W)] = g

@@ -121,6 +121,7 @@ def test_default_model_matches_transformers(default_checkpoint):
     linears = list(core.runner.model.linears())
     assert sum(lin._int4 is not None for lin in linears) == len(linears) - 1
     assert core.runner.model.lm_head._int4 is None and core.runner.model.lm_head._int8 is not None
+    assert core.runner.model.small_step_tokens == 4  # one-token steps run all layers in one call
     prompts = PromptBuilder(load_tokenizer(default_checkpoint.path))
     prompt = prompts.render(None, [ChatMessage("user", "What is the capital of France?")])
     check_prefill_logits(core, hf_model, prompt)

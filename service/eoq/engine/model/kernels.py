@@ -108,6 +108,7 @@ class CpuKernels:
         self._gemm = _entry(lib, "eoq_gemm_f32", [p, p, p, i64, i64, i64])
         self._argmax = _entry(lib, "eoq_argmax", [p, p, i64, i64])
         self._gemm_lowbit = {bits: _entry(lib, f"eoq_gemm_q{bits}", [p, p, p, p, i64, i64, i64]) for bits in (4, 8)}
+        self._llama_int4 = _entry(lib, "eoq_llama_layers_int4", [dt, p, i64, LlamaShape, p, p, dt] + [p] * 6 + [i64] * 2)
         lib.eoq_simd_isa.restype = ctypes.c_char_p
         self.isa: str = lib.eoq_simd_isa().decode()  # the vectors the kernels use: avx512, avx2 or generic
 
@@ -196,6 +197,20 @@ class CpuKernels:
         self._argmax(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1])
         return out
 
+    def llama_layers_int4(self, layers: LlamaLayersInt4, x: torch.Tensor, pending: torch.Tensor, has_pending: bool,
+                          cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,
+                          slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
+        """Every layer of a Llama-family decoder for a decode step of T tokens in one call
+        (``csrc/llama_small.cpp``): x (T, hidden) float32, the residual stream, updated in place; pending (T, hidden)
+        in the model's dtype, the previous layer's MLP output (added first if ``has_pending``), overwritten with the
+        last layer's. positions, slots, context_lens (T,) and block_tables (T * width,) int64, as for
+        ``rope_and_store`` and ``paged_decode_attention``."""
+        T = x.shape[0]
+        self._llama_int4(_DTYPES[pending.dtype], ctypes.addressof(layers.array), len(layers.array), layers.shape,
+                         x.data_ptr(), pending.data_ptr(), int(has_pending), cos_table.data_ptr(), sin_table.data_ptr(),
+                         positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
+                         block_tables.numel() // max(T, 1), T)
+
     def paged_decode_attention(
         self,
         q: torch.Tensor,  # (D, nh, hd); heads contiguous, any stride between sequences
@@ -215,6 +230,41 @@ class CpuKernels:
                      block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(), D, nh, nkv, hd, bs,
                      num_blocks, block_tables.numel() // max(D, 1), hd**-0.5)
         return out
+
+
+class LlamaShape(ctypes.Structure):
+    """``EoqLlamaShape`` of ``csrc/llama_small.cpp``."""
+
+    _fields_ = [(n, ctypes.c_int64) for n in ("hidden", "num_heads", "num_kv_heads", "head_dim", "inter",
+                                               "block_size", "num_blocks")] + [("eps", ctypes.c_float),
+                                                                               ("scale", ctypes.c_float)]
+
+
+class LlamaLayerWeights(ctypes.Structure):
+    """``EoqLlamaLayer`` of ``csrc/llama_small.cpp``: one layer's tensors, by address."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("input_norm", "post_norm", "qkv_q", "qkv_s", "o_q", "o_s", "gate_up_q",
+                                               "gate_up_s", "down_q", "down_s", "k_cache", "v_cache")]
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaLayersInt4:
+    """A decoder's layers as ``CpuKernels.llama_layers_int4`` takes them. It holds addresses only: the model's
+    tensors and the KV cache it names must outlive it."""
+
+    array: ctypes.Array
+    shape: LlamaShape
+
+    @classmethod
+    def of(cls, layers: list[dict[str, torch.Tensor]], shape: LlamaShape) -> LlamaLayersInt4:
+        """``layers``: per layer the tensors named as ``LlamaLayerWeights``' fields, each contiguous."""
+        array = (LlamaLayerWeights * len(layers))()
+        for entry, tensors in zip(array, layers):
+            for name, t in tensors.items():
+                if not t.is_contiguous():
+                    raise ValueError(f"{name} is not contiguous")
+                setattr(entry, name, t.data_ptr())
+        return cls(array, shape)
 
 
 GEMM_LANES = 16  # output features per panel of a weight packed for csrc/gemm.cpp

@@ -17,7 +17,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from eoq.engine.model.attention import AttentionMetadata, paged_attention
 from eoq.engine.model.base import DecoderModel, KVSpec, copy_into, take
-from eoq.engine.model.kernels import CpuKernels
+from eoq.engine.model.kernels import CpuKernels, LlamaLayersInt4, LlamaShape
 from eoq.engine.model.linear import Linear, RMSNorm
 from eoq.errors import ConfigError
 
@@ -102,6 +102,8 @@ class LlamaLayer(nn.Module):
 
 class LlamaDecoder(DecoderModel):
     architecture = "llama"
+    small_step_tokens = 0  # set by prepare: decode steps of up to this many tokens run in one kernel call
+    _small_layers: LlamaLayersInt4 | None = None
 
     def __init__(self, config: PretrainedConfig, max_positions: int) -> None:
         super().__init__()
@@ -143,6 +145,13 @@ class LlamaDecoder(DecoderModel):
         super().prepare(dtype, quantized_max_tokens, kernels)
         for layer in self.layers:
             layer.kernels = kernels
+        # Decode steps of up to this many tokens run every layer in one call of eoq's CPU kernels
+        # (csrc/llama_small.cpp) when every projection has a 4-bit copy for them and no bias.
+        projections = [p for la in self.layers for p in (la.qkv, la.o_proj, la.gate_up, la.down)]
+        self.small_step_tokens = 0
+        self._small_layers = None
+        if kernels is not None and all(p.int4_max_tokens > 0 and p.bias is None for p in projections):
+            self.small_step_tokens = min(p.int4_max_tokens for p in projections)
 
     def forward(self, input_ids, positions, kv_caches, meta, logits_indices):
         emb = self.embed(input_ids)  # (T, hidden), model dtype
@@ -153,10 +162,35 @@ class LlamaDecoder(DecoderModel):
             rope = Rope(cos=self.cos_table[positions].to(emb.dtype).unsqueeze(1),  # (T, 1, hd)
                         sin=self.sin_table[positions].to(emb.dtype).unsqueeze(1))
         pending = None  # each layer's MLP output, added to x by the next norm
-        for layer, kv in zip(self.layers, kv_caches):
-            pending = layer(x, pending, rope, kv, meta)
+        if meta.num_decodes == x.shape[0] <= self.small_step_tokens and meta.decode_kernel is not None:
+            pending = torch.empty_like(emb)
+            self.kernels.llama_layers_int4(self._small_step_layers(kv_caches), x, pending, False, self.cos_table,
+                                           self.sin_table, positions, meta.slot_mapping, meta.decode_blocks,
+                                           meta.decode_lens)
+        else:
+            for layer, kv in zip(self.layers, kv_caches):
+                pending = layer(x, pending, rope, kv, meta)
         x = self.norm(x[logits_indices], None if pending is None else pending[logits_indices])  # (S, hidden)
         return self.lm_head(x).float()  # (S, vocab)
+
+    def _small_step_layers(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> LlamaLayersInt4:
+        """The layers' 4-bit weights, norms and caches by address, for ``CpuKernels.llama_layers_int4`` (made
+        once per KV cache)."""
+        k0 = kv_caches[0][0]  # (nkv, num_blocks, block_size, hd)
+        layers = self._small_layers
+        if layers is None or layers.array[0].k_cache != k0.data_ptr() or layers.shape.num_blocks != k0.shape[1]:
+            first = self.layers[0]
+            shape = LlamaShape(hidden=self.embed.embedding_dim, num_heads=first.nh, num_kv_heads=first.nkv,
+                               head_dim=first.hd, inter=first.inter, block_size=k0.shape[2], num_blocks=k0.shape[1],
+                               eps=first.input_norm.eps, scale=first.hd**-0.5)
+            layers = self._small_layers = LlamaLayersInt4.of([
+                dict(input_norm=la.input_norm.weight, post_norm=la.post_norm.weight,
+                     qkv_q=la.qkv._int4, qkv_s=la.qkv._int4_scales, o_q=la.o_proj._int4, o_s=la.o_proj._int4_scales,
+                     gate_up_q=la.gate_up._int4, gate_up_s=la.gate_up._int4_scales, down_q=la.down._int4,
+                     down_s=la.down._int4_scales, k_cache=k, v_cache=v)
+                for la, (k, v) in zip(self.layers, kv_caches)
+            ], shape)
+        return layers
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         state = {k.removeprefix("model."): t for k, t in state.items()}

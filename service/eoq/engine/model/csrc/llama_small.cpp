@@ -1,0 +1,100 @@
+// Every layer of a Llama-family decoder for a decode step of a few tokens, in one call.
+//
+// At one token a step each kernel's work is a few microseconds, and so is the cost of calling it from Python
+// (ctypes, the output tensor, the dispatch): nine calls a layer, 270 a step for the default model, cost as much
+// as a third of the step. This runs the same kernels in the same order — the add + RMSNorm, the 4-bit row
+// kernel for the fused q/k/v projection, RoPE with the cache writes, decode attention over the paged cache, the
+// output projection, the add + RMSNorm, the 4-bit gate/up projection, SwiGLU and the 4-bit down projection —
+// from C++, with the step's intermediates in one buffer kept between calls. Same operations, same results.
+
+#include <cstdint>
+#include <vector>
+
+extern "C" {
+int eoq_add_rms_norm(int dtype, float* x, const void* delta, const float* weight, void* out, int64_t rows,
+                     int64_t dim, float eps);
+int eoq_int4_matmul(int dtype, const void* x, const uint8_t* q, const float* scales, void* y, int64_t rows,
+                    int64_t in_f, int64_t out_f);
+int eoq_rope_and_store(int dtype, const void* qkv, const float* cos_table, const float* sin_table,
+                       const int64_t* positions, const int64_t* slots, void* qk_out, void* k_cache, void* v_cache,
+                       int64_t tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                       int64_t cache_slots);
+int eoq_paged_decode_attention(int dtype, const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
+                               const int64_t* block_tables, const int64_t* context_lens, void* out, int64_t num_seqs,
+                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                               int64_t num_blocks, int64_t table_width, float scale);
+int eoq_silu_mul(int dtype, const void* gate_up, void* out, int64_t rows, int64_t inter);
+
+// One layer's weights (set once at load): RMSNorm weights float32; each projection 4-bit as eoq_int4_matmul
+// takes it (q, scales); the layer's K and V caches (num_kv_heads, num_blocks, block_size, head_dim).
+struct EoqLlamaLayer {
+    const float* input_norm;
+    const float* post_norm;
+    const uint8_t* qkv_q;
+    const float* qkv_s;
+    const uint8_t* o_q;
+    const float* o_s;
+    const uint8_t* gate_up_q;
+    const float* gate_up_s;
+    const uint8_t* down_q;
+    const float* down_s;
+    void* k_cache;
+    void* v_cache;
+};
+
+struct EoqLlamaShape {
+    int64_t hidden, num_heads, num_kv_heads, head_dim, inter, block_size, num_blocks;
+    float eps, scale;
+};
+
+// dtype: 0 = float32, 1 = bfloat16, of pending and the caches. x (tokens, hidden) float32: the residual stream,
+// updated in place; pending (tokens, hidden): on entry the previous layer's MLP output, added before the first
+// norm when has_pending, on return the last layer's; every decoding token's position, slot, block table row
+// (table_width blocks) and context length, as the kernels above take them. Returns 0, or the first failing
+// kernel's code.
+int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_layers, EoqLlamaShape s, float* x,
+                          void* pending, int has_pending, const float* cos_table, const float* sin_table,
+                          const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
+                          const int64_t* context_lens, int64_t table_width, int64_t tokens) {
+    if (dtype != 0 && dtype != 1) return 2;
+    const int64_t elem = dtype == 0 ? 4 : 2, T = tokens, hd = s.head_dim;
+    const int64_t qkv_f = (s.num_heads + 2 * s.num_kv_heads) * hd, qk_f = (s.num_heads + s.num_kv_heads) * hd;
+    const int64_t attn_f = s.num_heads * hd;
+    // The step's intermediates, each (T, features) in dtype: reused by every layer.
+    const int64_t sizes[] = {s.hidden, qkv_f, qk_f, attn_f, s.hidden, 2 * s.inter, s.inter};
+    int64_t total = 0;
+    for (int64_t f : sizes) total += T * f * elem;
+    thread_local std::vector<char> scratch;
+    if (static_cast<int64_t>(scratch.size()) < total) scratch.resize(total);
+    char* p = scratch.data();
+    void* bufs[7];
+    for (int i = 0; i < 7; ++i) {
+        bufs[i] = p;
+        p += T * sizes[i] * elem;
+    }
+    void *normed = bufs[0], *qkv = bufs[1], *qk = bufs[2], *attn = bufs[3], *o = bufs[4], *gate_up = bufs[5],
+         *act = bufs[6];
+    const int64_t cache_slots = s.num_blocks * s.block_size;
+    int rc = 0;
+    for (int64_t l = 0; l < num_layers && rc == 0; ++l) {
+        const EoqLlamaLayer& L = layers[l];
+        rc = eoq_add_rms_norm(dtype, x, (l > 0 || has_pending) ? pending : nullptr, L.input_norm, normed, T,
+                              s.hidden, s.eps);
+        if (!rc) rc = eoq_int4_matmul(dtype, normed, L.qkv_q, L.qkv_s, qkv, T, s.hidden, qkv_f);
+        if (!rc)
+            rc = eoq_rope_and_store(dtype, qkv, cos_table, sin_table, positions, slots, qk, L.k_cache, L.v_cache, T,
+                                    s.num_heads, s.num_kv_heads, hd, cache_slots);
+        if (!rc)
+            rc = eoq_paged_decode_attention(dtype, qk, qk_f, L.k_cache, L.v_cache, block_tables, context_lens, attn,
+                                            T, s.num_heads, s.num_kv_heads, hd, s.block_size, s.num_blocks,
+                                            table_width, s.scale);
+        if (!rc) rc = eoq_int4_matmul(dtype, attn, L.o_q, L.o_s, o, T, attn_f, s.hidden);
+        if (!rc) rc = eoq_add_rms_norm(dtype, x, o, L.post_norm, normed, T, s.hidden, s.eps);
+        if (!rc) rc = eoq_int4_matmul(dtype, normed, L.gate_up_q, L.gate_up_s, gate_up, T, s.hidden, 2 * s.inter);
+        if (!rc) rc = eoq_silu_mul(dtype, gate_up, act, T, s.inter);
+        if (!rc) rc = eoq_int4_matmul(dtype, act, L.down_q, L.down_s, pending, T, s.inter, s.hidden);
+    }
+    return rc;
+}
+
+}  // extern "C"

@@ -108,7 +108,7 @@ class CpuKernels:
         self._gemm = _entry(lib, "eoq_gemm_f32", [p, p, p, i64, i64, i64])
         self._argmax = _entry(lib, "eoq_argmax", [p, p, i64, i64])
         self._gemm_lowbit = {bits: _entry(lib, f"eoq_gemm_q{bits}", [p, p, p, p, i64, i64, i64]) for bits in (4, 8)}
-        self._llama_int4 = _entry(lib, "eoq_llama_layers_int4", [dt, p, i64, LlamaShape, p, p, dt] + [p] * 6 + [i64] * 2)
+        self._llama_int4 = _entry(lib, "eoq_llama_layers_int4", [dt, p, i64, LlamaShape] + [p] * 8 + [i64] * 2)
         lib.eoq_simd_isa.restype = ctypes.c_char_p
         self.isa: str = lib.eoq_simd_isa().decode()  # the vectors the kernels use: avx512, avx2 or generic
 
@@ -197,17 +197,15 @@ class CpuKernels:
         self._argmax(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1])
         return out
 
-    def llama_layers_int4(self, layers: LlamaLayersInt4, x: torch.Tensor, pending: torch.Tensor, has_pending: bool,
-                          cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,
+    def llama_layers_int4(self, layers: LlamaLayersInt4, x: torch.Tensor, pending: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,
                           slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
         """Every layer of a Llama-family decoder for a decode step of T tokens in one call
-        (``csrc/llama_small.cpp``): x (T, hidden) float32, the residual stream, updated in place; pending (T, hidden)
-        in the model's dtype, the previous layer's MLP output (added first if ``has_pending``), overwritten with the
-        last layer's. positions, slots, context_lens (T,) and block_tables (T * width,) int64, as for
+        (``csrc/llama_small.cpp``): x (T, hidden) float32, the residual stream (the embeddings), updated in place;
+        pending (T, hidden) in the model's dtype receives the last layer's MLP output, not yet added to x. positions, slots, context_lens (T,) and block_tables (T * width,) int64, as for
         ``rope_and_store`` and ``paged_decode_attention``."""
         T = x.shape[0]
         self._llama_int4(_DTYPES[pending.dtype], ctypes.addressof(layers.array), len(layers.array), layers.shape,
-                         x.data_ptr(), pending.data_ptr(), int(has_pending), cos_table.data_ptr(), sin_table.data_ptr(),
+                         x.data_ptr(), pending.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(),
                          positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
                          block_tables.numel() // max(T, 1), T)
 

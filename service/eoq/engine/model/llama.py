@@ -164,7 +164,7 @@ class LlamaDecoder(DecoderModel):
         pending = None  # each layer's MLP output, added to x by the next norm
         if meta.num_decodes == x.shape[0] <= self.small_step_tokens and meta.decode_kernel is not None:
             pending = torch.empty_like(emb)
-            self.kernels.llama_layers_int4(self._small_step_layers(kv_caches), x, pending, False, self.cos_table,
+            self.kernels.llama_layers_int4(self._small_step_layers(kv_caches), x, pending, self.cos_table,
                                            self.sin_table, positions, meta.slot_mapping, meta.decode_blocks,
                                            meta.decode_lens)
         else:

@@ -47,30 +47,30 @@ struct EoqLlamaShape {
     float eps, scale;
 };
 
-// dtype: 0 = float32, 1 = bfloat16, of pending and the caches. x (tokens, hidden) float32: the residual stream,
-// updated in place; pending (tokens, hidden): on entry the previous layer's MLP output, added before the first
-// norm when has_pending, on return the last layer's; every decoding token's position, slot, block table row
-// (table_width blocks) and context length, as the kernels above take them. Returns 0, or the first failing
-// kernel's code.
+// dtype: 0 = float32, 1 = bfloat16, of pending and the caches. x (tokens, hidden) float32: the residual stream
+// (the embeddings), updated in place; pending (tokens, hidden): on return the last layer's MLP output, not yet
+// added to x (the final norm adds it); every decoding token's position, slot, block table row (table_width
+// blocks) and context length, as the kernels above take them. Returns 0, or the first failing kernel's code.
 int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_layers, EoqLlamaShape s, float* x,
-                          void* pending, int has_pending, const float* cos_table, const float* sin_table,
+                          void* pending, const float* cos_table, const float* sin_table,
                           const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
                           const int64_t* context_lens, int64_t table_width, int64_t tokens) {
     if (dtype != 0 && dtype != 1) return 2;
     const int64_t elem = dtype == 0 ? 4 : 2, T = tokens, hd = s.head_dim;
     const int64_t qkv_f = (s.num_heads + 2 * s.num_kv_heads) * hd, qk_f = (s.num_heads + s.num_kv_heads) * hd;
     const int64_t attn_f = s.num_heads * hd;
-    // The step's intermediates, each (T, features) in dtype: reused by every layer.
+    // The step's intermediates, each (T, features) in dtype, on 64-byte boundaries: reused by every layer.
     const int64_t sizes[] = {s.hidden, qkv_f, qk_f, attn_f, s.hidden, 2 * s.inter, s.inter};
-    int64_t total = 0;
-    for (int64_t f : sizes) total += T * f * elem;
+    auto padded = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
+    int64_t total = 64;
+    for (int64_t f : sizes) total += padded(T * f * elem);
     thread_local std::vector<char> scratch;
     if (static_cast<int64_t>(scratch.size()) < total) scratch.resize(total);
-    char* p = scratch.data();
+    char* p = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
     void* bufs[7];
     for (int i = 0; i < 7; ++i) {
         bufs[i] = p;
-        p += T * sizes[i] * elem;
+        p += padded(T * sizes[i] * elem);
     }
     void *normed = bufs[0], *qkv = bufs[1], *qk = bufs[2], *attn = bufs[3], *o = bufs[4], *gate_up = bufs[5],
          *act = bufs[6];
@@ -78,8 +78,7 @@ int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_la
     int rc = 0;
     for (int64_t l = 0; l < num_layers && rc == 0; ++l) {
         const EoqLlamaLayer& L = layers[l];
-        rc = eoq_add_rms_norm(dtype, x, (l > 0 || has_pending) ? pending : nullptr, L.input_norm, normed, T,
-                              s.hidden, s.eps);
+        rc = eoq_add_rms_norm(dtype, x, l > 0 ? pending : nullptr, L.input_norm, normed, T, s.hidden, s.eps);
         if (!rc) rc = eoq_int4_matmul(dtype, normed, L.qkv_q, L.qkv_s, qkv, T, s.hidden, qkv_f);
         if (!rc)
             rc = eoq_rope_and_store(dtype, qkv, cos_table, sin_table, positions, slots, qk, L.k_cache, L.v_cache, T,

@@ -85,17 +85,11 @@ class _Graph:
     """One captured shape: its inputs (written before each replay: views of one tensor), its graph, and the
     logits it fills."""
 
-    def __init__(self, batch: int, width: int, null_block: int, block_size: int, device: torch.device) -> None:
+    def __init__(self, batch: int, width: int, values: torch.Tensor) -> None:
         B = batch
-        self.values = torch.empty(B * (4 + width), dtype=torch.int64, device=device)
+        self.values = values  # (B * (4 + width),) int64 on the device, laid out as DecodeGraphs._host_values
         self.token_ids, self.positions, self.slots, self.lens, self.blocks = self.values.split([B] * 4 + [B * width])
-        # Until a step writes them, padding: the warm-up and the capture touch only the null block.
-        self.token_ids.zero_()
-        self.positions.zero_()
-        self.slots.fill_(null_block * block_size)
-        self.lens.fill_(1)
-        self.blocks.fill_(null_block)
-        self.rows = torch.arange(B, dtype=torch.int64, device=device)  # every row's logits
+        self.rows = torch.arange(B, dtype=torch.int64, device=values.device)  # every row's logits
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # (B, vocab) float32, written by each replay
 
@@ -136,12 +130,21 @@ class DecodeGraphs:
         """The logits (D, vocab) float32 of a decode step of D = len(inputs.token_ids) sequences."""
         D = len(inputs.token_ids)
         B, W = self.shape(D, inputs.width)
-        pad = B - D
         graph = self._graphs.get((B, W))
         if graph is None:
             graph = self._new_graph(B, W)
-        # All inputs in one host tensor, in the order of _Graph.values' views: one copy to the device a step.
-        host = torch.tensor(
+        graph.values.copy_(self._host_values(inputs, B, W), non_blocking=True)
+        if graph.graph is None:
+            graph.logits = self._forward(graph, W)
+        else:
+            graph.graph.replay()
+        return graph.logits[:D]
+
+    def _host_values(self, inputs: DecodeInputs, B: int, W: int) -> torch.Tensor:
+        """All of a step's inputs in one host tensor, in the order of _Graph.values' views (one copy to the device
+        a step), its D rows padded to B with rows that decode token 0 into the null block."""
+        pad = B - len(inputs.token_ids)
+        return torch.tensor(
             inputs.token_ids + [0] * pad
             + inputs.positions + [0] * pad
             + inputs.slots + [self.null_block * self.block_size] * pad
@@ -149,12 +152,6 @@ class DecodeGraphs:
             + inputs.padded_tables(W, self.null_block) + [self.null_block] * (pad * W),
             dtype=torch.int64,
         )
-        graph.values.copy_(host, non_blocking=True)
-        if graph.graph is None:
-            graph.logits = self._forward(graph, W)
-        else:
-            graph.graph.replay()
-        return graph.logits[:D]
 
     def _forward(self, g: _Graph, width: int) -> torch.Tensor:
         B = g.token_ids.shape[0]
@@ -169,7 +166,8 @@ class DecodeGraphs:
         return self.model(g.token_ids, g.positions, self.kv_caches, meta, g.rows)
 
     def _new_graph(self, B: int, W: int) -> _Graph:
-        g = _Graph(B, W, self.null_block, self.block_size, self.device)
+        # Padding rows only until a step writes them: the warm-up and the capture touch only the null block.
+        g = _Graph(B, W, self._host_values(DecodeInputs([], [], [], [], []), B, W).to(self.device))
         if self.capture:
             self._capture(g, W)
         self._graphs[(B, W)] = g

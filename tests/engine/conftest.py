@@ -108,18 +108,23 @@ def merge(outs: list[RequestOutput]) -> RequestOutput:
 __all__ = ["FinishReason", "generate", "make_core", "merge", "run_to_end"]
 
 
+def cpu_flags() -> set[str]:
+    """This x86-64 CPU's feature flags (``/proc/cpuinfo``); empty elsewhere."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return set()
+    try:
+        return set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+                   .split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
 def _kernel_builds() -> list[str]:
     """The ``-march`` levels to build eoq's CPU kernels for: this machine's, and on x86-64 each older branch of
     ``csrc/simd.h`` it can run (AVX2 under AVX-512, the generic vectors under AVX2), so every branch this machine
     can execute is tested here, not only the one its own build takes."""
     builds = ["native"]
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return builds
-    try:
-        flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
-                    .split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return builds
+    flags = cpu_flags()
     if "avx512f" in flags and {"avx2", "fma"} <= flags:
         builds.append("x86-64-v3")
     if "avx512f" in flags or {"avx2", "fma"} <= flags:

@@ -4,14 +4,22 @@ model (whose decode steps run on the low-bit copies of its Q4_1 and Q8_0 weights
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from eoq.engine.model.attention import AttentionMetadata, PrefillChunk
+from eoq.engine.model.checkpoint import load_tokenizer
 from eoq.engine.types import EngineRequest, SamplingParams
 
-from .conftest import make_core, run_to_end
+from . import bf16_check
+from .conftest import cpu_flags, make_core, run_to_end
 
 TOL = 1e-4
 
@@ -112,7 +120,6 @@ def test_default_model_matches_transformers(default_checkpoint):
     from transformers import AutoModelForCausalLM
 
     from eoq.chat.prompt import ChatMessage, PromptBuilder
-    from eoq.engine.model.checkpoint import load_tokenizer
 
     hf_model = AutoModelForCausalLM.from_pretrained(default_checkpoint.path, dtype=torch.float32).eval()
     core = make_core(default_checkpoint.path, kv_cache_memory_gb=0.5, max_model_len=2048)
@@ -129,26 +136,46 @@ def test_default_model_matches_transformers(default_checkpoint):
     check_decode_logits_and_greedy(core, hf_model, prompt, steps=64)
 
 
-@pytest.mark.e2e
-def test_default_model_in_bfloat16_with_and_without_eoq_kernels(default_checkpoint):
-    """bf16, as served: the kernels' engine and torch's ops agree on the greedy answer and on the first steps'
-    logits within bf16 rounding (the kernels round once where torch rounds after each op)."""
-    from eoq.chat.prompt import ChatMessage, PromptBuilder
-    from eoq.engine.model.checkpoint import load_tokenizer
+def _bf16_paths() -> list:
+    """"native": this machine's own paths; "avx2": an AVX2-only machine's, run here (see bf16_check) where this
+    one has more (AVX-512), else that is the native run already."""
+    flags = cpu_flags()
+    avx2 = pytest.param("avx2", marks=pytest.mark.skipif(
+        "avx512f" not in flags or not {"avx2", "fma"} <= flags,
+        reason="this machine's own paths are the AVX2 ones (or it has no AVX2)"))
+    return ["native", avx2]
 
+
+@pytest.fixture(scope="module")
+def float32_answers(default_checkpoint) -> list[list[int]]:
+    return bf16_check.float32_tokens(default_checkpoint.path)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("paths", _bf16_paths())
+def test_default_model_in_bfloat16_agrees_with_float32_and_transformers(default_checkpoint, float32_answers, paths):
+    """bf16, as served, with eoq's kernels and with torch's ops: teacher forced, >= 95 % of float32's greedy tokens
+    over a prompt set; the reference questions' greedy answers equal transformers' bfloat16 ones; the kernels'
+    first logits equal torch's ops' within bf16 rounding (the kernels round once where torch rounds after each op).
+    The "avx2" run is the one that failed on AVX2 machines ("L'Étoile, la Marseillaise," for France: logits
+    rounded to bfloat16 tied "The" with "L", the lower id won); it runs that machine kind's branches here, which
+    does not prove that hardware (caches, no native bfloat16) right."""
+    if paths == "native":
+        result = bf16_check.evaluate(default_checkpoint.path, float32_answers)
+    else:
+        done = subprocess.run([sys.executable, "-m", "tests.engine.bf16_check", "x86-64-v3"],
+                              input=json.dumps(float32_answers), capture_output=True, text=True, timeout=600,
+                              cwd=Path(__file__).parents[2], env={**os.environ, **bf16_check.AVX2_ENV})
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["isa"] == "AVX2"
+        assert result["paths"]["eoq-kernels"]["kernels_isa"] == "avx2"
     tokenizer = load_tokenizer(default_checkpoint.path)
-    prompt = PromptBuilder(tokenizer).render(None, [ChatMessage("user", "What is the capital of France?")])
-    results = {}
-    for cpu_kernels in (True, False):
-        core = make_core(default_checkpoint.path, dtype="bfloat16", kv_cache_memory_gb=0.1, max_model_len=2048,
-                         cpu_kernels=cpu_kernels)
-        recorder = LogitsRecorder(core.runner.model)
-        core.runner.model = recorder
-        core.add_request(EngineRequest("r", prompt, SamplingParams(max_tokens=8)))
-        tokens = [t for o in run_to_end(core)["r"] for t in o.token_ids]
-        results[cpu_kernels] = (tokens, [s for s in recorder.steps if s.shape[0]])
-    (ours, ours_logits), (torchs, torch_logits) = results[True], results[False]
-    assert "Paris" in tokenizer.decode(ours)
-    assert ours == torchs
-    for a, b in zip(ours_logits, torch_logits):
-        assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
+    for name, path in result["paths"].items():
+        assert path["agreement"] >= 0.95, f"{name}: {path['agreement']:.3f} of float32's tokens"
+        for ours, theirs in zip(path["answers"], result["transformers_answers"]):
+            assert tokenizer.decode(ours) == tokenizer.decode(theirs), name
+        assert "Paris" in tokenizer.decode(path["answers"][0])
+    ours = torch.tensor(result["paths"]["eoq-kernels"]["first_logits"])
+    torchs = torch.tensor(result["paths"]["torch-ops"]["first_logits"])
+    assert (ours - torchs).abs().max().item() < 0.05 * torchs.abs().max().item()

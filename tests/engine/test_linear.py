@@ -276,3 +276,80 @@ def _check_row_kernel(matmul, weight: torch.Tensor, gen: torch.Generator) -> Non
         assert out.dtype == torch.bfloat16
         ref16 = F.linear(x.bfloat16().double(), weight.double()).float()
         torch.testing.assert_close(out.float(), ref16, atol=2e-2, rtol=2e-2)
+
+
+def _near_tie_head(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(weight (OUT, IN) exact in bfloat16, x (IN,)) whose two largest logits, at rows ``lo`` < ``hi``, are 0.03-0.1
+    apart near 25 (float64): closer than bfloat16's step there (0.125), so rounded logits tie or flip and the
+    lower row wins. ``hi`` is the true argmax."""
+    x = torch.randn(IN, generator=gen)
+    weight = (torch.randn(OUT, IN, generator=gen) * 0.02).bfloat16().float()
+    lo, hi = 3, 11
+    unit = x / x.dot(x)  # row = t * unit gives the logit t, before the row's own rounding to bfloat16
+    for row, (low, high) in ((lo, (25.20, 25.24)), (hi, (25.27, 25.30))):  # both round to 25.25
+        weight[row] = next(r for t in torch.linspace(low, high, 64)
+                           if low <= (r := (t * unit).bfloat16().float()).double() @ x.double() <= high)
+    logits = weight.double() @ x.double()
+    assert logits.argmax().item() == hi and 0.03 < (logits[hi] - logits[lo]).item() < 0.1
+    assert logits[lo].bfloat16() >= logits[hi].bfloat16()  # rounded, the wrong row wins (or ties, then wins)
+    return weight, x, lo, hi
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-if-here", "no-onednn"])
+@pytest.mark.parametrize("with_kernels", [True, False], ids=["eoq-kernels", "torch-ops"])
+def test_lm_head_gives_float32_logits_in_bfloat16(kernels, with_kernels, onednn, monkeypatch) -> None:
+    """In a bfloat16 model the LM head's logits are float32's where greedy decides: a gap below bfloat16's step
+    between the two best tokens keeps its order, on every matmul path (oneDNN's where this CPU has it, F.linear
+    where not, a low-bit row kernel, eoq's float32 panels); the largest logits equal float64 to float rounding."""
+    from eoq.engine.model import linear
+
+    if not onednn:  # the paths of a CPU without oneDNN's bfloat16 (AVX2-only): F.linear or the float32 panels
+        monkeypatch.setattr(linear, "_onednn_packing_available", lambda: False)
+    gen = torch.Generator().manual_seed(8)
+    weight, x, lo, hi = _near_tie_head(gen)
+    for grid in (False, True):  # True: on a Q8_0 grid, as the default model's head (an 8-bit copy is kept)
+        w = weight
+        if grid:
+            scale = w.view(OUT, -1, INT8_GROUP).abs().amax(-1, keepdim=True) / 127
+            w = ((w.view(OUT, -1, INT8_GROUP) / scale).round() * scale).view(OUT, IN)
+        ref = w.double() @ x.double()
+        assert ref.argmax().item() == hi and ref[lo].bfloat16() >= ref[hi].bfloat16()  # still a near tie
+        head = linear.LMHead(IN, OUT, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(w)
+        assert head.quantize("auto") == ("int8" if grid else None)
+        head.to(torch.bfloat16)
+        head.prepare(torch.bfloat16, max_tokens=4, kernels=kernels if with_kernels else None)
+        for rows in (1, 2, 3, 9):  # the 8-bit row kernel's (if kept), then the 16-bit matmul's or the panels'
+            out = head(x.expand(rows, IN).contiguous())
+            assert out.dtype == torch.float32 and out.shape == (rows, OUT)
+            if grid and not head.runs_float32(rows):
+                continue  # a 16-bit matmul of the weight rounded to bfloat16: not the grid's own values
+            assert out.argmax(-1).tolist() == [hi] * rows, (grid, rows)
+            top = ref.topk(2).indices
+            torch.testing.assert_close(out[:, top].double(), ref[top].expand(rows, 2), atol=1e-4, rtol=1e-5)
+            rest = torch.ones(OUT, dtype=torch.bool)
+            rest[top] = False  # the others keep the matmul's rounding at most
+            torch.testing.assert_close(out[:, rest].double(), ref[rest].expand(rows, -1), atol=2e-2, rtol=1e-2)
+
+
+def test_bfloat16_without_onednn_runs_an_exact_low_bit_copy_in_float32_panels(kernels, monkeypatch) -> None:
+    """A CPU without oneDNN's bfloat16 path (AVX2-only) runs a bfloat16 model's big steps on the exact low-bit copy
+    in eoq's float32 panel kernel (the checkpoint's own values, float32 sums) instead of F.linear's bfloat16."""
+    from eoq.engine.model import linear
+
+    monkeypatch.setattr(linear, "_onednn_packing_available", lambda: False)
+    gen = torch.Generator().manual_seed(9)
+    weight = _on_grid(gen)
+    lin = _linear(weight)
+    assert lin.quantize("auto") == "int4"
+    lin.to(torch.bfloat16)
+    lin.prepare(torch.bfloat16, max_tokens=2, kernels=kernels)
+    assert lin._lowbit_panels is not None and lin._packed is None and lin.weight.numel() == 0
+    assert lin.runs_float32(9)
+    for rows in (3, 9, 70):
+        x = torch.randn(rows, IN, generator=gen).bfloat16()
+        out = lin(x)
+        assert out.dtype == torch.bfloat16
+        ref = F.linear(x.double(), weight.double())  # the checkpoint's values, the rounded input
+        torch.testing.assert_close(out.double(), ref.bfloat16().double(), atol=1e-3, rtol=8e-3)

@@ -124,7 +124,7 @@ def _decode_graphs(setting: str, device: torch.device) -> str:
 def _cpu_kernels(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> CpuKernels | None:
     if not cfg.cpu_kernels or not CpuKernels.supports(device, dtype):
         return None
-    return load_cpu_kernels(cfg.kernel_cache_dir or default_cache_dir() / "kernels")
+    return load_cpu_kernels(cfg.kernel_cache_dir or default_cache_dir() / "kernels", cfg.kernel_march)
 
 
 def _kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> float:

@@ -159,6 +159,8 @@ class EngineConfig:
     quantized_max_tokens: int = 4
     cpu_kernels: bool = True  # CPU: eoq's C++ kernels (model.kernels), built on first use
     kernel_cache_dir: Path | None = None  # where built kernels are kept (default: <eoq cache>/kernels)
+    # -march of those kernels: this CPU's, or an older level (x86-64-v3 = AVX2) to run that branch (tests)
+    kernel_march: str = "native"
     decode_graphs: str = "auto"  # auto (CUDA graphs on CUDA) | off | eager (padded steps, no graphs: tests)
     extra_eos_token_ids: tuple[int, ...] = ()  # e.g. the chat template's end-of-turn token
 

@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 
 from eoq.engine.model.attention import AttentionMetadata, paged_attention
 from eoq.engine.model.base import DecoderModel, KVSpec, copy_into, take
-from eoq.engine.model.linear import LayerNorm, Linear
+from eoq.engine.model.linear import LayerNorm, Linear, LMHead
 from eoq.errors import ConfigError
 
 ACTIVATIONS = {
@@ -72,14 +72,14 @@ class GPT2Decoder(DecoderModel):
         self.layers = nn.ModuleList(
             GPT2Layer(hidden, nh, inner, config.layer_norm_epsilon, ACTIVATIONS[act_name]) for _ in range(config.n_layer)
         )
-        self.ln_f = LayerNorm(hidden, config.layer_norm_epsilon)
-        self.lm_head = Linear(hidden, config.vocab_size, bias=False)
+        self.ln_f = LayerNorm(hidden, config.layer_norm_epsilon, float32_out=True)
+        self.lm_head = LMHead(hidden, config.vocab_size, bias=False)
 
     def forward(self, input_ids, positions, kv_caches, meta, logits_indices):
         x = self.wte(input_ids).float() + self.wpe(positions).float()  # (T, hidden) float32 residual stream
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, kv, meta)
-        return self.lm_head(self.ln_f(x[logits_indices])).float()  # (S, vocab)
+        return self.lm_head(self.ln_f(x[logits_indices]))  # (S, vocab) float32
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         state = {k.removeprefix("transformer."): t for k, t in state.items()}

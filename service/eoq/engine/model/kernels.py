@@ -315,16 +315,17 @@ def pack_int8_panels(q: torch.Tensor, scale: torch.Tensor) -> LowBitPanels:
     return LowBitPanels(8, values, scales)
 
 
-def load_cpu_kernels(cache_dir: Path) -> CpuKernels | None:
-    """The kernels, or None (logged) when they cannot be built here. A cache that cannot be written (a baked image
-    on a read-only root filesystem) is replaced by a folder under the temporary directory."""
+def load_cpu_kernels(cache_dir: Path, march: str = "native") -> CpuKernels | None:
+    """The kernels (built for ``march``, see ``build``), or None (logged) when they cannot be built here. A cache
+    that cannot be written (a baked image on a read-only root filesystem) is replaced by a folder under the
+    temporary directory."""
     try:
         try:
-            return CpuKernels(build(cache_dir))
+            return CpuKernels(build(cache_dir, march))
         except OSError as e:
             scratch = Path(tempfile.gettempdir()) / f"eoq-kernels-{os.getuid()}"
             log.info("cannot keep CPU kernels in %s (%s): building them in %s", cache_dir, e, scratch)
-            return CpuKernels(build(scratch))
+            return CpuKernels(build(scratch, march))
     except (RuntimeError, OSError) as e:
         log.warning("eoq's CPU kernels are not available, torch's ops run instead (decode attention by SDPA over "
                     "gathered blocks): %s", e)

@@ -36,6 +36,8 @@ INT4_GROUP = 32  # input features that share one step and minimum (Q4_1's block)
 INT4_LEVELS = 15  # 4 bits: values lo + q * step, q in 0..15
 INT8_GROUP = 32  # input features that share one scale (Q8_0's block)
 INT8_MAX_TOKENS = 2  # the 8-bit kernel is compute-bound beyond: bf16 wins from 3-4 tokens (measured, LM head)
+# Logits of a 16-bit matmul recomputed in float32 per row (LMHead): the largest ones, where the greedy choice is.
+LOGIT_CANDIDATES = 8
 
 
 def _onednn_packing_available() -> bool:
@@ -150,7 +152,8 @@ class Linear(nn.Module):
         usable = kernels is not None and kernels.supports(self.weight.device, dtype)
         if not usable:
             self._int4 = self._int4_scales = self._int8 = self._int8_scales = None
-        elif dtype == torch.float32 and self._lowbit_panels is None and self.weight.numel():
+        elif self._lowbit_panels is None and self.weight.numel() and (
+                dtype == torch.float32 or (dtype == torch.bfloat16 and not _onednn_packing_available())):
             self._lowbit_panels = self._pack_exact_copy()
         self._kernels = kernels if usable else None
         if self._int4 is not None:
@@ -170,13 +173,19 @@ class Linear(nn.Module):
             # The packed copy is the weight now: keep one copy in memory (a tied embedding keeps its own).
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
 
+    def runs_float32(self, rows: int) -> bool:
+        """Whether a step of ``rows`` rows runs float32 arithmetic whatever the model's dtype (a row kernel of a
+        low-bit copy, or eoq's float32 GEMM), so that a float32 input gives a float32 result."""
+        return (rows <= max(self.int4_max_tokens, self.int8_max_tokens) or self._lowbit_panels is not None
+                or self._panels is not None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in_features)
         if x.shape[0] <= self.int4_max_tokens:
             y = self._kernels.int4_matmul(x, self._int4, self._int4_scales)
         elif x.shape[0] <= self.int8_max_tokens:
             y = self._kernels.int8_matmul(x, self._int8, self._int8_scales)
-        elif self._lowbit_panels is not None:
-            y = self._kernels.gemm_lowbit(x, self._lowbit_panels, self.out_features)
+        elif self._lowbit_panels is not None:  # float32 arithmetic: a bfloat16 step's rows are widened
+            y = self._kernels.gemm_lowbit(x.float(), self._lowbit_panels, self.out_features).to(x.dtype)
         elif self._panels is not None:
             y = self._kernels.gemm(x, self._panels, self.out_features)
         elif self._packed is not None:
@@ -186,22 +195,63 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class LMHead(Linear):
+    """The LM head: float32 logits from the float32 final hidden state, whatever the model's dtype.
+
+    Logits rounded to bfloat16 keep 8 significant bits: at a logit of 25 a step of 0.125, wider than the gap
+    between a question's two best first tokens (the default model in float32: "The" 25.33, "L" 25.24). Ties then
+    go to the lower token id and one rounding anywhere before flips the answer. So:
+    - float32 models, and small steps on a low-bit copy (its row kernels accumulate in float32 and take the
+      float32 input here), give float32 logits directly;
+    - a 16-bit matmul (oneDNN, F.linear, CUDA) runs as before, then each row's ``LOGIT_CANDIDATES`` largest
+      logits are recomputed in float32 from the float32 input and the weight's rows: the greedy token then is
+      float32's (the true largest logit is within one bfloat16 step of the rounded largest), at ~0.1 ms a row
+      of the default model's 49152 on a CPU; the rest keep the matmul's rounding, far below any temperature's
+      effect. Shapes are static (CUDA graphs can hold it).
+    The head keeps a reference to its 16-bit weight for that (a tied head's is the embedding's: no copy)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias)
+        self._dtype = torch.float32
+        self._rows: torch.Tensor | None = None  # (out, in) the 16-bit weight, for the recomputed logits
+
+    def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
+        if dtype != torch.float32 and self.weight.numel():
+            self._rows = self.weight.data
+        self._dtype = dtype
+        super().prepare(dtype, max_tokens, kernels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S, in) float32 -> (S, out) float32
+        x = x.float()
+        if self._dtype == torch.float32 or self.runs_float32(x.shape[0]):
+            return super().forward(x).float()
+        logits = super().forward(x.to(self._dtype)).float()  # (S, out), rounded to the 16-bit dtype
+        k = min(LOGIT_CANDIDATES, logits.shape[1])
+        candidates = logits.topk(k, dim=-1).indices  # (S, k)
+        exact = torch.bmm(self._rows[candidates].float(), x.unsqueeze(-1)).squeeze(-1)  # (S, k, in) @ (S, in, 1)
+        if self.bias is not None:
+            exact += self.bias.float()[candidates]
+        return logits.scatter_(1, candidates, exact)
+
+
 class _Norm(nn.Module):
     """Norms read the float32 residual stream and hand the model's dtype to the next matmul.
 
     The decoders keep the residual stream in float32 whatever the weights' dtype: the norm's fused float32
     kernel is then one op (in bfloat16 on the CPU it is several: ~2x slower), and the sums are more exact
-    than transformers' bfloat16 residual. Their weights stay float32 (``keep_float32``)."""
+    than transformers' bfloat16 residual. Their weights stay float32 (``keep_float32``). The final norm hands
+    float32 to the LM head (``float32_out``; see ``LMHead``)."""
 
     keep_float32 = True
 
-    def __init__(self) -> None:
+    def __init__(self, float32_out: bool = False) -> None:
         super().__init__()
+        self.float32_out = float32_out
         self.out_dtype = torch.float32
         self.kernels: CpuKernels | None = None
 
     def prepare(self, dtype: torch.dtype, kernels: CpuKernels | None = None) -> None:
-        self.out_dtype = dtype
+        self.out_dtype = torch.float32 if self.float32_out else dtype
         self.kernels = kernels
 
 
@@ -211,13 +261,15 @@ class RMSNorm(_Norm):
     With eoq's CPU kernels the two are one call (``csrc/rms_norm.cpp``): in torch they are seven dispatched
     ops, which at one token a step cost more than their arithmetic (~30 us a norm here vs ~3 us)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
+    def __init__(self, dim: int, eps: float, float32_out: bool = False) -> None:
+        super().__init__(float32_out)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:  # x float32, contiguous
         if self.kernels is not None:
+            if delta is not None and delta.dtype != self.out_dtype:  # the kernel takes delta in the out dtype
+                delta = delta.to(self.out_dtype)
             return self.kernels.add_rms_norm(x, delta, self.weight, self.eps, self.out_dtype)
         if delta is not None:
             x += delta
@@ -225,8 +277,8 @@ class RMSNorm(_Norm):
 
 
 class LayerNorm(_Norm):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
+    def __init__(self, dim: int, eps: float, float32_out: bool = False) -> None:
+        super().__init__(float32_out)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False)

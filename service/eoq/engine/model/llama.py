@@ -18,7 +18,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from eoq.engine.model.attention import AttentionMetadata, paged_attention
 from eoq.engine.model.base import DecoderModel, KVSpec, copy_into, take
 from eoq.engine.model.kernels import CpuKernels, LlamaLayersInt4, LlamaShape
-from eoq.engine.model.linear import Linear, RMSNorm
+from eoq.engine.model.linear import Linear, LMHead, RMSNorm
 from eoq.errors import ConfigError
 
 # RoPE types whose frequencies do not depend on the sequence length (a cached K must never change).
@@ -129,8 +129,8 @@ class LlamaDecoder(DecoderModel):
                        attention_bias, bool(getattr(config, "mlp_bias", False)))
             for _ in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(hidden, config.rms_norm_eps)
-        self.lm_head = Linear(hidden, config.vocab_size, bias=False)
+        self.norm = RMSNorm(hidden, config.rms_norm_eps, float32_out=True)
+        self.lm_head = LMHead(hidden, config.vocab_size, bias=False)
         inv_freq, scaling = rope_inv_freq(config, hd)
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]  # (P, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (P, hd)
@@ -171,7 +171,7 @@ class LlamaDecoder(DecoderModel):
             for layer, kv in zip(self.layers, kv_caches):
                 pending = layer(x, pending, rope, kv, meta)
         x = self.norm(x[logits_indices], None if pending is None else pending[logits_indices])  # (S, hidden)
-        return self.lm_head(x).float()  # (S, vocab)
+        return self.lm_head(x)  # (S, vocab) float32
 
     def _small_step_layers(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> LlamaLayersInt4:
         """The layers' 4-bit weights, norms and caches by address, for ``CpuKernels.llama_layers_int4`` (made

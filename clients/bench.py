@@ -29,7 +29,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from eoq_clients.common import add_connection_flags
+from eoq_clients.common import TransportSecurity, add_connection_flags
 from eoq_clients.report import compute_ratios, print_report, run_dir, write_json, write_plots
 from eoq_clients.targets import LocalModel, Target, TargetInfo
 from eoq_clients.workloads import (
@@ -131,7 +131,8 @@ def make_target(name: str, args: argparse.Namespace, local: Callable[[], LocalMo
     from eoq_clients import peers, targets
 
     if name == "server":
-        return targets.ServerTarget(args.address, args.api_key, args.server_pid)
+        return targets.ServerTarget(args.address, args.api_key, args.server_pid,
+                                    security=TransportSecurity.from_args(args))
     if name == "inprocess":
         return targets.InProcessTarget(local, args.device, args.dtype, args.num_threads, args.kv_cache_memory_gb)
     if name == "transformers":

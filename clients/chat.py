@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from eoq._proto.chat.v1 import chat_pb2 as pb
-from eoq_clients.common import add_connection_flags, metadata, sync_stub
+from eoq_clients.common import TransportSecurity, add_connection_flags, metadata, sync_stub
 
 HELP = "/new  start a new conversation   /history  show it   /system TEXT  set its system prompt   /quit"
 
@@ -96,7 +96,7 @@ def _print_error(err: Console, e: grpc.RpcError) -> None:
 def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     err = Console(stderr=True)
-    channel, stub = sync_stub(args.address)
+    channel, stub = sync_stub(args.address, TransportSecurity.from_args(args))
     session = ChatSession(stub, args, console)
     try:
         if args.message is not None:

@@ -16,8 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eoq_clients.workloads import RequestRecord
+
+if TYPE_CHECKING:  # for the annotation only: gRPC is imported where used (peers.py's processes load this module)
+    from eoq_clients.common import TransportSecurity
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +155,9 @@ class ServerTarget(Target):
     name = "server"
 
     def __init__(self, address: str, api_key: str | None, server_pid: int | None = None,
-                 timeout_seconds: float = 600.0) -> None:
+                 timeout_seconds: float = 600.0, security: TransportSecurity | None = None) -> None:
         self.address = address
+        self.security = security
         self.api_key = api_key
         self.server_pid = server_pid
         self.timeout_seconds = timeout_seconds
@@ -164,10 +169,10 @@ class ServerTarget(Target):
         import grpc
 
         from eoq._proto.chat.v1 import chat_pb2 as pb
-        from eoq_clients.common import aio_stub, metadata
+        from eoq_clients.common import PLAINTEXT, aio_stub, metadata
 
         self._pb = pb
-        self._channel, self._stub = aio_stub(self.address)
+        self._channel, self._stub = aio_stub(self.address, self.security or PLAINTEXT)
         try:
             mi = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata(self.api_key), timeout=30)
         except grpc.RpcError as e:

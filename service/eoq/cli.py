@@ -60,8 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(settings.log_level)
     from eoq.api.server import serve
 
-    asyncio.run(serve(settings))
-    return 0
+    return asyncio.run(serve(settings))
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -80,8 +79,10 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from eoq_clients.common import TransportSecurity, open_channel
+
     try:
-        with grpc.insecure_channel(args.address) as channel:
+        with open_channel(args.address, TransportSecurity.from_args(args)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as e:
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(func=cmd_health)
 
     from eoq_clients import bench, chat
+    from eoq_clients.common import add_tls_flags
+
+    add_tls_flags(health)
 
     chat.add_parser(sub)
     bench.add_parser(sub)

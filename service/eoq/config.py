@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         None, description="torch CPU threads of the engine (default: all cores in process mode, all but one on a thread)"
     )
     seed: int = Field(0, description="seed of the engine's generator for requests without a seed")
+    engine_max_restarts: int = Field(
+        3, description="an engine that dies (killed, or its loop fails) is restarted this many times within "
+        "--engine-restart-window-seconds; one more death and the server exits non-zero (for its orchestrator)"
+    )
+    engine_restart_window_seconds: float = Field(600.0, description="the window of --engine-max-restarts")
 
     # --- server ---
     host: str = Field("0.0.0.0", description="gRPC bind address")
@@ -96,6 +101,16 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="file of 'key tenant' lines; unset and no api_keys = auth off")
     api_keys: str | None = Field(None, description="comma-separated key:tenant pairs (e.g. from a Secret)")
 
+    # --- TLS ---
+    tls_cert_file: Path | None = Field(
+        None, description="PEM server certificate (chain); with --tls-key-file the gRPC port speaks TLS (unset: "
+        "plaintext)"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key (unencrypted) of --tls-cert-file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: clients must present a certificate it signed (mTLS); needs --tls-cert-file"
+    )
+
     # --- sampling defaults and limits ---
     default_max_tokens: int = Field(512, description="max_tokens when a request leaves it 0")
     max_tokens_limit: int | None = Field(None, description="largest max_tokens a request may ask (default: context)")
@@ -119,11 +134,11 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 1")
         return v
 
-    @field_validator("quantized_max_tokens")
+    @field_validator("quantized_max_tokens", "engine_max_restarts")
     @classmethod
     def _non_negative(cls, v: int) -> int:
         if v < 0:
-            raise ValueError("must be >= 0 (0 = never use the low-bit copies)")
+            raise ValueError("must be >= 0")
         return v
 
     @field_validator("port", "metrics_port")
@@ -146,6 +161,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) is above max_tokens_limit ({self.max_tokens_limit})"
             )
+        # Files are read at server start (eoq.api.tls.server_credentials); here only what goes with what.
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("--tls-cert-file / EOQ_TLS_CERT_FILE and --tls-key-file / EOQ_TLS_KEY_FILE go together: "
+                             "set both (TLS) or neither (plaintext)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("--tls-client-ca-file / EOQ_TLS_CLIENT_CA_FILE (mTLS) needs --tls-cert-file and "
+                             "--tls-key-file too")
         return self
 
 
@@ -160,7 +182,10 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            if not err["loc"]:  # a cross-field check (_cross): its message names the settings itself
+                problems.append(err["msg"].removeprefix("Value error, "))
+                continue
+            name = ".".join(str(p) for p in err["loc"])
             flag = "--" + name.replace("_", "-")
             problems.append(f"{flag} / EOQ_{name.upper()}: {err['msg']}")
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from None

@@ -61,7 +61,10 @@ class Metrics:
         self.running = Gauge("eoq_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("eoq_requests_waiting", "Requests waiting for a place in the batch.", registry=r)
         self.kv_usage = Gauge("eoq_kv_cache_usage_ratio", "Used KV-cache blocks / all blocks (0..1).", registry=r)
-        self.serving = Gauge("eoq_serving", "1 while serving, 0 while starting or draining.", registry=r)
+        self.serving = Gauge("eoq_serving", "1 while serving, 0 while starting, restarting the engine or "
+                             "draining.", registry=r)
+        self.engine_restarts = Counter("eoq_engine_restarts", "Times the engine died and was started again.",
+                                       registry=r)
         self.model_info = Gauge("eoq_model_info", "The served model (value 1).",
                                 ["model", "architecture", "dtype", "device"], registry=r)
         # Series exist before any traffic, so dashboards and alerts always have something to read.
@@ -111,6 +114,9 @@ class Metrics:
             self.itl.observe(s)
         if output.finish_reason is not None:
             self.finished.labels(output.finish_reason.value).inc()
+
+    def on_engine_restart(self) -> None:
+        self.engine_restarts.inc()
 
     # --- store observer ---
     def on_store_operation(self, operation: str, seconds: float | None) -> None:

@@ -65,6 +65,7 @@ def test_promtool_rejects_a_broken_rule(promtool: str, tmp_path: Path) -> None:
         ("KV cache saturated", "eoq_kv_cache_usage_ratio"),
         ("instance down", "up"),
         ("Redis errors", "eoq_redis_errors_total"),
+        ("engine restarts", "eoq_engine_restarts_total"),
     ],
 )
 def test_required_alert_exists(concept: str, metric: str) -> None:

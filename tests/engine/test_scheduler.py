@@ -141,3 +141,39 @@ def test_different_prefixes_are_admitted_together():
     s.add(b)
     out = run_step(s)
     assert [ch.seq.request_id for ch in out.prefills] == ["a", "b"]
+
+
+def tenant_seq(rid: str, tenant: str, n: int = 4) -> Sequence:
+    return Sequence(EngineRequest(rid, list(range(1000, 1000 + n)), SamplingParams(), cache_salt=tenant), text=None,
+                    stop_token_ids=frozenset())
+
+
+def test_waiting_requests_are_admitted_round_robin_across_tenants():
+    """Tenant A queues 6 requests, then B 2 and C 1: with one place free a step, admission alternates A, B, C, A,
+    B, A, ... — B's first waits for one of A's, not for A's backlog; within a tenant the order stays FCFS."""
+    s = Scheduler(BlockManager(256, 4), max_num_seqs=1, max_num_batched_tokens=100)
+    for i in range(6):
+        s.add(tenant_seq(f"a{i}", "A"))
+    s.add(tenant_seq("b0", "B"))
+    s.add(tenant_seq("b1", "B"))
+    s.add(tenant_seq("c0", "C"))
+    assert [q.request_id for q in s.waiting] == ["a0", "b0", "c0", "a1", "b1", "a2", "a3", "a4", "a5"]
+    admitted = []
+    while s.waiting or s.running:
+        for q in list(s.running):
+            s.finish(q)
+        out = run_step(s)
+        admitted += [c.seq.request_id for c in out.prefills]
+    assert admitted == ["a0", "b0", "c0", "a1", "b1", "a2", "a3", "a4", "a5"]
+
+
+def test_a_preempted_sequence_goes_first_whatever_its_tenant():
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=100)
+    a, b, c = tenant_seq("a", "A"), tenant_seq("b", "B"), tenant_seq("c", "C")
+    s.add(b)
+    s.add(c)
+    s.waiting.appendleft(a)  # as _preempt puts it back
+    assert [q.request_id for q in s.waiting] == ["a", "b", "c"]
+    s.waiting.remove(b)  # aborted while waiting
+    assert [q.request_id for q in s.waiting] == ["a", "c"] and len(s.waiting) == 2
+    assert s.waiting.popleft() is a and s.waiting.peek() is c

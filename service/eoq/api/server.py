@@ -22,13 +22,14 @@ from eoq.api.adapter import SamplingPolicy, model_info_to_pb
 from eoq.api.auth import ApiKeys
 from eoq.api.errors import ErrorInterceptor
 from eoq.api.servicer import ChatServicer
+from eoq.api.tls import is_loopback, server_credentials, transport_name
 from eoq.chat.memory_store import MemoryConversationStore
 from eoq.chat.prompt import PromptBuilder
 from eoq.chat.redis_store import RedisConversationStore
 from eoq.chat.service import ChatService
 from eoq.chat.store import ConversationStore
 from eoq.config import Settings
-from eoq.engine.async_engine import AsyncEngine
+from eoq.engine.async_engine import AsyncEngine, EngineState
 from eoq.engine.model.checkpoint import load_tokenizer, resolve_checkpoint
 from eoq.engine.types import EngineConfig
 from eoq.errors import ConfigError, Unavailable
@@ -55,6 +56,16 @@ class RunningServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
         self.metrics.serving.set(1 if serving else 0)
+
+    def on_engine_state(self, state: EngineState) -> None:
+        """Health follows the engine: NOT_SERVING for every service name while it restarts (or has failed),
+        SERVING again when it is back — unless the server is draining."""
+        if state is EngineState.STOPPED or (self.servicer.draining and state is EngineState.SERVING):
+            return
+        serving = state is EngineState.SERVING
+        if not serving:  # the status must change at once, not when a task gets to run
+            self.metrics.serving.set(0)
+        asyncio.get_running_loop().create_task(self.set_serving(serving))
 
     async def drain_and_stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let streaming answers finish for ``grace`` seconds, then stop."""
@@ -111,6 +122,10 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         log.warning("no API keys configured: auth is OFF and every caller shares the tenant 'public'")
     else:
         log.info("auth on: %d API key(s)", len(auth))
+    credentials = server_credentials(settings)  # before the model loads: a bad TLS file stops the start at once
+    if auth.enabled and credentials is None and not is_loopback(settings.host):
+        log.warning("API keys are on but TLS is off on %s: keys would cross the network in clear; set "
+                    "--tls-cert-file/--tls-key-file (unless a mesh or proxy in front terminates TLS)", settings.host)
     checkpoint = await asyncio.to_thread(resolve_checkpoint, settings.model, settings.cache_dir)
     engine_cfg = EngineConfig(
         checkpoint=checkpoint.path,
@@ -131,7 +146,9 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         decode_graphs=settings.decode_graphs,
         kernel_cache_dir=settings.cache_dir / "kernels",
     )
-    engine = AsyncEngine(engine_cfg, settings.engine_mode, settings.max_queue_size, observer=metrics)
+    engine = AsyncEngine(engine_cfg, settings.engine_mode, settings.max_queue_size, observer=metrics,
+                         max_restarts=settings.engine_max_restarts,
+                         restart_window_seconds=settings.engine_restart_window_seconds)
     # The engine loads the model while this process loads the tokenizer and the chat template.
     info, tokenizer = await asyncio.gather(engine.start(), asyncio.to_thread(load_tokenizer, checkpoint.path))
     prompts = PromptBuilder(tokenizer)
@@ -170,18 +187,23 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise ConfigError(f"cannot listen on {address} (in use?); change --host/--port")
     await server.start()
     running = RunningServer(server, port, engine, store, servicer, health_servicer, metrics, settings)
+    engine.add_state_listener(running.on_engine_state)
     await running.set_serving(True)
-    log.info("serving %s on %s:%d (gRPC, health, reflection)", SERVICE_NAME, settings.host, port)
+    log.info("serving %s on %s:%d (gRPC, health, reflection; %s)", SERVICE_NAME, settings.host, port,
+             transport_name(settings))
     return running
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT, then drain."""
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then drain (exit status 0), or until the engine gives up restarting (1)."""
     metrics = Metrics()
     metrics.serving.set(0)
     if settings.metrics_port:
@@ -192,7 +214,16 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(running.engine.wait_failed())
+    await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+    if failed.done():
+        log.error("the engine keeps dying (%d restarts): exiting for the orchestrator to restart the server",
+                  running.engine.num_restarts)
+        await running.drain_and_stop(grace=0)
+        return 1
+    stopped.cancel()
+    failed.cancel()
     log.info("shutting down: draining for up to %.0f s", settings.grace_period_seconds)
     await running.drain_and_stop()
     log.info("stopped")
+    return 0

@@ -5,23 +5,33 @@ loop never waits on the model. Commands (add, abort, stop) go to the loop throug
 result comes back as one message, which ``_dispatch`` routes to the per-request asyncio queues on the event
 loop. A stream that is closed before its last output (client cancel, deadline, shutdown) aborts its request:
 the loop frees its KV blocks before the next step.
+
+The engine is supervised. Its death — the process killed (the OOM killer), an exception escaping the loop,
+``MAX_FAILED_STEPS`` failed steps in a row — is noticed at once (the pipe's end of file, the process sentinel, a
+failed send); every running and waiting request then ends with ``EngineRestarted`` (UNAVAILABLE: retry), listeners
+hear ``EngineState.RESTARTING`` (health NOT_SERVING), and a new engine is started with the same config, after a
+backoff. ``EngineState.SERVING`` follows when it is ready; past ``max_restarts`` within
+``restart_window_seconds`` the engine gives up (``EngineState.FAILED``, ``wait_failed`` returns) and the server
+exits so that its orchestrator restarts it. Nothing on the event loop ever blocks on the pipe: a writer thread
+sends the commands.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import enum
+import functools
 import itertools
 import logging
-import multiprocessing as mp
 import os
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from eoq.engine.backends import Abort, Add, AddEndTokens, ProcessBackend, ThreadBackend
 from eoq.engine.types import EngineConfig, EngineRequest, EngineStepResult, ModelInfo, RequestOutput, SchedulerStats
 from eoq.errors import InternalError, InvalidArgument, ResourceExhausted, Unavailable
 
@@ -32,6 +42,18 @@ class EngineFailed(InternalError):
     """The engine could not serve a request (a failed model step); maps to INTERNAL."""
 
 
+class EngineRestarted(Unavailable):
+    """The engine died while the request ran or waited; a new one is starting. Safe to retry."""
+
+
+class EngineState(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    RESTARTING = "restarting"  # the engine died; a new one is loading
+    FAILED = "failed"  # too many restarts: the server should exit
+    STOPPED = "stopped"  # shut down on purpose
+
+
 class EngineObserver(Protocol):
     """Receives the engine's stats; the metrics module implements it."""
 
@@ -39,175 +61,7 @@ class EngineObserver(Protocol):
 
     def on_request_finished(self, output: RequestOutput, inter_token_seconds: list[float]) -> None: ...
 
-
-# --- commands to the engine loop ---
-@dataclass(slots=True)
-class _Add:
-    request: EngineRequest
-
-
-@dataclass(slots=True)
-class _Abort:
-    request_id: str
-
-
-@dataclass(slots=True)
-class _Stop:
-    pass
-
-
-@dataclass(slots=True)
-class _AddEndTokens:
-    token_ids: tuple[int, ...]
-
-
-def run_engine_loop(core, receive: Callable[[bool], list], emit: Callable[[EngineStepResult], None]) -> None:
-    """The loop the engine thread/process runs: apply commands, step while there is work, emit results.
-
-    ``receive(block)`` returns the pending commands, waiting for one if ``block``."""
-    while True:
-        commands = receive(not core.has_work())
-        aborted = []
-        for cmd in commands:
-            if isinstance(cmd, _Stop):
-                for rid in list(core.requests):
-                    out = core.abort_request(rid)
-                    if out is not None:
-                        aborted.append(out)
-                if aborted:
-                    emit(EngineStepResult(aborted, core.snapshot_stats()))
-                return
-            if isinstance(cmd, _Add):
-                try:
-                    core.add_request(cmd.request)
-                except Exception as e:  # never lose a request silently
-                    log.exception("could not add request %s", cmd.request.request_id)
-                    aborted.append(RequestOutput(cmd.request.request_id, [], "", finished=True, error=str(e)))
-            elif isinstance(cmd, _Abort):
-                out = core.abort_request(cmd.request_id)
-                if out is not None:
-                    aborted.append(out)
-            elif isinstance(cmd, _AddEndTokens):
-                core.eos_token_ids = core.eos_token_ids | frozenset(cmd.token_ids)
-        if aborted:
-            emit(EngineStepResult(aborted, core.snapshot_stats()))
-        if core.has_work():
-            emit(core.step())
-
-
-class _ThreadBackend:
-    def __init__(self, cfg: EngineConfig, on_result: Callable[[EngineStepResult], None]) -> None:
-        self._cfg = cfg
-        self._on_result = on_result
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self.core = None
-
-    def start(self) -> ModelInfo:
-        from eoq.engine.builder import build_engine_core  # torch and the model: only where the engine runs
-
-        self.core, info = build_engine_core(self._cfg)
-        self._thread = threading.Thread(target=self._run, name="eoq-engine", daemon=True)
-        self._thread.start()
-        return info
-
-    def _receive(self, block: bool) -> list:
-        items = [self._inbox.get()] if block else []
-        while True:
-            try:
-                items.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return items
-
-    def _run(self) -> None:
-        try:
-            run_engine_loop(self.core, self._receive, self._on_result)
-        except Exception:
-            log.exception("engine loop died")
-            self._on_result(None)
-
-    def send(self, cmd) -> None:
-        self._inbox.put(cmd)
-
-    def stop(self, timeout: float) -> None:
-        self.send(_Stop())
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-
-def _engine_process_main(cfg: EngineConfig, commands, results) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
-    try:
-        from eoq.engine.builder import build_engine_core
-
-        core, info = build_engine_core(cfg)
-    except Exception as e:
-        results.send(("error", f"{type(e).__name__}: {e}"))
-        return
-    results.send(("ready", info))
-
-    def receive(block: bool) -> list:
-        items = []
-        if block:
-            commands.poll(None)
-        while commands.poll(0):
-            items.append(commands.recv())
-        return items
-
-    run_engine_loop(core, receive, lambda r: results.send(("step", r)))
-    results.send(("stopped", None))
-
-
-class _ProcessBackend:
-    def __init__(self, cfg: EngineConfig, on_result: Callable[[EngineStepResult | None], None]) -> None:
-        ctx = mp.get_context("spawn")
-        self._cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
-        self._res_recv, self._res_send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_engine_process_main, args=(cfg, self._cmd_recv, self._res_send),
-                                 name="eoq-engine", daemon=True)
-        self._on_result = on_result
-        self._send_lock = threading.Lock()
-        self._reader: threading.Thread | None = None
-        self.core = None  # lives in the other process
-
-    def start(self) -> ModelInfo:
-        self._proc.start()
-        kind, payload = self._res_recv.recv()
-        if kind != "ready":
-            self._proc.join(5)
-            from eoq.errors import ConfigError
-
-            raise ConfigError(f"the engine process failed to start: {payload}")
-        self._reader = threading.Thread(target=self._read, name="eoq-engine-reader", daemon=True)
-        self._reader.start()
-        return payload
-
-    def _read(self) -> None:
-        while True:
-            try:
-                kind, payload = self._res_recv.recv()
-            except (EOFError, OSError):
-                kind, payload = "died", None
-            if kind == "step":
-                self._on_result(payload)
-                continue
-            if kind == "died":
-                log.error("the engine process exited unexpectedly (exit code %s)", self._proc.exitcode)
-                self._on_result(None)
-            return
-
-    def send(self, cmd) -> None:
-        with self._send_lock:
-            self._cmd_send.send(cmd)
-
-    def stop(self, timeout: float) -> None:
-        try:
-            self.send(_Stop())
-        except (BrokenPipeError, OSError):
-            pass
-        self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.kill()
+    def on_engine_restart(self) -> None: ...
 
 
 def default_num_threads(mode: str) -> int:
@@ -219,32 +73,82 @@ def default_num_threads(mode: str) -> int:
     return cores if mode == "process" else max(1, cores - 1)
 
 
+# Waits before the first, second, ... restart of a dead engine (the last repeats).
+RESTART_BACKOFF_SECONDS = (0.2, 1.0, 5.0)
+
+
 class AsyncEngine:
-    """Requests in, streams of ``RequestOutput`` out. All methods are called on the event loop."""
+    """Requests in, streams of ``RequestOutput`` out. All methods are called on the event loop.
+
+    ``max_restarts`` deaths within ``restart_window_seconds`` are restarted from (see the module docstring); one
+    more and the engine gives up. ``on_state`` listeners hear every ``EngineState`` change, on the event loop."""
 
     def __init__(self, cfg: EngineConfig, mode: str = "process", max_queue_size: int = 256,
-                 observer: EngineObserver | None = None) -> None:
+                 observer: EngineObserver | None = None, max_restarts: int = 3,
+                 restart_window_seconds: float = 600.0) -> None:
         if cfg.num_threads is None:
             cfg = dataclasses.replace(cfg, num_threads=default_num_threads(mode))
         self.cfg = cfg
         self.mode = mode
         self.max_queue_size = max_queue_size
         self.observer = observer
+        self.max_restarts = max_restarts
+        self.restart_window_seconds = restart_window_seconds
         self.info: ModelInfo | None = None
-        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self.state = EngineState.STARTING
+        self.num_restarts = 0
+        self._listeners: list[Callable[[EngineState], None]] = []
+        self._streams: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._backend: _ThreadBackend | _ProcessBackend | None = None
+        self._backend: ThreadBackend | ProcessBackend | None = None
+        self._generation = 0  # of the backend: results of an older (dead) one are dropped
+        self._end_tokens: tuple[int, ...] = ()  # add_end_tokens' ids, sent again to a restarted engine
+        self._deaths: collections.deque[float] = collections.deque()
+        self._restarter: asyncio.Task | None = None
+        self._failed = asyncio.Event()
         self._ids = itertools.count()
-        self._dead = False
         self.last_stats = SchedulerStats()
 
     async def start(self) -> ModelInfo:
-        """Load the model (in the engine thread's or process's context) and start the loop."""
+        """Load the model (in the engine thread's or process's context) and start the loop. Raises
+        ``ConfigError`` when the engine cannot start (a process that dies while loading included)."""
         self._loop = asyncio.get_running_loop()
-        backend_cls = _ProcessBackend if self.mode == "process" else _ThreadBackend
-        self._backend = backend_cls(self.cfg, self._from_engine)
-        self.info = await asyncio.to_thread(self._backend.start)
+        self._backend, self.info = await self._start_backend()
+        self._set_state(EngineState.SERVING)
         return self.info
+
+    async def _start_backend(self) -> tuple[ThreadBackend | ProcessBackend, ModelInfo]:
+        self._generation += 1
+        backend_cls = ProcessBackend if self.mode == "process" else ThreadBackend
+        backend = backend_cls(self.cfg, functools.partial(self._from_engine, self._generation))
+        info = await asyncio.to_thread(backend.start)
+        if self._end_tokens:
+            backend.send(AddEndTokens(self._end_tokens))
+            info = dataclasses.replace(info, eos_token_ids=tuple(sorted({*info.eos_token_ids, *self._end_tokens})))
+        return backend, info
+
+    def add_state_listener(self, listener: Callable[[EngineState], None]) -> None:
+        self._listeners.append(listener)
+
+    def _set_state(self, state: EngineState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        for listener in self._listeners:
+            listener(state)
+
+    @property
+    def serving(self) -> bool:
+        return self.state is EngineState.SERVING
+
+    async def wait_failed(self) -> None:
+        """Returns once the engine has given up restarting (``EngineState.FAILED``)."""
+        await self._failed.wait()
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine process's pid (process mode), for operators and tests."""
+        return getattr(self._backend, "pid", None)
 
     @property
     def core(self):
@@ -270,29 +174,42 @@ class AsyncEngine:
                 f"beyond the context window of {ctx} tokens (shorten the prompt or lower max_tokens)"
             )
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs; the last has ``finished=True``. Closing the stream early aborts it."""
-        if self._dead or self._backend is None:
-            raise Unavailable("the engine is not running")
-        self.check_request(len(request.prompt_token_ids), request.sampling.max_tokens)
+    def check_admission(self) -> None:
+        """Raise ``Unavailable`` while the engine is not serving, ``ResourceExhausted`` when it is full."""
+        if self.state is not EngineState.SERVING or self._backend is None:
+            raise Unavailable(f"the engine is {self.state.value}; retry shortly")
         capacity = self.cfg.max_num_seqs + self.max_queue_size
         if len(self._streams) >= capacity:
             raise ResourceExhausted(
                 f"the server is full: {len(self._streams)} requests running or waiting (limit {capacity}); retry later"
             )
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; the last has ``finished=True``. Closing the stream early aborts it.
+        Raises ``EngineRestarted`` if the engine dies meanwhile."""
+        self.check_admission()
+        self.check_request(len(request.prompt_token_ids), request.sampling.max_tokens)
+        assert self.info is not None
+        vocab = self.info.vocab_size
+        if request.prompt_token_ids and not 0 <= min(request.prompt_token_ids) <= max(request.prompt_token_ids) < vocab:
+            raise InvalidArgument(f"the prompt holds token ids outside this model's vocabulary (0..{vocab - 1})")
         if request.request_id in self._streams:
             raise InvalidArgument(f"duplicate request id {request.request_id!r}")
         if not request.arrival_time:
             request.arrival_time = time.monotonic()
-        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        q: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._streams[request.request_id] = q
-        self._backend.send(_Add(request))
+        backend = self._backend
+        backend.send(Add(request))
         finished = False
         itl: list[float] = []
         last = None
         try:
             while True:
                 out = await q.get()
+                if isinstance(out, Exception):
+                    finished = True  # nothing to abort: that engine is gone
+                    raise out
                 now = time.monotonic()
                 if last is not None and out.token_ids:
                     itl.append(now - last)
@@ -309,8 +226,8 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request.request_id, None)
-            if not finished and not self._dead:
-                self._backend.send(_Abort(request.request_id))
+            if not finished and backend is self._backend and self.serving:
+                backend.send(Abort(request.request_id))
 
     def add_end_tokens(self, token_ids: tuple[int, ...]) -> None:
         """More tokens that end an answer (e.g. the chat template's end-of-turn), for requests added from now on.
@@ -318,13 +235,14 @@ class AsyncEngine:
         Lets the server start the engine before its tokenizer and chat template are loaded."""
         if self._backend is None or self.info is None:
             raise RuntimeError("start the engine first")
-        self._backend.send(_AddEndTokens(tuple(token_ids)))
+        self._end_tokens = tuple(sorted({*self._end_tokens, *token_ids}))
+        self._backend.send(AddEndTokens(tuple(token_ids)))
         self.info = dataclasses.replace(self.info, eos_token_ids=tuple(sorted({*self.info.eos_token_ids, *token_ids})))
 
     def abort(self, request_id: str) -> None:
         """End a request now: its stream gets a last output with finish reason CANCELLED."""
-        if self._backend is not None and request_id in self._streams:
-            self._backend.send(_Abort(request_id))
+        if self._backend is not None and request_id in self._streams and self.serving:
+            self._backend.send(Abort(request_id))
 
     def abort_all(self) -> int:
         """Abort every running or waiting request (e.g. a drain's grace period is over); returns how many."""
@@ -333,19 +251,19 @@ class AsyncEngine:
             self.abort(rid)
         return len(ids)
 
-    def _from_engine(self, result: EngineStepResult | None) -> None:
+    def _from_engine(self, generation: int, result: EngineStepResult | None) -> None:
         """Called on the engine thread / reader thread: hop onto the event loop."""
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(self._dispatch, result)
+            self._loop.call_soon_threadsafe(self._dispatch, generation, result)
         except RuntimeError:  # the loop is closed: shutting down
             pass
 
-    def _dispatch(self, result: EngineStepResult | None) -> None:
-        if result is None:  # the engine loop died: fail everyone, refuse new work
-            self._dead = True
-            for rid, q in self._streams.items():
-                q.put_nowait(RequestOutput(rid, [], "", finished=True, error="the engine stopped"))
+    def _dispatch(self, generation: int, result: EngineStepResult | None) -> None:
+        if generation != self._generation:
+            return  # from an engine that has been replaced
+        if result is None:
+            self._on_death()
             return
         for out in result.outputs:
             q = self._streams.get(out.request_id)
@@ -356,7 +274,69 @@ class AsyncEngine:
             if self.observer is not None:
                 self.observer.on_step(result.stats)
 
+    def _on_death(self) -> None:
+        """The engine died: fail every request it held (retry-safe), and restart it (or give up)."""
+        if self.state in (EngineState.STOPPED, EngineState.FAILED, EngineState.RESTARTING):
+            return
+        for q in self._streams.values():
+            q.put_nowait(EngineRestarted("the engine restarted; retry"))
+        self._streams.clear()
+        self.last_stats = SchedulerStats()
+        now = time.monotonic()
+        self._deaths.append(now)
+        while self._deaths and self._deaths[0] < now - self.restart_window_seconds:
+            self._deaths.popleft()
+        if len(self._deaths) > self.max_restarts:
+            log.error("the engine died %d times in %.0f s (limit %d restarts): giving up", len(self._deaths),
+                      self.restart_window_seconds, self.max_restarts)
+            self._give_up()
+            return
+        self._set_state(EngineState.RESTARTING)
+        self._restarter = asyncio.get_running_loop().create_task(self._restart(len(self._deaths)))
+
+    def _give_up(self) -> None:
+        self._set_state(EngineState.FAILED)
+        self._failed.set()
+
+    async def _restart(self, attempt: int) -> None:
+        old = self._backend
+        if old is not None:
+            await asyncio.to_thread(old.stop, 1.0)  # whatever is left of it (kills a hung process)
+        while True:
+            delay = RESTART_BACKOFF_SECONDS[min(attempt, len(RESTART_BACKOFF_SECONDS)) - 1]
+            log.warning("restarting the engine in %.1f s (restart %d of at most %d in %.0f s)", delay, attempt,
+                        self.max_restarts, self.restart_window_seconds)
+            await asyncio.sleep(delay)
+            if self.state is not EngineState.RESTARTING:
+                return  # shut down meanwhile
+            t0 = time.monotonic()
+            try:
+                backend, info = await self._start_backend()
+            except Exception as e:  # ConfigError from a failed load, or anything else: another attempt, or give up
+                log.error("the engine failed to restart: %s", e)
+                self._deaths.append(time.monotonic())
+                attempt += 1
+                if attempt > self.max_restarts:
+                    self._give_up()
+                    return
+                continue
+            if self.state is not EngineState.RESTARTING:
+                await asyncio.to_thread(backend.stop, 5.0)
+                return
+            self._backend, self.info = backend, info
+            self.num_restarts += 1
+            if self.observer is not None:
+                self.observer.on_engine_restart()
+            log.warning("the engine is back after %.1f s of loading (restart %d)", time.monotonic() - t0,
+                        self.num_restarts)
+            self._set_state(EngineState.SERVING)
+            return
+
     async def shutdown(self, timeout: float = 10.0) -> None:
+        self._set_state(EngineState.STOPPED)
+        if self._restarter is not None and not self._restarter.done():
+            self._restarter.cancel()
         if self._backend is not None:
             await asyncio.to_thread(self._backend.stop, timeout)
-            self._dead = True
+        for q in self._streams.values():
+            q.put_nowait(Unavailable("the engine stopped"))

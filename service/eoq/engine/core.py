@@ -34,6 +34,7 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids  # the model's end-of-answer tokens
         self.requests: dict[str, Sequence] = {}
+        self.num_failed_steps = 0  # model steps that failed one after another (0 after a good one)
 
     # --- requests in and out ---
     def add_request(self, request: EngineRequest) -> None:
@@ -74,9 +75,11 @@ class EngineCore:
             samplers = sampling_sequences(sched)
             try:
                 sampled = self.runner.execute(sched)
-            except Exception as e:  # a failed step fails its requests, never the engine
+            except Exception as e:  # a failed step fails its requests; a run of them, the engine (async_engine)
                 log.exception("engine step failed; failing its %d requests", sched.num_seqs)
+                self.num_failed_steps += 1
                 return EngineStepResult(self._fail(sched, e), self._stats(sched, 0, t0))
+            self.num_failed_steps = 0
             self.scheduler.update_computed(sched)
             outputs = self._postprocess(sched, samplers, sampled, t0)
         return EngineStepResult(outputs, self._stats(sched, len(sampled), t0))

@@ -1,27 +1,29 @@
 """Iteration-level continuous batching (Orca / vLLM v1 style).
 
 Every step gets a token budget. Running sequences go first, oldest first: a decode takes one token, a prompt
-being prefilled in chunks takes what is left of the budget. Then waiting requests join, oldest first, while the
-budget, the running-sequence limit and the KV cache allow; each takes its prefix-cache hits and as much of its
+being prefilled in chunks takes what is left of the budget. Then waiting requests join — round-robin across
+tenants, oldest first within a tenant (``fair_queue.FairQueue``) — while the budget, the running-sequence limit
+and the KV cache allow; each takes its prefix-cache hits and as much of its
 prompt as fits (long prompts are prefilled over several steps, mixed with the others' decodes). Finished
 sequences leave at once (``finish``).
 
 A waiting request whose next uncached prompt block is being computed right now by a running sequence (the same
 tenant's same prefix: a shared system prompt, or the same question in a burst) waits for it instead of
-computing it again: the step after, those blocks are in the prefix cache. Admission stays FCFS.
+computing it again: the step after, those blocks are in the prefix cache.
 
 When a running sequence cannot get a block for its next token, the newest running sequence is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed from its tokens later (its
-blocks stay in the prefix cache, so the recompute is mostly cache hits). Nobody starves: the queue is FCFS,
-preempted requests go back to its front, and the oldest running sequence is always served first.
+blocks stay in the prefix cache, so the recompute is mostly cache hits). Nobody starves: each tenant's queue is
+FCFS and every tenant with waiting requests gets a turn, preempted requests go back to the front, and the oldest
+running sequence is always served first.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from eoq.engine.block_manager import BlockManager
+from eoq.engine.fair_queue import FairQueue
 from eoq.engine.sequence import Sequence, SequenceStatus
 
 
@@ -64,7 +66,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         # Admit a new sequence only if this many blocks stay free, so decodes rarely need a preemption.
         self.watermark_blocks = int(watermark * block_manager.num_blocks)
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = FairQueue()
         self.running: list[Sequence] = []  # oldest first
         self.num_preemptions_total = 0
 
@@ -119,7 +121,7 @@ class Scheduler:
 
         inflight = self._inflight_hashes() if self.blocks.enable_prefix_caching else set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.peek()
             hits, num_hit = self.blocks.get_computed_blocks(seq)
             if len(hits) < len(seq.block_hashes) and seq.block_hashes[len(hits)] in inflight:
                 break  # a running sequence is computing this prefix now: take it from the cache next step

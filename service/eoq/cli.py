@@ -1,4 +1,4 @@
-"""The ``eoq`` command: serve, chat, bench, prepare, health.
+"""The ``eoq`` command: serve, chat, bench, soak, prepare, health.
 
 ``eoq serve`` takes a flag for every setting (``--kv-cache-memory-gb``, ...); each is also the environment
 variable ``EOQ_<NAME>``. ``eoq chat`` and ``eoq bench`` are the sample clients in ``clients/``.
@@ -111,13 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(func=cmd_health)
 
-    from eoq_clients import bench, chat
+    from eoq_clients import bench, chat, soak
     from eoq_clients.common import add_tls_flags
 
     add_tls_flags(health)
 
     chat.add_parser(sub)
     bench.add_parser(sub)
+    soak.add_parser(sub)
     return parser
 
 

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, description="most sequences in the running batch")
     max_num_batched_tokens: int = Field(512, description="token budget of one engine step (prefill chunks + decodes)")
     max_queue_size: int = Field(256, description="most requests waiting for the batch; beyond it RESOURCE_EXHAUSTED")
+    max_requests_per_tenant: int = Field(
+        128, description="most requests of one tenant (API key's tenant) running or waiting at once; beyond it "
+        "RESOURCE_EXHAUSTED for that tenant only (not applied with auth off: every caller is one tenant)"
+    )
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of earlier turns and shared prefixes")
     engine_mode: Literal["thread", "process"] = Field(
         "process", description="run the engine loop in its own process (default) or on a thread of the server's"
@@ -87,6 +91,12 @@ class Settings(BaseSettings):
     max_connection_age_grace_seconds: float = Field(
         600.0, description="how long a closing connection's streams may finish (above the longest answer)"
     )
+    max_receive_message_bytes: int = Field(
+        1 << 20, description="largest gRPC request accepted (bytes); larger ones end RESOURCE_EXHAUSTED unread"
+    )
+    max_send_message_bytes: int = Field(
+        16 << 20, description="largest gRPC response sent (bytes); above the largest conversation a store may hold"
+    )
     keepalive_time_seconds: float = Field(30.0, description="server keepalive ping interval")
     keepalive_timeout_seconds: float = Field(10.0, description="close a connection whose ping gets no answer")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -96,6 +106,19 @@ class Settings(BaseSettings):
     conversation_ttl_seconds: int = Field(7 * 24 * 3600, description="conversations expire after this idle time")
     redis_timeout_seconds: float = Field(2.0, description="Redis connect/operation timeout; past it UNAVAILABLE")
     lock_ttl_seconds: float = Field(30.0, description="expiry of a conversation's busy lock (renewed while held)")
+
+    # --- limits ---
+    max_conversation_messages: int = Field(
+        1000, description="most messages a conversation stores (a turn is two); past it FAILED_PRECONDITION"
+    )
+    max_conversation_bytes: int = Field(
+        4 * 1024 * 1024, description="most UTF-8 bytes of text a conversation stores (its messages and system "
+        "prompt); past it FAILED_PRECONDITION"
+    )
+    max_conversations_per_tenant: int = Field(
+        10_000, description="most live conversations of one tenant; past it CreateConversation and a new Chat are "
+        "RESOURCE_EXHAUSTED until old ones are deleted or expire"
+    )
 
     # --- auth ---
     api_keys_file: Path | None = Field(None, description="file of 'key tenant' lines; unset and no api_keys = auth off")
@@ -119,6 +142,10 @@ class Settings(BaseSettings):
     default_top_k: int = 0
     default_repetition_penalty: float = 1.0
     max_stop_strings: int = 16
+    max_message_chars: int = Field(
+        200_000, description="longest Chat message / Complete prompt in characters, checked before tokenizing"
+    )
+    max_system_prompt_chars: int = Field(50_000, description="longest system prompt in characters")
 
     @field_validator("block_size")
     @classmethod
@@ -127,7 +154,9 @@ class Settings(BaseSettings):
             raise ValueError("must be a power of two, e.g. 16")
         return v
 
-    @field_validator("max_num_seqs", "max_num_batched_tokens", "max_queue_size", "default_max_tokens")
+    @field_validator("max_num_seqs", "max_num_batched_tokens", "max_queue_size", "default_max_tokens",
+                     "max_requests_per_tenant", "max_receive_message_bytes", "max_send_message_bytes",
+                     "max_message_chars", "max_system_prompt_chars")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
@@ -146,6 +175,20 @@ class Settings(BaseSettings):
     def _port(cls, v: int) -> int:
         if not 0 <= v <= 65535:
             raise ValueError("must be a port number (0..65535)")
+        return v
+
+    @field_validator("max_conversation_messages")
+    @classmethod
+    def _room_for_a_turn(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("must be >= 2 (a turn is two messages)")
+        return v
+
+    @field_validator("max_conversation_bytes", "max_conversations_per_tenant")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
         return v
 
     @field_validator("kv_cache_memory_gb")

@@ -20,7 +20,8 @@ class NotFound(EoqError):
 
 
 class ResourceExhausted(EoqError):
-    """The server is full right now (the waiting queue is at its bound); retrying later may succeed."""
+    """The server is full right now (the waiting queue is at its bound), or a quota is used up (the tenant's
+    conversations); retrying later, or after freeing some, may succeed."""
 
 
 class Unavailable(EoqError):
@@ -29,6 +30,11 @@ class Unavailable(EoqError):
 
 class Aborted(EoqError):
     """A concurrency conflict, e.g. a second question on a conversation whose answer is still streaming."""
+
+
+class FailedPrecondition(EoqError):
+    """The request is well-formed but the state it acts on refuses it (e.g. a full conversation); retrying the
+    same request will not help until that state changes."""
 
 
 class Unauthenticated(EoqError):

@@ -98,9 +98,9 @@ def capture_requests(monkeypatch, running: RunningServer) -> list[EngineRequest]
     seen: list[EngineRequest] = []
     generate = running.engine.generate
 
-    def recording(request: EngineRequest):
+    def recording(request: EngineRequest, admitted: bool = False):
         seen.append(request)
-        return generate(request)
+        return generate(request, admitted)
 
     monkeypatch.setattr(running.engine, "generate", recording)
     return seen

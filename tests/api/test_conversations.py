@@ -91,3 +91,15 @@ async def test_system_prompt_set_at_creation_and_replaced_by_chat(server: Runnin
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     )
     assert (await stub.GetConversation(pb.GetConversationRequest(id=answer.conversation_id))).system_prompt == ""
+
+
+async def test_list_carries_a_bounded_preview_of_the_system_prompt(stub) -> None:
+    long_prompt = "Ω" * 200 + "You are a pirate. " * 20  # 560 characters
+    created = await stub.CreateConversation(pb.CreateConversationRequest(system_prompt=long_prompt))
+    short = await stub.CreateConversation(pb.CreateConversationRequest(system_prompt=PIRATE))
+    assert not created.system_prompt_truncated and created.system_prompt == long_prompt
+    rows = {c.id: c for c in (await stub.ListConversations(pb.ListConversationsRequest(page_size=2))).conversations}
+    assert (rows[created.id].system_prompt, rows[created.id].system_prompt_truncated) == (long_prompt[:256], True)
+    assert (rows[short.id].system_prompt, rows[short.id].system_prompt_truncated) == (PIRATE, False)
+    got = await stub.GetConversation(pb.GetConversationRequest(id=created.id))
+    assert (got.system_prompt, got.system_prompt_truncated) == (long_prompt, False)

@@ -1,5 +1,5 @@
 """A small server (256-token context, one sequence at a time, one waiting): histories longer than the context
-window and the bounded waiting queue."""
+window and the bounded waiting queue. A capped server: full conversations and the tenant quota."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pytest_asyncio
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.api.server import RunningServer
 from eoq.chat.prompt import ChatMessage
+from eoq.chat.store import ConversationLimits
 from tests.api.client import (
+    FRANCE,
     ask,
     capture_requests,
     collect,
@@ -106,3 +108,59 @@ async def test_beyond_the_bounded_queue_is_resource_exhausted_at_once(small: Run
     answer = await collect(waiting)  # the waiting one is served once the running one is gone
     assert (answer.last.finish_reason, answer.last.usage.completion_tokens) == (pb.FINISH_REASON_LENGTH, 8)
     await wait_for(lambda: engine_idle(small), 3.0, "every request over and every block free")
+
+
+# --- a server with tiny limits; each test its own tenant ------------------------------------------------------
+
+FULL = [("authorization", "Bearer full-key")]
+QUOTA = [("authorization", "Bearer quota-key")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="package")
+async def capped(shared_redis: RedisServer) -> AsyncIterator[RunningServer]:
+    async with serving(redis_url=shared_redis.url, max_model_len=CONTEXT, default_max_tokens=MAX_TOKENS,
+                       kv_cache_memory_gb=0.05, max_conversation_messages=2, max_conversation_bytes=2000,
+                       max_conversations_per_tenant=2, api_keys="full-key:full,quota-key:quota") as s:
+        yield s
+
+
+@pytest_asyncio.fixture(loop_scope="package")
+async def capped_stub(capped: RunningServer):
+    async with connect(capped) as s:
+        yield s
+
+
+async def test_a_full_conversation_is_failed_precondition(capped: RunningServer, capped_stub) -> None:
+    assert capped.store.limits == ConversationLimits(max_messages=2, max_bytes=2000, max_conversations_per_tenant=2)
+    first = await ask(capped_stub, FRANCE, metadata=FULL, max_tokens=8)
+    cid = first.conversation_id
+    error = await rpc_error(ask(capped_stub, "And of Germany?", cid, metadata=FULL, max_tokens=8))
+    assert (error.code(), error.details()) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                               "conversation is full (2 messages, limit 2): start a new one")
+    conv = await capped_stub.GetConversation(pb.GetConversationRequest(id=cid), metadata=FULL)
+    assert [m.content for m in conv.messages] == [FRANCE, first.text]  # the refused turn left nothing
+    await wait_for(lambda: engine_idle(capped), 3.0, "every request over and every block free")
+    error = await rpc_error(ask(capped_stub, "And of Italy?", cid, metadata=FULL, max_tokens=8))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION  # refused again, not ABORTED: nothing stayed locked
+
+
+async def test_a_system_prompt_over_the_byte_limit_is_invalid_argument(capped_stub) -> None:
+    error = await rpc_error(capped_stub.CreateConversation(pb.CreateConversationRequest(system_prompt="é" * 1001),
+                                                           metadata=FULL))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "the system prompt is too long (2002 bytes, a conversation holds at most 2000)"
+
+
+async def test_the_tenant_quota_is_resource_exhausted(capped_stub) -> None:
+    first = (await ask(capped_stub, FRANCE, metadata=QUOTA, max_tokens=8)).conversation_id
+    await capped_stub.CreateConversation(pb.CreateConversationRequest(), metadata=QUOTA)
+    quota = ("too many conversations: this tenant has 2, its quota (max_conversations_per_tenant) is 2; delete old "
+             "conversations (DeleteConversation) to start new ones")
+    error = await rpc_error(capped_stub.CreateConversation(pb.CreateConversationRequest(), metadata=QUOTA))
+    assert (error.code(), error.details()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, quota)
+    error = await rpc_error(ask(capped_stub, FRANCE, metadata=QUOTA, max_tokens=8))  # a Chat that would start one
+    assert (error.code(), error.details()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, quota)
+    listed = await capped_stub.ListConversations(pb.ListConversationsRequest(), metadata=QUOTA)
+    assert len(listed.conversations) == 2
+    await capped_stub.DeleteConversation(pb.DeleteConversationRequest(id=first), metadata=QUOTA)
+    assert (await ask(capped_stub, FRANCE, metadata=QUOTA, max_tokens=8)).last.finish_reason

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -15,9 +16,21 @@ import pytest
 
 from eoq.chat.memory_store import MemoryConversationStore, _Lease
 from eoq.chat.redis_store import RedisConversationStore
-from eoq.chat.store import ConversationBusy, ConversationStore, Role, StoredMessage, StoreUnavailable
+from eoq.chat.store import (
+    Conversation,
+    ConversationBusy,
+    ConversationFull,
+    ConversationLimits,
+    ConversationStore,
+    Role,
+    StoredMessage,
+    StoreUnavailable,
+    check_room,
+    decode_page_token,
+    encode_page_token,
+)
 from eoq.engine.types import FinishReason
-from eoq.errors import InvalidArgument, NotFound
+from eoq.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tests.conftest import RedisServer
 
 
@@ -38,12 +51,14 @@ class Backend:
         self.redis_server = redis_server
         self.stores: list[ConversationStore] = []
 
-    def make(self, ttl_seconds: float = 60.0, lock_ttl_seconds: float = 30.0) -> ConversationStore:
+    def make(
+        self, ttl_seconds: float = 60.0, lock_ttl_seconds: float = 30.0, limits: ConversationLimits | None = None
+    ) -> ConversationStore:
         store: ConversationStore
         if self.redis_server is None:
-            store = MemoryConversationStore(ttl_seconds, lock_ttl_seconds)
+            store = MemoryConversationStore(ttl_seconds, lock_ttl_seconds, limits=limits)
         else:
-            store = RedisConversationStore(self.redis_server.url, ttl_seconds, lock_ttl_seconds)
+            store = RedisConversationStore(self.redis_server.url, ttl_seconds, lock_ttl_seconds, limits=limits)
         self.stores.append(store)
         return store
 
@@ -135,9 +150,11 @@ async def test_list_orders_by_last_update(store: ConversationStore) -> None:
 async def test_bad_page_token_and_page_size(store: ConversationStore) -> None:
     await create_many(store, "acme", 2)
     not_a_pair = base64.urlsafe_b64encode(json.dumps({"a": 1}).encode()).decode()
-    for token in ["garbage!", "%%%", not_a_pair]:
-        with pytest.raises(InvalidArgument, match="invalid page_token"):
+    for token in ["garbage!", "%%%", not_a_pair, *HOSTILE_PAGE_TOKENS.values()]:
+        with pytest.raises(InvalidArgument, match="invalid page_token") as refused:
             await store.list("acme", 10, token)
+        assert len(str(refused.value)) < 120  # a short prefix of the token at most
+        assert len(token) <= 40 or token[40:80] not in str(refused.value)
     with pytest.raises(InvalidArgument, match="page_size"):
         await store.list("acme", 0)
 
@@ -306,6 +323,189 @@ async def test_conversations_expire_unless_used(backend: Backend) -> None:
     assert await store.list("acme", 10) == ([], "")
 
 
+# ---------------------------------------------------------------- input integrity and limits, both stores
+
+
+def b64(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+# Each made the old decode_page_token raise something other than InvalidArgument, or echo the whole token.
+HOSTILE_PAGE_TOKENS = {
+    "nested": b64("[" * 100_000 + "]" * 100_000),  # RecursionError in the JSON parser
+    "huge int": b64(f'[{"9" * 350}, "x"]'),  # OverflowError converting it to a float
+    "huge int, short": b64(f'[{"9" * 310}, ""]'),
+    "non-ASCII": "WzEsIngiXQ==é",
+    "long": "A" * 5000,
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_PAGE_TOKENS)
+def test_hostile_page_tokens_are_invalid_argument_without_echo(name: str) -> None:
+    token = HOSTILE_PAGE_TOKENS[name]
+    with pytest.raises(InvalidArgument) as refused:
+        decode_page_token(token)
+    message = str(refused.value)
+    assert message.startswith("invalid page_token ") and message.endswith(
+        ": pass the next_page_token of a previous page"
+    )
+    assert len(message) < 120
+    if len(token) > 512:
+        assert message.startswith(f"invalid page_token ({len(token)} characters, at most 512)")
+    assert decode_page_token(encode_page_token(1.5e9, "a" * 32)) == (1.5e9, "a" * 32)
+
+
+async def test_over_long_ids_are_invalid_argument_without_echo(store: ConversationStore) -> None:
+    long_id = "f" * 129
+    calls = {
+        "get": lambda: store.get("acme", long_id),
+        "delete": lambda: store.delete("acme", long_id),
+        "append_turn": lambda: store.append_turn("acme", long_id, user("q"), answer("a")),
+        "lock": lambda: store.lock("acme", long_id).__aenter__(),
+    }
+    for name, call in calls.items():
+        with pytest.raises(InvalidArgument) as refused:
+            await call()
+        assert str(refused.value) == "conversation id too long (129 characters; ids are 32 hex digits)", name
+    with pytest.raises(NotFound, match=f"conversation {'f' * 128} not found"):  # at the limit: looked up
+        await store.get("acme", "f" * 128)
+
+
+def conversation(message_count: int, num_bytes: int) -> Conversation:
+    return Conversation("0" * 32, "acme", None, 0.0, 0.0, message_count, num_bytes=num_bytes)
+
+
+def test_check_room_is_the_one_rule() -> None:
+    limits = ConversationLimits(max_messages=6, max_bytes=100)
+    check_room(conversation(4, 90), limits, new_bytes=10)  # exactly at both limits: fits
+    check_room(conversation(4, 100), limits, new_bytes=-5, new_messages=0)
+    with pytest.raises(ConversationFull) as full:
+        check_room(conversation(6, 0), limits, new_bytes=1)
+    assert str(full.value) == "conversation is full (6 messages, limit 6): start a new one"
+    assert isinstance(full.value, FailedPrecondition)
+    with pytest.raises(ConversationFull) as full:
+        check_room(conversation(2, 90), limits, new_bytes=11)
+    assert str(full.value) == (
+        "conversation is full (90 bytes of text and 11 more in this turn, limit 100 bytes): start a new one"
+    )
+    with pytest.raises(ValueError):
+        ConversationLimits(max_messages=1)
+    assert ConversationLimits() == ConversationLimits(1000, 4 * 1024 * 1024, 10_000)
+
+
+async def test_turns_past_the_message_cap_are_refused(backend: Backend) -> None:
+    store = backend.make(limits=ConversationLimits(max_messages=4))
+    assert store.limits == ConversationLimits(max_messages=4)
+    assert backend.make().limits == ConversationLimits()  # the defaults: 1000 messages, 4 MiB, 10000 per tenant
+    conv = await store.create("acme", None)
+    for i in range(2):
+        assert (await store.append_turn("acme", conv.id, user(f"q{i}"), answer(f"a{i}"))).message_count == 2 * i + 2
+    with pytest.raises(ConversationFull) as full:
+        await store.append_turn("acme", conv.id, user("q2"), answer("a2"), system_prompt="new")
+    assert str(full.value) == "conversation is full (4 messages, limit 4): start a new one"
+    got = await store.get("acme", conv.id)  # nothing of the refused turn was written
+    assert [m.content for m in got.messages] == ["q0", "a0", "q1", "a1"]
+    assert got.message_count == 4 and got.system_prompt is None
+    async with store.lock("acme", conv.id):  # and nothing is left locked
+        pass
+
+
+async def test_turns_past_the_byte_cap_are_refused(backend: Backend) -> None:
+    store = backend.make(limits=ConversationLimits(max_bytes=24))
+    conv = await store.create("acme", "sys!")  # 4 bytes
+    assert conv.num_bytes == 4 and (await store.get("acme", conv.id)).num_bytes == 4
+    after = await store.append_turn("acme", conv.id, user("héllo"), answer("wörld"))  # 6 + 6 bytes
+    assert after.num_bytes == 16 and (await store.get("acme", conv.id)).num_bytes == 16
+    # A replaced system prompt counts by its change in size: 16 - 4 + 1 + 1 + 1.
+    after = await store.append_turn("acme", conv.id, user("q"), answer("a"), system_prompt="s")
+    assert after.num_bytes == 15 and after.system_prompt == "s"
+    after = await store.append_turn("acme", conv.id, user("1234"), answer("56789"))
+    assert after.num_bytes == 24  # exactly at the limit
+    with pytest.raises(ConversationFull) as full:
+        await store.append_turn("acme", conv.id, user("?"), answer(""))
+    assert str(full.value) == (
+        "conversation is full (24 bytes of text and 1 more in this turn, limit 24 bytes): start a new one"
+    )
+    got = await store.get("acme", conv.id)
+    assert (got.message_count, got.num_bytes) == (6, 24)
+    assert got.num_bytes == len(got.system_prompt.encode()) + sum(len(m.content.encode()) for m in got.messages)
+    with pytest.raises(InvalidArgument, match=r"the system prompt is too long \(25 bytes, a conversation holds"):
+        await store.create("acme", "x" * 25)
+    assert await all_ids(store, "acme", 10) == [[conv.id]]
+
+
+async def test_concurrent_turns_never_pass_the_cap(backend: Backend) -> None:
+    store = backend.make(limits=ConversationLimits(max_messages=6))
+    conv = await store.create("acme", None)
+    results = await asyncio.gather(
+        *(store.append_turn("acme", conv.id, user(f"q{i}"), answer(f"a{i}")) for i in range(8)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, Conversation) for r in results) == 3
+    assert all(isinstance(r, (Conversation, ConversationFull)) for r in results)
+    assert (await store.get("acme", conv.id)).message_count == 6
+
+
+async def test_tenant_quota(backend: Backend) -> None:
+    store = backend.make(limits=ConversationLimits(max_conversations_per_tenant=3))
+    results = await asyncio.gather(*(store.create("acme", None) for _ in range(5)), return_exceptions=True)
+    mine = [r.id for r in results if isinstance(r, Conversation)]
+    assert len(mine) == 3
+    for refused in [r for r in results if not isinstance(r, Conversation)] + [None]:
+        if refused is None:
+            with pytest.raises(ResourceExhausted) as caught:
+                await store.create("acme", "one more")
+            refused = caught.value
+        assert isinstance(refused, ResourceExhausted)
+        assert str(refused) == (
+            "too many conversations: this tenant has 3, its quota (max_conversations_per_tenant) is 3; delete "
+            "old conversations (DeleteConversation) to start new ones"
+        )
+    assert len((await store.list("acme", 10))[0]) == 3
+    assert (await store.create("other", None)).tenant == "other"  # a quota per tenant
+    await store.delete("acme", mine[0])  # deleted ones do not count
+    replacement = await store.create("acme", None)
+    with pytest.raises(ResourceExhausted):
+        await store.create("acme", None)
+    assert sorted(c.id for c in (await store.list("acme", 10))[0]) == sorted([*mine[1:], replacement.id])
+
+
+async def test_expired_conversations_do_not_count_against_the_quota(backend: Backend) -> None:
+    store = backend.make(ttl_seconds=0.8, limits=ConversationLimits(max_conversations_per_tenant=2))
+    expired = (await store.create("acme", None)).id
+    await asyncio.sleep(0.5)
+    alive = (await store.create("acme", None)).id  # keeps the Redis index alive, with the expired id in it
+    await asyncio.sleep(0.4)  # before the in-process store's once-a-second sweep
+    third = (await store.create("acme", None)).id
+    assert sorted(c.id for c in (await store.list("acme", 10))[0]) == sorted([alive, third])
+    with pytest.raises(ResourceExhausted, match="this tenant has 2"):
+        await store.create("acme", None)
+    with pytest.raises(NotFound):
+        await store.get("acme", expired)
+
+
+async def test_list_rows_carry_a_system_prompt_preview(store: ConversationStore) -> None:
+    long_prompt = "é" * 250 + "abcdefghij"  # 260 characters, 510 bytes: cut by characters, not bytes
+    at_limit = "x" * 256
+    long = await store.create("acme", long_prompt)
+    exact = await store.create("acme", at_limit)
+    none = await store.create("acme", None)
+    rows = {c.id: c for c in (await store.list("acme", 10))[0]}
+    assert (rows[long.id].system_prompt, rows[long.id].system_prompt_truncated) == (long_prompt[:256], True)
+    assert (rows[exact.id].system_prompt, rows[exact.id].system_prompt_truncated) == (at_limit, False)
+    assert (rows[none.id].system_prompt, rows[none.id].system_prompt_truncated) == (None, False)
+    assert rows[long.id].num_bytes == 510 and rows[long.id].messages == ()
+    got = await store.get("acme", long.id)
+    assert (got.system_prompt, got.system_prompt_truncated) == (long_prompt, False)
+    # A turn that replaces the system prompt replaces its preview.
+    await store.append_turn("acme", exact.id, user("q"), answer("a"), system_prompt="y" * 300)
+    row = (await store.list("acme", 1))[0][0]
+    assert (row.id, row.system_prompt, row.system_prompt_truncated) == (exact.id, "y" * 256, True)
+    await store.append_turn("acme", long.id, user("q"), answer("a"), system_prompt="short")
+    row = (await store.list("acme", 1))[0][0]
+    assert (row.id, row.system_prompt, row.system_prompt_truncated) == (long.id, "short", False)
+
+
 def test_descriptions() -> None:
     memory = MemoryConversationStore(60)
     assert memory.description == "in-process (not shared between replicas, lost on restart)"
@@ -369,7 +569,8 @@ async def test_redis_list_drops_expired_index_entries(redis_server: RedisServer)
     await store.close()
 
 
-async def test_redis_down_then_back(redis_server: RedisServer, redis_store: RedisConversationStore) -> None:
+async def test_redis_down_then_back(redis_server: RedisServer, redis_store: RedisConversationStore,
+                                    caplog: pytest.LogCaptureFixture) -> None:
     conversation = await redis_store.create("acme", None)
     await redis_store.append_turn("acme", conversation.id, user("q"), answer("a", ids=(1, 2)))
     redis_server.stop()
@@ -387,9 +588,11 @@ async def test_redis_down_then_back(redis_server: RedisServer, redis_store: Redi
         with pytest.raises(StoreUnavailable) as failed:
             await call()
         assert time.monotonic() - start < 1.5, name
-        assert str(failed.value).startswith(
-            f"conversation store unreachable (redis at 127.0.0.1:{redis_server.port}): "
-        ), name
+        # Clients see this message: no address, no exception text. The log has both.
+        assert str(failed.value) == "conversation store unreachable: retry later", name
+        logged = caplog.records[-1]
+        assert (logged.name, logged.levelname) == ("eoq.chat.redis_store", "WARNING")
+        assert logged.getMessage().startswith(f"redis {name}: redis at 127.0.0.1:{redis_server.port} unreachable: ")
     redis_server.start()
     await redis_store.ping()
     # Killed and restarted while the pool holds idle connections: the first call after it must work too.
@@ -462,3 +665,108 @@ async def test_redis_observer(redis_server: RedisServer) -> None:
         await store.list("acme", 10)
     assert calls[-2:] == [("ping", None), ("list", None)]
     await store.close()
+
+
+async def test_redis_refusals_name_no_internals(
+    redis_server: RedisServer, redis_store: RedisConversationStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    with redis_server.client() as r:
+        r.set("ballast", "x" * 2_000_000)
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", "1mb")  # below what it holds: Redis refuses writes (OOM)
+    with pytest.raises(StoreUnavailable) as refused:
+        await redis_store.create("acme", None)
+    assert str(refused.value) == "conversation store refused the operation: retry later"
+    logged = caplog.records[-1].getMessage()
+    assert "OutOfMemoryError" in logged and f"127.0.0.1:{redis_server.port}" in logged
+
+
+def plant_old_format(r, conversation_id: str, tenant: str, system_prompt: str | None, num_turns: int) -> None:
+    """A conversation as the store wrote it before num_bytes and system_prompt_preview existed."""
+    key = f"eoq:conv:{conversation_id}"
+    fields = {"tenant": tenant, "created_at": "1700000000.5", "updated_at": "1700000001.5",
+              "message_count": str(2 * num_turns), "last_turn": "0" * 32}
+    if system_prompt is not None:
+        fields["system_prompt"] = system_prompt
+    r.hset(key, mapping=fields)
+    for i in range(num_turns):
+        for role, content in (("user", f"q{i} ünï"), ("assistant", f'a{i} "quoted"\n')):
+            r.rpush(f"{key}:messages", json.dumps({"role": role, "content": content, "created_at": 1700000001.0,
+                                                   "finish_reason": "stop" if role == "assistant" else None,
+                                                   "token_ids": None}, ensure_ascii=False))
+    r.zadd(f"eoq:tenant:{tenant}:conversations", {conversation_id: 1700000001.5})
+    for k in (key, f"{key}:messages", f"eoq:tenant:{tenant}:conversations"):
+        r.pexpire(k, 60_000)
+
+
+async def test_redis_old_format_data_loads(redis_server: RedisServer) -> None:
+    store = RedisConversationStore(redis_server.url, 60, limits=ConversationLimits(max_messages=6, max_bytes=1000))
+    long_prompt, old, short = "p" * 300, "a" * 32, "b" * 32
+    turn_bytes = len("q0 ünï".encode()) + len('a0 "quoted"\n')
+    with redis_server.client() as r:
+        plant_old_format(r, old, "acme", long_prompt, num_turns=2)
+        plant_old_format(r, short, "acme", None, num_turns=1)
+    got = await store.get("acme", old)
+    assert got.system_prompt == long_prompt and got.message_count == 4
+    assert got.num_bytes == 300 + 2 * turn_bytes
+    assert got.messages[1] == StoredMessage(Role.ASSISTANT, 'a0 "quoted"\n', 1700000001.0, FinishReason.STOP)
+    rows = {c.id: c for c in (await store.list("acme", 10))[0]}
+    assert (rows[old].system_prompt, rows[old].system_prompt_truncated) == ("p" * 256, True)
+    assert (rows[old].num_bytes, rows[old].message_count) == (300 + 2 * turn_bytes, 4)
+    assert (rows[short].system_prompt, rows[short].num_bytes) == (None, turn_bytes)
+    # The first turn appended counts the old messages once (in the script) and keeps the count.
+    after = await store.append_turn("acme", old, user("new"), answer("turn"))
+    assert (after.message_count, after.num_bytes) == (6, 300 + 2 * turn_bytes + 7)
+    with redis_server.client() as r:
+        assert r.hget(f"eoq:conv:{old}", "num_bytes") == str(after.num_bytes)
+    with pytest.raises(ConversationFull, match=r"\(6 messages, limit 6\)"):
+        await store.append_turn("acme", old, user("q"), answer("a"))
+    row = next(c for c in (await store.list("acme", 10))[0] if c.id == old)
+    assert (row.system_prompt, row.system_prompt_truncated, row.num_bytes) == ("p" * 256, True, after.num_bytes)
+    await store.close()
+
+
+async def test_redis_old_format_data_at_the_byte_cap(redis_server: RedisServer) -> None:
+    turn_bytes = len("q0 ünï".encode()) + len('a0 "quoted"\n')
+    store = RedisConversationStore(redis_server.url, 60, limits=ConversationLimits(max_bytes=turn_bytes + 2))
+    with redis_server.client() as r:
+        plant_old_format(r, "c" * 32, "acme", None, num_turns=1)
+    await store.append_turn("acme", "c" * 32, user("1"), answer(""))
+    with pytest.raises(ConversationFull, match=f"\\({turn_bytes + 1} bytes of text and 2 more"):
+        await store.append_turn("acme", "c" * 32, user("2"), answer("3"))
+    await store.close()
+
+
+async def test_redis_list_skips_evicted_conversations(
+    redis_server: RedisServer, redis_store: RedisConversationStore
+) -> None:
+    ids = await create_many(redis_store, "acme", 4)
+    for cid in ids:
+        await redis_store.append_turn("acme", cid, user("q"), answer("a"))
+    with redis_server.client() as r:
+        r.delete(f"eoq:conv:{ids[1]}")  # evicted (maxmemory-policy volatile-lru): the hash
+        r.delete(f"eoq:conv:{ids[2]}", f"eoq:conv:{ids[2]}:messages")  # the whole conversation
+        r.delete(f"eoq:conv:{ids[3]}:messages")  # only its messages: a history that lost its turns
+    for cid in ids[1:]:
+        with pytest.raises(NotFound):
+            await redis_store.get("acme", cid)
+        with pytest.raises(NotFound):
+            await redis_store.append_turn("acme", cid, user("q"), answer("a"))
+    assert await all_ids(redis_store, "acme", 1) == [[ids[0]]]
+    with redis_server.client() as r:
+        assert r.zrange("eoq:tenant:acme:conversations", 0, -1) == [ids[0]]  # unindexed
+        assert not r.exists(f"eoq:conv:{ids[3]}")  # the torn one was deleted whole
+    assert (await redis_store.get("acme", ids[0])).message_count == 2
+
+
+async def test_redis_list_reads_a_bounded_part_of_each_hash(
+    redis_server: RedisServer, redis_store: RedisConversationStore
+) -> None:
+    created = await redis_store.create("acme", "s" * 100_000)
+    with redis_server.client() as r:
+        r.config_resetstat()
+        (row,), _ = await redis_store.list("acme", 10)
+        assert row.system_prompt == "s" * 256 and row.system_prompt_truncated
+        stats = r.info("commandstats")
+    assert "cmdstat_hgetall" not in stats and "cmdstat_hget" not in stats and stats["cmdstat_hmget"]["calls"] == 1
+    assert (await redis_store.get("acme", created.id)).system_prompt == "s" * 100_000

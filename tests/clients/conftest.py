@@ -23,7 +23,8 @@ EOQ = Path(sys.executable).with_name("eoq")  # the console script next to this i
 class ServerThread:
     """``start_server`` on a private event loop in a daemon thread; ``stop`` drains it and ends the loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, **settings: object) -> None:
+        self.settings = settings  # on top of an in-process server's (127.0.0.1, a free port, no metrics port)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="eoq-test-server", daemon=True)
         self.running = None
@@ -34,7 +35,8 @@ class ServerThread:
         from tests.conftest import model_cache_dir
 
         self.thread.start()
-        settings = load_settings(host="127.0.0.1", port=0, metrics_port=0, cache_dir=model_cache_dir())
+        settings = load_settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0,
+                                    "cache_dir": model_cache_dir(), **self.settings})
         self.running = asyncio.run_coroutine_threadsafe(start_server(settings), self.loop).result(timeout)
 
     @property

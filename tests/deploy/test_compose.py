@@ -85,6 +85,15 @@ def test_redis_persists_with_aof_everysec_on_a_named_volume(compose: dict[str, A
     assert target == "/data" and source in compose["volumes"]
 
 
+def test_redis_memory_is_capped_below_its_limit_and_evicts_lru_with_ttl(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    maxmemory = re.fullmatch(r"(\d+)mb", command[command.index("--maxmemory") + 1])
+    limit = re.fullmatch(r"(\d+)g", redis["mem_limit"])
+    assert maxmemory and limit and int(maxmemory.group(1)) < int(limit.group(1)) * 1024
+    assert command[command.index("--maxmemory-policy") + 1] == "volatile-lru"
+
+
 @pytest.mark.parametrize("service", ["redis", "prometheus", "grafana"])
 def test_named_volumes_declared_and_bind_mounts_exist(compose: dict[str, Any], service: str) -> None:
     for spec in compose["services"][service].get("volumes", []):

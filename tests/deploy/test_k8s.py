@@ -464,7 +464,9 @@ def test_redis_memory_cap_below_its_limit() -> None:
     assert limit.endswith("Gi")
     assert redis_conf()["maxmemory"].endswith("mb")
     assert int(redis_conf()["maxmemory"][:-2]) < int(limit[:-2]) * 1024
-    assert redis_conf()["maxmemory-policy"] == "noeviction"
+    # Every eoq key has a TTL, so volatile-lru evicts the least recently used conversations (eoq tolerates a
+    # conversation's keys going: tests/chat/test_store.py::test_redis_list_skips_evicted_conversations).
+    assert redis_conf()["maxmemory-policy"] == "volatile-lru"
 
 
 def test_eoq_reaches_the_redis_service() -> None:

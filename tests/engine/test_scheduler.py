@@ -144,8 +144,10 @@ def test_different_prefixes_are_admitted_together():
 
 
 def tenant_seq(rid: str, tenant: str, n: int = 4) -> Sequence:
-    return Sequence(EngineRequest(rid, list(range(1000, 1000 + n)), SamplingParams(), cache_salt=tenant), text=None,
-                    stop_token_ids=frozenset())
+    """A request of ``tenant`` whose prompt shares no block with the others'."""
+    first = 1000 + 100 * sum(map(ord, rid))
+    return Sequence(EngineRequest(rid, list(range(first, first + n)), SamplingParams(), cache_salt=tenant),
+                    text=None, stop_token_ids=frozenset())
 
 
 def test_waiting_requests_are_admitted_round_robin_across_tenants():
@@ -177,3 +179,42 @@ def test_a_preempted_sequence_goes_first_whatever_its_tenant():
     s.waiting.remove(b)  # aborted while waiting
     assert [q.request_id for q in s.waiting] == ["a", "c"] and len(s.waiting) == 2
     assert s.waiting.popleft() is a and s.waiting.peek() is c
+
+
+def test_a_full_batch_makes_room_for_a_tenant_below_its_share():
+    """Tenant A fills the batch (4 of 4); B's request arrives: the step after, A's newest running sequence steps
+    back (to the front of A's queue, behind B's turn) and B's is admitted; then, with 2 tenants, each keeps 2."""
+    s = Scheduler(BlockManager(256, 4), max_num_seqs=4, max_num_batched_tokens=100)
+    for i in range(6):
+        s.add(tenant_seq(f"a{i}", "A"))
+    run_step(s)
+    assert [q.request_id for q in s.running] == ["a0", "a1", "a2", "a3"]
+    s.add(tenant_seq("b0", "B"))
+    s.add(tenant_seq("b1", "B"))
+    out = run_step(s)
+    assert [q.request_id for q in out.preempted] == ["a3"]
+    assert [c.seq.request_id for c in out.prefills] == ["b0"]
+    assert [q.request_id for q in s.waiting] == ["a3", "b1", "a4", "a5"]  # turns alternate; A keeps its order
+    out = run_step(s)
+    assert [q.request_id for q in out.preempted] == ["a2"] and [c.seq.request_id for c in out.prefills] == ["b1"]
+    out = run_step(s)  # 2 and 2: each has its share, nobody steps back
+    assert out.preempted == [] and sorted(q.request_id for q in s.running) == ["a0", "a1", "b0", "b1"]
+    assert a3_recomputed_later(s)
+
+
+def a3_recomputed_later(s: Scheduler) -> bool:
+    """Once B's are done, A's stepped-back sequences come back before A's newer ones, mostly from the prefix
+    cache (a2 recomputes its last partial block; a3's blocks were all cached: one token, a decode)."""
+    for q in [q for q in s.running if q.cache_salt == "B"]:
+        s.finish(q)
+    run_step(s)
+    return [q.request_id for q in s.running] == ["a0", "a1", "a2", "a3"]
+
+
+def test_a_lone_tenant_keeps_the_whole_batch():
+    s = Scheduler(BlockManager(256, 4), max_num_seqs=4, max_num_batched_tokens=100)
+    for i in range(8):
+        s.add(tenant_seq(f"a{i}", "A"))
+    for _ in range(3):
+        out = run_step(s)
+        assert out.preempted == [] and len(s.running) == 4

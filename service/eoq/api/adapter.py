@@ -47,8 +47,8 @@ class SamplingPolicy:
             stop=tuple(p.stop),
             ignore_eos=p.ignore_eos,
         )
-        params.validate(max_tokens_limit=self.max_tokens_limit, max_stop_strings=self.max_stop_strings)
-        return params
+        # validate may normalize (a temperature too small to divide by is greedy): use what it returns.
+        return params.validate(max_tokens_limit=self.max_tokens_limit, max_stop_strings=self.max_stop_strings)
 
 
 def _timestamp(unix_seconds: float) -> Timestamp:
@@ -70,6 +70,7 @@ def conversation_to_pb(c: Conversation) -> pb.Conversation:
         created_at=_timestamp(c.created_at),
         updated_at=_timestamp(c.updated_at),
         message_count=c.message_count,
+        system_prompt_truncated=c.system_prompt_truncated,  # list rows: a preview (eoq.chat.store.listed)
     )
 
 

@@ -1,21 +1,27 @@
 """Exceptions -> gRPC status codes, in one interceptor that also counts requests by method and code.
 
 Handlers raise the typed errors of ``eoq.errors``; the interceptor aborts the call with the mapped code and the
-error's message. Anything else is a bug: logged with its traceback, answered INTERNAL without details.
+error's message. Anything else is a bug, and ``InternalError``'s message is for operators: both are answered
+INTERNAL with only the method and a request id ("internal error in Chat (request id 0123456789ab)"), and the log
+line with the same id holds the detail and the traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from eoq.errors import (
     Aborted,
     ConfigError,
     EoqError,
+    FailedPrecondition,
     InternalError,
     InvalidArgument,
     NotFound,
@@ -33,6 +39,7 @@ STATUS_BY_ERROR: dict[type[EoqError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Aborted: grpc.StatusCode.ABORTED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     InternalError: grpc.StatusCode.INTERNAL,
@@ -106,13 +113,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(e, grpc.aio.AbortError) or not isinstance(e, Exception):
             self._on_rpc(rpc, (context.code() or grpc.StatusCode.UNKNOWN).name)
             return
-        if isinstance(e, EoqError):
-            code, message = status_for(e), str(e)
+        code = status_for(e) if isinstance(e, EoqError) else grpc.StatusCode.INTERNAL
+        if code is grpc.StatusCode.INTERNAL:
+            # The client learns nothing of the internals (paths, addresses, exception text), only an id that
+            # finds the log line with the detail.
+            request_id = secrets.token_hex(6)
+            log.error("internal error in %s (request id %s): %s: %s", rpc, request_id, type(e).__name__, e,
+                      exc_info=e)
+            message = f"internal error in {rpc} (request id {request_id})"
         else:
-            log.exception("unhandled error in %s", rpc, exc_info=e)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error in {rpc}"
+            message = str(e)
         self._on_rpc(rpc, code.name)
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=_details(code, message, e))
+
+
+def _details(code: grpc.StatusCode, message: str, e: BaseException) -> tuple[tuple[str, bytes], ...]:
+    """``google.rpc.Status`` details for the trailers: a ``RetryInfo`` when the error says when to retry (an
+    overloaded server or tenant), so clients back off by the server's estimate instead of guessing."""
+    retry_after = getattr(e, "retry_after_seconds", None)
+    if retry_after is None:
+        return ()
+    info = error_details_pb2.RetryInfo()
+    info.retry_delay.FromNanoseconds(int(retry_after * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
 # The client's deadline timer usually fires before the server's (the server's clock started when the call

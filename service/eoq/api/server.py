@@ -26,8 +26,8 @@ from eoq.api.tls import is_loopback, server_credentials, transport_name
 from eoq.chat.memory_store import MemoryConversationStore
 from eoq.chat.prompt import PromptBuilder
 from eoq.chat.redis_store import RedisConversationStore
-from eoq.chat.service import ChatService
-from eoq.chat.store import ConversationStore
+from eoq.chat.service import ChatLimits, ChatService
+from eoq.chat.store import ConversationLimits, ConversationStore
 from eoq.config import Settings
 from eoq.engine.async_engine import AsyncEngine, EngineState
 from eoq.engine.model.checkpoint import load_tokenizer, resolve_checkpoint
@@ -84,10 +84,14 @@ class RunningServer:
         await self.server.stop(1.0)  # whatever is still left is cancelled; its handler stores what it has
         await self.servicer.wait_streams(5.0)
         await self.engine.shutdown()
+        self.servicer.chat.close()
         await self.store.close()
 
 
 def make_store(settings: Settings, metrics: Metrics) -> ConversationStore:
+    limits = ConversationLimits(max_messages=settings.max_conversation_messages,
+                                max_bytes=settings.max_conversation_bytes,
+                                max_conversations_per_tenant=settings.max_conversations_per_tenant)
     if settings.redis_url:
         return RedisConversationStore(
             settings.redis_url,
@@ -95,9 +99,10 @@ def make_store(settings: Settings, metrics: Metrics) -> ConversationStore:
             lock_ttl_seconds=settings.lock_ttl_seconds,
             timeout_seconds=settings.redis_timeout_seconds,
             observer=metrics.on_store_operation,
+            limits=limits,
         )
     return MemoryConversationStore(ttl_seconds=settings.conversation_ttl_seconds,
-                                   lock_ttl_seconds=settings.lock_ttl_seconds)
+                                   lock_ttl_seconds=settings.lock_ttl_seconds, limits=limits)
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -107,6 +112,8 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
     ]
     if settings.max_connection_age_seconds:
         opts.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)))
@@ -148,7 +155,8 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
     )
     engine = AsyncEngine(engine_cfg, settings.engine_mode, settings.max_queue_size, observer=metrics,
                          max_restarts=settings.engine_max_restarts,
-                         restart_window_seconds=settings.engine_restart_window_seconds)
+                         restart_window_seconds=settings.engine_restart_window_seconds,
+                         max_requests_per_tenant=settings.max_requests_per_tenant if auth.enabled else None)
     # The engine loads the model while this process loads the tokenizer and the chat template.
     info, tokenizer = await asyncio.gather(engine.start(), asyncio.to_thread(load_tokenizer, checkpoint.path))
     prompts = PromptBuilder(tokenizer)
@@ -176,7 +184,9 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         log.warning("%s; serving anyway: Chat answers UNAVAILABLE until it is reachable", e)
 
     metrics.model_info.labels(info.name, info.architecture, info.dtype, info.device).set(1)
-    servicer = ChatServicer(ChatService(engine, store, prompts), auth, policy,
+    limits = ChatLimits(max_message_chars=settings.max_message_chars,
+                        max_system_prompt_chars=settings.max_system_prompt_chars)
+    servicer = ChatServicer(ChatService(engine, store, prompts, limits), auth, policy,
                             model_info_to_pb(info, policy, prompts.end_of_question_marker))
     server = grpc.aio.server(interceptors=[ErrorInterceptor(SERVICE_NAME, metrics.on_rpc)],
                              options=grpc_options(settings))

@@ -1,8 +1,9 @@
 """The in-process conversation store, used when the server runs without ``--redis-url``.
 
 It keeps the same contract as ``RedisConversationStore`` (time-to-live refreshed on use, leases that expire,
-tenant isolation, atomic turns, cursor paging), so the contract tests in ``tests/chat/test_store.py`` run
-against both. Conversations live in this process only: not shared between replicas, lost on restart.
+tenant isolation, atomic turns, cursor paging, the same limits), so the contract tests in
+``tests/chat/test_store.py`` run against both. Conversations live in this process only: not shared between
+replicas, lost on restart.
 
 Every method runs on the event loop without awaiting in the middle of a change, which is what makes a turn
 atomic and the store coroutine-safe. It is not thread-safe: call it from one event loop.
@@ -22,9 +23,16 @@ from dataclasses import dataclass, field
 from eoq.chat.store import (
     Conversation,
     ConversationBusy,
+    ConversationLimits,
     StoredMessage,
+    check_conversation_id,
+    check_room,
+    check_system_prompt,
     decode_page_token,
     encode_page_token,
+    listed,
+    quota_exceeded,
+    text_bytes,
 )
 from eoq.errors import InvalidArgument, NotFound
 
@@ -43,6 +51,7 @@ class _Record:
     updated_at: float
     expires_at: float  # time.monotonic()
     messages: list[StoredMessage] = field(default_factory=list)
+    num_bytes: int = 0  # text_bytes of the system prompt and every message's content
 
     def to_conversation(self, conversation_id: str, with_messages: bool) -> Conversation:
         return Conversation(
@@ -53,6 +62,7 @@ class _Record:
             updated_at=self.updated_at,
             message_count=len(self.messages),
             messages=tuple(self.messages) if with_messages else (),
+            num_bytes=self.num_bytes,
         )
 
 
@@ -64,29 +74,45 @@ class _Lease:
 
 class MemoryConversationStore:
     """``ConversationStore`` in a dict. ``ttl_seconds``: idle time after which a conversation is gone;
-    ``lock_ttl_seconds``: expiry of a lock whose holder stopped renewing it (renewed every third of it)."""
+    ``lock_ttl_seconds``: expiry of a lock whose holder stopped renewing it (renewed every third of it);
+    ``limits``: what a conversation and a tenant may hold."""
 
-    def __init__(self, ttl_seconds: float, lock_ttl_seconds: float = 30.0) -> None:
+    def __init__(
+        self, ttl_seconds: float, lock_ttl_seconds: float = 30.0, limits: ConversationLimits | None = None
+    ) -> None:
         if ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds must be > 0, got {ttl_seconds}")
         if lock_ttl_seconds <= 0:
             raise ValueError(f"lock_ttl_seconds must be > 0, got {lock_ttl_seconds}")
         self._ttl = ttl_seconds
         self._lock_ttl = lock_ttl_seconds
+        self._limits = limits or ConversationLimits()
         self._records: dict[str, _Record] = {}
         self._ids_by_tenant: dict[str, set[str]] = {}
         self._leases: dict[str, _Lease] = {}
         self._next_sweep = 0.0
 
     @property
+    def limits(self) -> ConversationLimits:
+        return self._limits
+
+    @property
     def description(self) -> str:
         return "in-process (not shared between replicas, lost on restart)"
 
     async def create(self, tenant: str, system_prompt: str | None) -> Conversation:
+        check_system_prompt(system_prompt, self._limits)
         self._sweep()
+        num_conversations = len(self._ids_by_tenant.get(tenant, ()))
+        if num_conversations >= self._limits.max_conversations_per_tenant:
+            self._drop_expired(tenant)  # the sweep runs at most once a second: expired ones must not count
+            num_conversations = len(self._ids_by_tenant.get(tenant, ()))
+            if num_conversations >= self._limits.max_conversations_per_tenant:
+                raise quota_exceeded(num_conversations, self._limits)
         conversation_id = uuid.uuid4().hex
         now = time.time()
-        record = _Record(tenant, system_prompt, now, now, time.monotonic() + self._ttl)
+        record = _Record(tenant, system_prompt, now, now, time.monotonic() + self._ttl,
+                         num_bytes=text_bytes(system_prompt))
         self._records[conversation_id] = record
         self._ids_by_tenant.setdefault(tenant, set()).add(conversation_id)
         return record.to_conversation(conversation_id, with_messages=True)
@@ -114,7 +140,7 @@ class MemoryConversationStore:
             positions = [p for p in positions if p < cursor]
         page = positions[:page_size]
         next_token = encode_page_token(*page[-1]) if len(positions) > page_size else ""
-        return [self._records[cid].to_conversation(cid, with_messages=False) for _, cid in page], next_token
+        return [listed(self._records[cid].to_conversation(cid, with_messages=False)) for _, cid in page], next_token
 
     async def delete(self, tenant: str, conversation_id: str) -> None:
         self._live(tenant, conversation_id)
@@ -129,7 +155,12 @@ class MemoryConversationStore:
         system_prompt: str | None = None,
     ) -> Conversation:
         record = self._live(tenant, conversation_id)
+        new_bytes = text_bytes(user.content) + text_bytes(assistant.content)
+        if system_prompt is not None:
+            new_bytes += text_bytes(system_prompt) - text_bytes(record.system_prompt)
+        check_room(record.to_conversation(conversation_id, with_messages=False), self._limits, new_bytes)
         record.messages += (user, assistant)
+        record.num_bytes += new_bytes
         if system_prompt is not None:
             record.system_prompt = system_prompt
         record.updated_at = time.time()
@@ -174,6 +205,7 @@ class MemoryConversationStore:
 
     def _live(self, tenant: str, conversation_id: str) -> _Record:
         """The tenant's unexpired conversation; ``NotFound`` for unknown, expired or another tenant's ids."""
+        check_conversation_id(conversation_id)
         record = self._records.get(conversation_id)
         if record is not None and record.expires_at <= time.monotonic():
             self._drop(conversation_id)
@@ -188,6 +220,12 @@ class MemoryConversationStore:
         ids.discard(conversation_id)
         if not ids:
             del self._ids_by_tenant[record.tenant]
+
+    def _drop_expired(self, tenant: str) -> None:
+        now = time.monotonic()
+        expired = [cid for cid in self._ids_by_tenant.get(tenant, ()) if self._records[cid].expires_at <= now]
+        for conversation_id in expired:
+            self._drop(conversation_id)
 
     def _sweep(self) -> None:
         now = time.monotonic()

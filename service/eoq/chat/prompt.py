@@ -76,6 +76,7 @@ class PromptBuilder:
         # What ends a question: the template's generation prompt, or <EOQ> in the plain template.
         self.end_of_question_marker = (self._generation_prompt() or EOQ_MARKER) if self.has_chat_template else EOQ_MARKER
         self.end_of_turn_token_ids = self._end_of_turn_tokens()
+        self.control_token_ids = self._control_tokens()  # special and added special tokens
 
     # --- public ---
     def build_chat(self, system_prompt: str | None, history: Sequence[Turn], question: str,
@@ -84,10 +85,11 @@ class PromptBuilder:
         until it fits in ``max_prompt_tokens``. Raises ``InvalidArgument`` if even the question alone does not."""
         if not question.strip():
             raise InvalidArgument("the message is empty")
+        encoded: dict[str, list[int]] = {}  # each message's text is tokenized once, whatever is dropped
 
         def render(dropped: int) -> list[int]:
             messages = [m for t in history[dropped:] for m in (t.user, t.assistant)]
-            return self.render(system_prompt, [*messages, ChatMessage("user", question)])
+            return self.render(system_prompt, [*messages, ChatMessage("user", question)], encoded=encoded)
 
         ids = render(0)
         if len(ids) <= max_prompt_tokens:
@@ -124,8 +126,9 @@ class PromptBuilder:
         return self.tokenizer.encode(prompt, add_special_tokens=True, split_special_tokens=True)
 
     def render(self, system_prompt: str | None, messages: Sequence[ChatMessage],
-               add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the chat template applied to ``messages``, safely (see the module docstring)."""
+               add_generation_prompt: bool = True, encoded: dict[str, list[int]] | None = None) -> list[int]:
+        """Token ids of the chat template applied to ``messages``, safely (see the module docstring).
+        ``encoded``: message texts already tokenized (text -> ids), filled as it goes."""
         contents: list[ChatMessage] = []
         rendered_messages = []
         if system_prompt:
@@ -142,8 +145,12 @@ class PromptBuilder:
             m = contents[int(match.group(1))]
             if m.token_ids is not None:
                 ids.extend(m.token_ids)
-            else:
+            elif encoded is None:
                 ids.extend(self.encode_user_text(m.content))
+            else:
+                if m.content not in encoded:
+                    encoded[m.content] = self.encode_user_text(m.content)
+                ids.extend(encoded[m.content])
             pos = match.end()
         ids.extend(self._encode_template_text(text[pos:]))
         return ids
@@ -183,6 +190,9 @@ class PromptBuilder:
         if len(match) < 2:
             return frozenset()
         after = self._encode_template_text(text[match[1].end() :])
+        return frozenset(after[:1]) if after and after[0] in self._control_tokens() else frozenset()
+
+    def _control_tokens(self) -> frozenset[int]:
         special = set(self.tokenizer.all_special_ids)
         special.update(i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special)
-        return frozenset(after[:1]) if after and after[0] in special else frozenset()
+        return frozenset(special)

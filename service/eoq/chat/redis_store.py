@@ -2,8 +2,10 @@
 
 Keys (``P`` is ``key_prefix``, ``ID`` a conversation id, 32 hex digits):
 
-- ``P:conv:ID`` hash: ``tenant``, ``system_prompt`` (absent = the model's default), ``created_at``,
-  ``updated_at`` (unix seconds, repr floats), ``message_count``, ``last_turn`` (token of the last turn);
+- ``P:conv:ID`` hash: ``tenant``, ``system_prompt`` (absent = the model's default), ``system_prompt_preview``
+  (its first ``SYSTEM_PROMPT_PREVIEW_CHARS`` characters, what ``list`` reads), ``created_at``, ``updated_at``
+  (unix seconds, repr floats), ``message_count``, ``num_bytes`` (``text_bytes`` of the system prompt and every
+  message's content), ``last_turn`` (token of the last turn);
 - ``P:conv:ID:messages`` list, oldest first, of JSON objects
   ``{"role", "content", "created_at", "finish_reason", "token_ids"}``;
 - ``P:conv:ID:lock`` string: the random token of the holder of the conversation's lease;
@@ -13,9 +15,20 @@ Every read-modify-write is one Lua script (atomic on the server): a turn's two m
 and the index entry change together or not at all, and a script that finds the hash gone writes nothing, so a
 deleted or expired conversation is never brought back. The hash, the list and the tenant's index get the
 time-to-live on create, get and append; index entries whose conversation expired are removed by ``list``.
+The limits are checked inside the same scripts: ``create`` counts the tenant's index (pruning entries whose
+hash is gone before it refuses), ``append_turn`` the hash's ``message_count`` and ``num_bytes``.
+
+Eviction (``maxmemory-policy volatile-lru``, see deploy/README.md): every key has a time-to-live, so Redis may
+evict any of them. A conversation whose hash is gone is gone (``list`` skips and unindexes it); one whose
+messages list is gone while its hash is not (``message_count`` disagrees with the list) is deleted whole by the
+next ``get`` or ``append_turn``, which then answer ``NotFound``: never a history that silently lost turns.
+
+Data written before ``num_bytes`` and ``system_prompt_preview`` existed still loads: ``get`` counts the bytes
+from the messages, ``append_turn`` counts and stores them once, ``list`` reads such rows whole.
 
 Failures: connect and read timeouts are ``timeout_seconds``; a command whose connection broke is retried once,
-at once, which is how a restarted Redis serves the next call; every failure becomes ``StoreUnavailable``.
+at once, which is how a restarted Redis serves the next call; every failure becomes ``StoreUnavailable``,
+whose message names no address and no exception (clients see it); the log line has both.
 """
 
 from __future__ import annotations
@@ -23,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import secrets
 import time
 import uuid
@@ -39,46 +51,94 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eoq.chat.store import (
+    SYSTEM_PROMPT_PREVIEW_CHARS,
     Conversation,
     ConversationBusy,
+    ConversationLimits,
     LatencyObserver,
     Role,
     StoredMessage,
     StoreUnavailable,
+    check_conversation_id,
+    check_room,
+    check_system_prompt,
     decode_page_token,
     encode_page_token,
+    listed,
+    quota_exceeded,
+    text_bytes,
 )
 from eoq.engine.types import FinishReason
-from eoq.errors import InvalidArgument, NotFound
+from eoq.errors import InternalError, InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
 
-# Ids are minted by ``create``; anything else cannot exist, and must not reach a key name where a crafted id
-# like "ID:messages" would address another key.
-_ID_RE = re.compile(r"[0-9a-f]{32}")
-
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
 
-# KEYS: hash, messages, index. ARGV: tenant, ttl ms. -> false, or {hash fields, messages}
-_GET = """
+# KEYS: hash, index. ARGV: tenant, id, created_at, ttl ms, most conversations of the tenant, num_bytes,
+# '1' when a system prompt follows, system prompt, its preview. -> 1 created, 0 the index is at the quota.
+# Finding the hash means an earlier attempt of this same call created it and its reply was lost (ids are new).
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 0 end
+redis.call('HSET', KEYS[1], 'tenant', ARGV[1], 'created_at', ARGV[3], 'updated_at', ARGV[3], 'message_count', 0,
+           'num_bytes', ARGV[6])
+if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'system_prompt', ARGV[8], 'system_prompt_preview', ARGV[9]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+# A conversation whose messages list was evicted while its hash was not: removed whole (KEYS: hash, messages,
+# index; ARGV[2] the id), so that no reader gets a history that silently lost turns.
+_DROP_IF_TORN = """
+local function torn(num_messages)
+  if num_messages == tonumber(redis.call('HGET', KEYS[1], 'message_count')) then return false end
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  return true
+end
+"""
+
+# KEYS: hash, messages, index. ARGV: tenant, id, ttl ms. -> false, or {hash fields, messages}
+_GET = _DROP_IF_TORN + """
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return false end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-redis.call('PEXPIRE', KEYS[3], ARGV[2])
-return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
+local messages = redis.call('LRANGE', KEYS[2], 0, -1)
+if torn(#messages) then return false end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+return {redis.call('HGETALL', KEYS[1]), messages}
 """
 
 # KEYS: hash, messages, index. ARGV: tenant, id, updated_at, ttl ms, user json, assistant json,
-# '1' to replace the system prompt, system prompt, turn token. -> false, or the hash fields after the turn.
-# A turn whose token is already the last one was stored by an attempt whose reply was lost: not again.
-_APPEND_TURN = """
+# '1' to replace the system prompt, system prompt, turn token, the turn's text bytes, the new system prompt's
+# bytes, its preview, most messages, most bytes.
+# -> false (gone), {'full', the bytes the turn would add, hash fields} (refused: nothing written but a missing
+# num_bytes), or the hash fields after the turn. A turn whose token is already the last one was stored by an
+# attempt whose reply was lost: not again. The limit check is check_room's rule (eoq.chat.store).
+_APPEND_TURN = _DROP_IF_TORN + """
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return false end
 if redis.call('HGET', KEYS[1], 'last_turn') == ARGV[9] then return redis.call('HGETALL', KEYS[1]) end
+if torn(redis.call('LLEN', KEYS[2])) then return false end
+local count = tonumber(redis.call('HGET', KEYS[1], 'message_count'))
+local size = tonumber(redis.call('HGET', KEYS[1], 'num_bytes'))
+if not size then  -- written before num_bytes was kept: count it once (the JSON strings decode to UTF-8)
+  size = redis.call('HSTRLEN', KEYS[1], 'system_prompt')
+  for _, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do size = size + #cjson.decode(raw).content end
+  redis.call('HSET', KEYS[1], 'num_bytes', size)
+end
+local added = tonumber(ARGV[10])
+if ARGV[7] == '1' then added = added + tonumber(ARGV[11]) - redis.call('HSTRLEN', KEYS[1], 'system_prompt') end
+if count + 2 > tonumber(ARGV[13]) or size + added > tonumber(ARGV[14]) then
+  return {'full', added, redis.call('HGETALL', KEYS[1])}
+end
 redis.call('HSET', KEYS[1], 'last_turn', ARGV[9])
 redis.call('RPUSH', KEYS[2], ARGV[5], ARGV[6])
 redis.call('HINCRBY', KEYS[1], 'message_count', 2)
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
-if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'system_prompt', ARGV[8]) end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3], 'num_bytes', size + added)
+if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'system_prompt', ARGV[8], 'system_prompt_preview', ARGV[12]) end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -120,7 +180,8 @@ class RedisConversationStore:
     """``ConversationStore`` in Redis (redis-py's asyncio client). ``ttl_seconds``: idle time after which a
     conversation is gone; ``lock_ttl_seconds``: expiry of a lock whose holder stopped renewing it (renewed
     every third of it); ``timeout_seconds``: connect and read timeout; ``observer``: gets (operation,
-    seconds) after each operation that reached Redis and (operation, None) after each that failed."""
+    seconds) after each operation that reached Redis and (operation, None) after each that failed; ``limits``:
+    what a conversation and a tenant may hold."""
 
     def __init__(
         self,
@@ -130,6 +191,7 @@ class RedisConversationStore:
         timeout_seconds: float = 2.0,
         observer: LatencyObserver | None = None,
         key_prefix: str = "eoq",
+        limits: ConversationLimits | None = None,
     ) -> None:
         if ttl_seconds <= 0 or lock_ttl_seconds <= 0 or timeout_seconds <= 0:
             raise ValueError(
@@ -141,6 +203,7 @@ class RedisConversationStore:
         self._lock_ttl_ms = max(1, round(lock_ttl_seconds * 1000))
         self._observer = observer
         self._prefix = key_prefix
+        self._limits = limits or ConversationLimits()
         self._redis = aioredis.Redis.from_url(
             url,
             decode_responses=True,
@@ -156,6 +219,7 @@ class RedisConversationStore:
         kwargs = self._redis.connection_pool.connection_kwargs
         address = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
         self._where = f"redis at {address}"
+        self._create = self._redis.register_script(_CREATE)
         self._get = self._redis.register_script(_GET)
         self._append_turn = self._redis.register_script(_APPEND_TURN)
         self._delete = self._redis.register_script(_DELETE)
@@ -164,28 +228,53 @@ class RedisConversationStore:
         self._release = self._redis.register_script(_RELEASE)
 
     @property
+    def limits(self) -> ConversationLimits:
+        return self._limits
+
+    @property
     def description(self) -> str:
         return self._description
 
     async def create(self, tenant: str, system_prompt: str | None) -> Conversation:
+        check_system_prompt(system_prompt, self._limits)
         conversation_id = uuid.uuid4().hex
         now = time.time()
-        fields = {"tenant": tenant, "created_at": repr(now), "updated_at": repr(now), "message_count": 0}
-        if system_prompt is not None:
-            fields["system_prompt"] = system_prompt
+        num_bytes = text_bytes(system_prompt)
+        keys = [self._conv_key(conversation_id), self._index_key(tenant)]
+        args = [
+            tenant, conversation_id, repr(now), self._ttl_ms, self._limits.max_conversations_per_tenant, num_bytes,
+            "0" if system_prompt is None else "1", system_prompt or "", _preview(system_prompt),
+        ]  # fmt: skip
+        num_conversations = 0
+        async with self._call("create"):
+            created = await self._create(keys=keys, args=args)
+            if not created:  # at the quota, maybe counting conversations that expired: unindex those, retry
+                num_conversations = await self._prune_index(tenant)
+                created = await self._create(keys=keys, args=args)
+        if not created:
+            raise quota_exceeded(num_conversations, self._limits)
+        return Conversation(conversation_id, tenant, system_prompt, now, now, 0, num_bytes=num_bytes)
+
+    async def _prune_index(self, tenant: str) -> int:
+        """Remove the tenant's index entries whose conversation is gone; returns how many are left. At most
+        ``max_conversations_per_tenant`` entries (plus races), so one pipeline of EXISTS."""
         index = self._index_key(tenant)
-        async with self._call("create"), self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._conv_key(conversation_id), mapping=fields)
-            pipe.pexpire(self._conv_key(conversation_id), self._ttl_ms)
-            pipe.zadd(index, {conversation_id: now})
-            pipe.pexpire(index, self._ttl_ms)
-            await pipe.execute()
-        return Conversation(conversation_id, tenant, system_prompt, now, now, 0)
+        ids = await self._redis.zrange(index, 0, -1)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for cid in ids:
+                pipe.exists(self._conv_key(cid))
+            alive = await pipe.execute()
+        gone = [cid for cid, exists in zip(ids, alive) if not exists]
+        if gone:  # ids are never reused, so a gone conversation cannot come back
+            await self._redis.zrem(index, *gone)
+        return len(ids) - len(gone)
 
     async def get(self, tenant: str, conversation_id: str) -> Conversation:
-        _check_id(conversation_id)
+        check_conversation_id(conversation_id)
         async with self._call("get"):
-            found = await self._get(keys=self._keys(tenant, conversation_id), args=[tenant, self._ttl_ms])
+            found = await self._get(
+                keys=self._keys(tenant, conversation_id), args=[tenant, conversation_id, self._ttl_ms]
+            )
         if not found:
             raise NotFound(f"conversation {conversation_id} not found")
         fields, raw_messages = found
@@ -214,15 +303,9 @@ class RedisConversationStore:
                         break
                     batch *= 2  # a run of equal scores longer than the batch: look further
                     continue
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for _, cid in after:
-                        pipe.hgetall(self._conv_key(cid))
-                    records = await pipe.execute()
-                for (score, cid), fields in zip(after, records):
-                    if fields.get("tenant") == tenant:
-                        found.append((score, _decode_conversation(cid, fields, ())))
-                    else:
-                        stale.append(cid)  # expired: ids are never reused, so it cannot come back
+                rows_found, rows_gone = await self._list_rows(tenant, after)
+                found += rows_found
+                stale += rows_gone  # expired or evicted: ids are never reused, so it cannot come back
                 cursor = after[-1]
                 if len(rows) < batch:
                     break
@@ -232,8 +315,52 @@ class RedisConversationStore:
         next_token = encode_page_token(page[-1][0], page[-1][1].id) if len(found) > page_size else ""
         return [conversation for _, conversation in page], next_token
 
+    async def _list_rows(
+        self, tenant: str, positions: list[tuple[float, str]]
+    ) -> tuple[list[tuple[float, Conversation]], list[str]]:
+        """The ``listed`` rows of the conversations at ``positions`` (their order kept), and the ids whose hash
+        is gone. Reads a bounded part of each hash (never a whole system prompt), except for rows written
+        before ``num_bytes`` and ``system_prompt_preview`` were kept, which are read whole."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _, cid in positions:
+                pipe.hmget(self._conv_key(cid), _LIST_FIELDS)
+                pipe.hstrlen(self._conv_key(cid), "system_prompt")
+            replies = await pipe.execute()
+        rows: list[tuple[float, Conversation | None]] = []
+        gone: list[str] = []
+        old: list[tuple[int, str]] = []  # (row, id)
+        for (score, cid), values, system_prompt_bytes in zip(positions, replies[::2], replies[1::2]):
+            fields = dict(zip(_LIST_FIELDS, values))
+            if fields["tenant"] != tenant:
+                gone.append(cid)
+                continue
+            preview = fields["system_prompt_preview"]
+            if fields["num_bytes"] is None or (system_prompt_bytes and preview is None):
+                old.append((len(rows), cid))
+                rows.append((score, None))
+                continue
+            rows.append((score, Conversation(
+                id=cid, tenant=tenant, system_prompt=preview, created_at=float(fields["created_at"]),
+                updated_at=float(fields["updated_at"]), message_count=int(fields["message_count"]),
+                num_bytes=int(fields["num_bytes"]),
+                system_prompt_truncated=preview is not None and system_prompt_bytes > text_bytes(preview),
+            )))  # fmt: skip
+        if old:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for _, cid in old:
+                    pipe.hgetall(self._conv_key(cid))
+                    pipe.lrange(f"{self._conv_key(cid)}:messages", 0, -1)
+                replies = await pipe.execute()
+            for (i, cid), fields, raw_messages in zip(old, replies[::2], replies[1::2]):
+                if fields.get("tenant") != tenant:
+                    gone.append(cid)
+                    continue
+                messages = tuple(_decode_message(raw) for raw in raw_messages)
+                rows[i] = (rows[i][0], listed(_decode_conversation(cid, fields, messages)))
+        return [(score, conversation) for score, conversation in rows if conversation is not None], gone
+
     async def delete(self, tenant: str, conversation_id: str) -> None:
-        _check_id(conversation_id)
+        check_conversation_id(conversation_id)
         async with self._call("delete"):
             deleted = await self._delete(
                 keys=self._keys(tenant, conversation_id), args=[tenant, conversation_id]
@@ -249,17 +376,21 @@ class RedisConversationStore:
         assistant: StoredMessage,
         system_prompt: str | None = None,
     ) -> Conversation:
-        _check_id(conversation_id)
+        check_conversation_id(conversation_id)
         args = self._turn_args(tenant, conversation_id, user, assistant, system_prompt)
         async with self._call("append_turn"):
             fields = await self._append_turn(keys=self._keys(tenant, conversation_id), args=args)
         if not fields:
             raise NotFound(f"conversation {conversation_id} not found")
+        if fields[0] == "full":  # the script refused the turn by check_room's rule: the same error from it
+            _, new_bytes, state = fields
+            check_room(_decode_conversation(conversation_id, _pairs(state), ()), self._limits, new_bytes)
+            raise InternalError("the append script refused a turn that check_room accepts")
         return _decode_conversation(conversation_id, _pairs(fields), ())
 
     @asynccontextmanager
     async def lock(self, tenant: str, conversation_id: str) -> AsyncIterator[None]:
-        _check_id(conversation_id)
+        check_conversation_id(conversation_id)
         key = self._lock_key(conversation_id)
         token = secrets.token_hex(16)
         async with self._call("lock"):
@@ -302,6 +433,7 @@ class RedisConversationStore:
         system_prompt: str | None,
     ) -> list[str | int]:
         """ARGV of ``_APPEND_TURN``, with a fresh turn token: a retry of the same call sends the same one."""
+        limits = self._limits
         return [
             tenant,
             conversation_id,
@@ -312,6 +444,11 @@ class RedisConversationStore:
             "0" if system_prompt is None else "1",
             system_prompt or "",
             secrets.token_hex(16),
+            text_bytes(user.content) + text_bytes(assistant.content),
+            text_bytes(system_prompt),
+            _preview(system_prompt),
+            limits.max_messages,
+            limits.max_bytes,
         ]
 
     async def _keep_alive(self, key: str, token: str) -> None:
@@ -335,11 +472,13 @@ class RedisConversationStore:
             yield
         except _UNREACHABLE as e:
             self._observe(op, None)
-            raise StoreUnavailable(f"conversation store unreachable ({self._where}): {e}") from e
+            logger.warning("redis %s: %s unreachable: %s: %s", op, self._where, type(e).__name__, e)
+            raise StoreUnavailable("conversation store unreachable: retry later") from e
         except RedisError as e:
             # e.g. OOM, MISCONF, READONLY: Redis answers but refuses; a later retry may succeed.
             self._observe(op, None)
-            raise StoreUnavailable(f"conversation store failed ({self._where}): {e}") from e
+            logger.warning("redis %s: %s refused it: %s: %s", op, self._where, type(e).__name__, e)
+            raise StoreUnavailable("conversation store refused the operation: retry later") from e
         self._observe(op, time.perf_counter() - start)
 
     def _observe(self, op: str, seconds: float | None) -> None:
@@ -361,9 +500,12 @@ class RedisConversationStore:
         return [conv, f"{conv}:messages", self._index_key(tenant)]
 
 
-def _check_id(conversation_id: str) -> None:
-    if not _ID_RE.fullmatch(conversation_id):
-        raise NotFound(f"conversation {conversation_id} not found")
+# What ``list`` reads of each hash (``_list_rows``): never the whole system prompt.
+_LIST_FIELDS = ("tenant", "created_at", "updated_at", "message_count", "num_bytes", "system_prompt_preview")
+
+
+def _preview(system_prompt: str | None) -> str:
+    return (system_prompt or "")[:SYSTEM_PROMPT_PREVIEW_CHARS]
 
 
 def _redact(url: str) -> str:
@@ -383,14 +525,22 @@ def _pairs(flat: list[str]) -> dict[str, str]:
 def _decode_conversation(
     conversation_id: str, fields: dict[str, str], messages: tuple[StoredMessage, ...]
 ) -> Conversation:
+    """The hash ``fields`` (and ``messages``) as a conversation. A hash written before ``num_bytes`` was kept has
+    its size counted from ``messages``: pass them all for such a hash."""
+    system_prompt = fields.get("system_prompt")
+    num_bytes = fields.get("num_bytes")
     return Conversation(
         id=conversation_id,
         tenant=fields["tenant"],
-        system_prompt=fields.get("system_prompt"),
+        system_prompt=system_prompt,
         created_at=float(fields["created_at"]),
         updated_at=float(fields["updated_at"]),
         message_count=int(fields["message_count"]),
         messages=messages,
+        num_bytes=(
+            int(num_bytes) if num_bytes is not None
+            else text_bytes(system_prompt) + sum(text_bytes(m.content) for m in messages)
+        ),
     )
 
 

@@ -11,9 +11,11 @@ no other tenant's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
@@ -60,8 +62,9 @@ def _usage(prompt_len: int, out: RequestOutput) -> Usage:
     )
 
 
-def history_turns(conv: Conversation) -> list[Turn]:
-    """Pair the stored messages into (question, answer) turns."""
+def history_turns(conv: Conversation, vocab_size: int | None = None) -> list[Turn]:
+    """Pair the stored messages into (question, answer) turns. An answer's stored token ids are reused only when
+    they are this model's (every id below ``vocab_size``): else its text is tokenized again."""
     turns = []
     msgs = conv.messages
     for i in range(0, len(msgs) - 1, 2):
@@ -69,18 +72,54 @@ def history_turns(conv: Conversation) -> list[Turn]:
         if u.role is not Role.USER or a.role is not Role.ASSISTANT:
             log.warning("conversation %s: unexpected roles at %d; skipping", conv.id, i)
             continue
-        turns.append(Turn(ChatMessage("user", u.content), ChatMessage("assistant", a.content, a.token_ids)))
+        ids = a.token_ids
+        if ids and vocab_size is not None and not 0 <= min(ids) <= max(ids) < vocab_size:
+            ids = None
+        turns.append(Turn(ChatMessage("user", u.content), ChatMessage("assistant", a.content, ids)))
     return turns
 
 
+@dataclass(frozen=True, slots=True)
+class ChatLimits:
+    """Sizes checked in characters before any tokenization (a 4 MB message is refused at once, not after seconds
+    of tokenizing it)."""
+
+    max_message_chars: int = 200_000
+    max_system_prompt_chars: int = 50_000
+
+    def check(self, message: str, system_prompt: str = "", what: str = "the message") -> None:
+        if len(message) > self.max_message_chars:
+            raise InvalidArgument(f"{what} is too long: {len(message)} characters, at most "
+                                  f"{self.max_message_chars} (--max-message-chars)")
+        if len(system_prompt) > self.max_system_prompt_chars:
+            raise InvalidArgument(f"the system prompt is too long: {len(system_prompt)} characters, at most "
+                                  f"{self.max_system_prompt_chars} (--max-system-prompt-chars)")
+
+
 class ChatService:
-    def __init__(self, engine: AsyncEngine, store: ConversationStore, prompts: PromptBuilder) -> None:
+    """The use cases. Prompt building and tokenization run on one worker thread of their own, never on the event
+    loop: a big message or a long history never stalls other streams or the health check."""
+
+    def __init__(self, engine: AsyncEngine, store: ConversationStore, prompts: PromptBuilder,
+                 limits: ChatLimits | None = None) -> None:
         self.engine = engine
         self.store = store
         self.prompts = prompts
+        self.limits = limits or ChatLimits()
         assert engine.info is not None
         self.context_length = engine.info.context_length
+        self.vocab_size = engine.info.vocab_size
         self._end_ids = frozenset(engine.info.eos_token_ids) | prompts.end_of_turn_token_ids
+        # Never stored with an answer: replayed next turn they would be control tokens inside the history.
+        self._control_ids = self._end_ids | prompts.control_token_ids
+        # One thread: the tokenizer is not shared across threads (see PromptBuilder).
+        self._prompt_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eoq-prompts")
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._prompt_worker, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        self._prompt_worker.shutdown(wait=False, cancel_futures=True)
 
     def _with_defaults(self, sampling: SamplingParams) -> SamplingParams:
         if self.prompts.default_stop:
@@ -89,27 +128,32 @@ class ChatService:
 
     async def chat(self, tenant: str, conversation_id: str, message: str, sampling: SamplingParams,
                    system_prompt: str = "") -> AsyncIterator[AnswerEvent]:
-        """One question in a conversation (a new one if ``conversation_id`` is empty) -> the streamed answer."""
+        """One question in a conversation (a new one if ``conversation_id`` is empty) -> the streamed answer.
+
+        Refusals that cost nothing come first — sizes in characters, the server's and the tenant's places — before
+        any store work or tokenization."""
         if not message.strip():
             raise InvalidArgument("the message is empty")
-        sampling = self._with_defaults(sampling)
-        if conversation_id:
-            conv = await self.store.get(tenant, conversation_id)
-            async with aclosing(self._turn(tenant, conv.id, message, sampling, system_prompt)) as events:
-                async for event in events:
-                    yield event
-            return
-        conv = await self.store.create(tenant, system_prompt or None)
-        answered = False
-        try:
-            async with aclosing(self._turn(tenant, conv.id, message, sampling, system_prompt)) as events:
-                async for event in events:
-                    answered = True
-                    yield event
-        except Exception:
-            if not answered:  # refused before any answer (too long, server full...): no conversation started
-                await self._discard(tenant, conv.id)
-            raise
+        self.limits.check(message, system_prompt)
+        with self.engine.admission(tenant):
+            sampling = self._with_defaults(sampling)
+            if conversation_id:
+                conv = await self.store.get(tenant, conversation_id)
+                async with aclosing(self._turn(tenant, conv.id, message, sampling, system_prompt)) as events:
+                    async for event in events:
+                        yield event
+                return
+            conv = await self.store.create(tenant, system_prompt or None)
+            answered = False
+            try:
+                async with aclosing(self._turn(tenant, conv.id, message, sampling, system_prompt)) as events:
+                    async for event in events:
+                        answered = True
+                        yield event
+            except Exception:
+                if not answered:  # refused before any answer (too long, server full...): no conversation started
+                    await self._discard(tenant, conv.id)
+                raise
 
     async def _discard(self, tenant: str, conversation_id: str) -> None:
         try:
@@ -123,8 +167,8 @@ class ChatService:
         async with self.store.lock(tenant, conversation_id):
             conv = await self.store.get(tenant, conversation_id)  # under the lock: the latest history
             system = system_prompt or conv.system_prompt
-            prompt = self.prompts.build_chat(system, history_turns(conv), message,
-                                             self.context_length - sampling.max_tokens)
+            prompt = await self._off_loop(self.prompts.build_chat, system, history_turns(conv, self.vocab_size),
+                                          message, self.context_length - sampling.max_tokens)
             request = EngineRequest(self.engine.new_request_id("chat"), prompt.token_ids, sampling, cache_salt=tenant)
             user = StoredMessage(Role.USER, message, time.time())
             new_system = system_prompt or None
@@ -133,7 +177,7 @@ class ChatService:
             saved = False
             try:
                 first = True
-                async with aclosing(self.engine.generate(request)) as stream:
+                async with aclosing(self.engine.generate(request, admitted=True)) as stream:
                     async for out in stream:
                         texts.append(out.text)
                         ids.extend(out.token_ids)
@@ -162,6 +206,8 @@ class ChatService:
         elif reason is FinishReason.STOP and ids and ids[-1] in self._end_ids:
             token_ids = tuple(ids[:-1])  # the template writes the end-of-turn token itself
         # else: a stop string cut the text, or a cancel: re-tokenize the text next turn
+        if token_ids is not None and not self._control_ids.isdisjoint(token_ids):
+            token_ids = None  # e.g. an end-of-answer token generated under ignore_eos: the text is what counts
         answer = StoredMessage(Role.ASSISTANT, "".join(texts), time.time(), reason, token_ids)
         try:
             await self.store.append_turn(tenant, conversation_id, user, answer, system_prompt)
@@ -172,13 +218,15 @@ class ChatService:
 
     async def complete(self, prompt: str, sampling: SamplingParams, tenant: str = "") -> AsyncIterator[AnswerEvent]:
         """A stateless continuation; a prompt ending in <EOQ> is one question rendered with the chat template."""
-        sampling = self._with_defaults(sampling)
-        token_ids = self.prompts.build_completion(prompt)
-        request = EngineRequest(self.engine.new_request_id("complete"), token_ids, sampling, cache_salt=tenant)
-        async with aclosing(self.engine.generate(request)) as stream:
-            async for out in stream:
-                event = AnswerEvent("", out.text, out.token_ids)
-                if out.finished:
-                    event.finish_reason = out.finish_reason
-                    event.usage = _usage(len(token_ids), out)
-                yield event
+        self.limits.check(prompt, what="the prompt")
+        with self.engine.admission(tenant):
+            sampling = self._with_defaults(sampling)
+            token_ids = await self._off_loop(self.prompts.build_completion, prompt)
+            request = EngineRequest(self.engine.new_request_id("complete"), token_ids, sampling, cache_salt=tenant)
+            async with aclosing(self.engine.generate(request, admitted=True)) as stream:
+                async for out in stream:
+                    event = AnswerEvent("", out.text, out.token_ids)
+                    if out.finished:
+                        event.finish_reason = out.finish_reason
+                        event.usage = _usage(len(token_ids), out)
+                    yield event

@@ -8,6 +8,16 @@ Invariants every implementation keeps (the contract tests in ``tests/chat/test_s
 - ``lock`` is a lease with an expiry, renewed in the background while held, so a crashed holder never locks a
   conversation forever; a second ``lock`` on a held conversation raises ``ConversationBusy`` at once;
 - every use (get, append) refreshes the conversation's time-to-live;
+- a conversation holds at most ``ConversationLimits.max_messages`` messages and ``max_bytes`` bytes of UTF-8
+  text (its messages' content and its system prompt): ``append_turn`` refuses a turn past either with
+  ``ConversationFull``, in the same atomic step that would write it (the rule is ``check_room``); a tenant
+  holds at most ``max_conversations_per_tenant`` live conversations: ``create`` refuses one more with
+  ``ResourceExhausted`` (deleted and expired conversations do not count);
+- listed conversations carry only the first ``SYSTEM_PROMPT_PREVIEW_CHARS`` characters of their system
+  prompt (``system_prompt_truncated`` says when it was cut); ``get`` has the whole one;
+- conversation ids longer than ``MAX_CONVERSATION_ID_LENGTH`` are ``InvalidArgument`` and other malformed ids
+  ``NotFound``, both before the backend is asked (``check_conversation_id``); no error message repeats more
+  than a short prefix of what a client sent;
 - a store that cannot reach its backend raises ``StoreUnavailable`` quickly, writes nothing half-way, and
   serves again once the backend is back, without a restart.
 """
@@ -19,16 +29,26 @@ import binascii
 import enum
 import json
 import math
+import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from eoq.engine.types import FinishReason
-from eoq.errors import Aborted, InvalidArgument, Unavailable
+from eoq.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 # Called with (operation name, seconds) after each backend operation, and (operation, None) on a failure.
 LatencyObserver = Callable[[str, float | None], None]
+
+SYSTEM_PROMPT_PREVIEW_CHARS = 256  # of a listed conversation's system prompt
+MAX_CONVERSATION_ID_LENGTH = 128  # longer ids are refused without being echoed
+MAX_PAGE_TOKEN_LENGTH = 512  # ours are under 100 characters
+_MAX_ECHO_CHARS = 40  # the most of a client's string an error message repeats
+
+# Both stores mint ids as uuid4().hex; nothing else can exist, and in Redis a crafted id like "ID:messages"
+# must never reach a key name.
+_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
 class Role(str, enum.Enum):
@@ -57,10 +77,31 @@ class Conversation:
     updated_at: float
     message_count: int
     messages: tuple[StoredMessage, ...] = ()  # oldest first; empty when listed
+    num_bytes: int = 0  # UTF-8 bytes of the stored text: every message's content and the system prompt
+    # Listed conversations: system_prompt holds only its first SYSTEM_PROMPT_PREVIEW_CHARS characters.
+    system_prompt_truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationLimits:
+    """What one conversation and one tenant may hold (settings ``max_conversation_messages``,
+    ``max_conversation_bytes``, ``max_conversations_per_tenant``)."""
+
+    max_messages: int = 1000
+    max_bytes: int = 4 * 1024 * 1024
+    max_conversations_per_tenant: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.max_messages < 2 or self.max_bytes < 1 or self.max_conversations_per_tenant < 1:
+            raise ValueError(f"limits must allow one turn and one conversation, got {self}")
 
 
 class ConversationBusy(Aborted):
     """Another answer in this conversation is still streaming (on this replica or another)."""
+
+
+class ConversationFull(FailedPrecondition):
+    """The conversation holds as many messages or bytes as it may: the client starts a new one."""
 
 
 class StoreUnavailable(Unavailable):
@@ -75,15 +116,25 @@ class ConversationStore(Protocol):
         """One line for the start-up log, e.g. 'redis at redis://host:6379/0' or 'in-process (not shared)'."""
         ...
 
-    async def create(self, tenant: str, system_prompt: str | None) -> Conversation: ...
+    @property
+    def limits(self) -> ConversationLimits:
+        """What a conversation and a tenant may hold here (for ``check_room`` before a model runs)."""
+        ...
+
+    async def create(self, tenant: str, system_prompt: str | None) -> Conversation:
+        """A new, empty conversation. Raises ``ResourceExhausted`` when the tenant already holds
+        ``max_conversations_per_tenant`` (``quota_exceeded``), ``InvalidArgument`` for a system prompt over
+        ``max_bytes`` (``check_system_prompt``)."""
+        ...
 
     async def get(self, tenant: str, conversation_id: str) -> Conversation:
         """The conversation with its messages. Raises ``NotFound`` (unknown, expired or another tenant's)."""
         ...
 
     async def list(self, tenant: str, page_size: int, page_token: str = "") -> tuple[list[Conversation], str]:
-        """One page of the tenant's conversations, most recently updated first, without messages, and the
-        token of the next page ('' on the last). A bad page token raises ``InvalidArgument``."""
+        """One page of the tenant's conversations, most recently updated first, as ``listed`` rows (no
+        messages, a system prompt preview), and the token of the next page ('' on the last); conversations
+        whose data is gone (expired, evicted) are skipped. A bad page token raises ``InvalidArgument``."""
         ...
 
     async def delete(self, tenant: str, conversation_id: str) -> None:
@@ -100,7 +151,8 @@ class ConversationStore(Protocol):
     ) -> Conversation:
         """Append one turn atomically; when ``system_prompt`` is given it replaces the conversation's in the
         same write. Returns the updated conversation without messages. Raises ``NotFound`` if the
-        conversation is gone."""
+        conversation is gone, ``ConversationFull`` (writing nothing) when the turn does not fit its limits
+        (``check_room``)."""
         ...
 
     def lock(self, tenant: str, conversation_id: str) -> AbstractAsyncContextManager[None]:
@@ -127,22 +179,90 @@ def encode_page_token(updated_at: float, conversation_id: str) -> str:
 
 
 def decode_page_token(token: str) -> tuple[float, str]:
-    """The ``(updated_at, conversation_id)`` inside ``token``. Raises ``InvalidArgument`` for any other string."""
+    """The ``(updated_at, conversation_id)`` inside ``token``. Raises ``InvalidArgument`` for any other string:
+    over ``MAX_PAGE_TOKEN_LENGTH`` characters, not ASCII, not base64 of a JSON ``[number, string]`` pair, nested
+    too deep for the parser, a number too big for a float. The message repeats at most a short prefix of it."""
+    if len(token) > MAX_PAGE_TOKEN_LENGTH:
+        raise _bad_page_token(f"({len(token)} characters, at most {MAX_PAGE_TOKEN_LENGTH})")
+    if not token.isascii():
+        raise _bad_page_token("(not ASCII)")
     try:
         value = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
-    except (UnicodeEncodeError, binascii.Error, ValueError) as e:
-        raise InvalidArgument(
-            f"invalid page_token {token[:40]!r}: pass the next_page_token of a previous page"
-        ) from e
-    if (
-        not isinstance(value, list)
-        or len(value) != 2
-        or isinstance(value[0], bool)
-        or not isinstance(value[0], (int, float))
-        or not math.isfinite(value[0])
-        or not isinstance(value[1], str)
-    ):
-        raise InvalidArgument(
-            f"invalid page_token {token[:40]!r}: pass the next_page_token of a previous page"
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or isinstance(value[0], bool)
+            or not isinstance(value[0], (int, float))
+            or not math.isfinite(value[0])  # OverflowError for an int beyond float's range
+            or not isinstance(value[1], str)
+        ):
+            raise ValueError("not an [updated_at, id] pair")
+        return float(value[0]), value[1]
+    except (binascii.Error, ValueError, RecursionError, OverflowError) as e:  # ValueError: JSON, UTF-8
+        raise _bad_page_token(repr(token[:_MAX_ECHO_CHARS])) from e
+
+
+def _bad_page_token(what: str) -> InvalidArgument:
+    return InvalidArgument(f"invalid page_token {what}: pass the next_page_token of a previous page")
+
+
+# Limits. One rule for both stores, which the chat service also checks before it runs the model.
+
+
+def text_bytes(text: str | None) -> int:
+    """The UTF-8 size of ``text`` as the limits count it (0 for ``None``)."""
+    return len(text.encode("utf-8", "surrogatepass")) if text else 0
+
+
+def check_room(conv: Conversation, limits: ConversationLimits, new_bytes: int, new_messages: int = 2) -> None:
+    """Raise ``ConversationFull`` unless ``conv`` can take ``new_messages`` more messages (a turn is two) that add
+    ``new_bytes`` bytes of text (with a replaced system prompt: its change in size, maybe negative), within
+    ``limits``. Only ``conv.message_count`` and ``conv.num_bytes`` are read. The Redis store's append script
+    applies the same rule inside Redis, atomically with the write."""
+    if conv.message_count + new_messages > limits.max_messages:
+        raise ConversationFull(
+            f"conversation is full ({conv.message_count} messages, limit {limits.max_messages}): start a new one"
         )
-    return float(value[0]), value[1]
+    if conv.num_bytes + new_bytes > limits.max_bytes:
+        raise ConversationFull(
+            f"conversation is full ({conv.num_bytes} bytes of text and {new_bytes} more in this turn, limit "
+            f"{limits.max_bytes} bytes): start a new one"
+        )
+
+
+def check_system_prompt(system_prompt: str | None, limits: ConversationLimits) -> None:
+    """Raise ``InvalidArgument`` for a system prompt that alone is over the conversation's byte limit."""
+    size = text_bytes(system_prompt)
+    if size > limits.max_bytes:
+        raise InvalidArgument(
+            f"the system prompt is too long ({size} bytes, a conversation holds at most {limits.max_bytes})"
+        )
+
+
+def quota_exceeded(num_conversations: int, limits: ConversationLimits) -> ResourceExhausted:
+    """The error ``create`` raises when the tenant holds ``num_conversations`` and may hold no more."""
+    return ResourceExhausted(
+        f"too many conversations: this tenant has {num_conversations}, its quota "
+        f"(max_conversations_per_tenant) is {limits.max_conversations_per_tenant}; delete old conversations "
+        "(DeleteConversation) to start new ones"
+    )
+
+
+def listed(conv: Conversation) -> Conversation:
+    """``conv`` as a list row: no messages, and at most ``SYSTEM_PROMPT_PREVIEW_CHARS`` of its system prompt."""
+    system_prompt = conv.system_prompt
+    truncated = system_prompt is not None and len(system_prompt) > SYSTEM_PROMPT_PREVIEW_CHARS
+    if truncated:
+        system_prompt = system_prompt[:SYSTEM_PROMPT_PREVIEW_CHARS]
+    return replace(conv, system_prompt=system_prompt, system_prompt_truncated=truncated, messages=())
+
+
+def check_conversation_id(conversation_id: str) -> None:
+    """Raise ``InvalidArgument`` for an id over ``MAX_CONVERSATION_ID_LENGTH`` characters (not repeated back), and
+    ``NotFound`` for any other string that is not an id the stores mint (it cannot exist)."""
+    if len(conversation_id) > MAX_CONVERSATION_ID_LENGTH:
+        raise InvalidArgument(
+            f"conversation id too long ({len(conversation_id)} characters; ids are 32 hex digits)"
+        )
+    if not _ID_RE.fullmatch(conversation_id):
+        raise NotFound(f"conversation {conversation_id} not found")

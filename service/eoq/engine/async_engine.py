@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -27,7 +28,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +45,15 @@ class EngineFailed(InternalError):
 
 class EngineRestarted(Unavailable):
     """The engine died while the request ran or waited; a new one is starting. Safe to retry."""
+
+
+class Overloaded(ResourceExhausted):
+    """No place for the request now (the server's or its tenant's limit); ``retry_after_seconds`` estimates when
+    one frees up, from the queue and how long requests take."""
+
+    def __init__(self, message: str, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
 
 
 class EngineState(enum.Enum):
@@ -85,7 +95,7 @@ class AsyncEngine:
 
     def __init__(self, cfg: EngineConfig, mode: str = "process", max_queue_size: int = 256,
                  observer: EngineObserver | None = None, max_restarts: int = 3,
-                 restart_window_seconds: float = 600.0) -> None:
+                 restart_window_seconds: float = 600.0, max_requests_per_tenant: int | None = None) -> None:
         if cfg.num_threads is None:
             cfg = dataclasses.replace(cfg, num_threads=default_num_threads(mode))
         self.cfg = cfg
@@ -93,6 +103,11 @@ class AsyncEngine:
         self.max_queue_size = max_queue_size
         self.observer = observer
         self.max_restarts = max_restarts
+        # Running + waiting requests of one tenant (None: only the server's limit), so one cannot take every place.
+        self.max_requests_per_tenant = max_requests_per_tenant
+        self._admitted: collections.Counter[str] = collections.Counter()  # tenant -> requests holding a place
+        self._num_admitted = 0
+        self._mean_request_seconds = 1.0  # a moving average of finished requests' durations (retry estimates)
         self.restart_window_seconds = restart_window_seconds
         self.info: ModelInfo | None = None
         self.state = EngineState.STARTING
@@ -174,20 +189,58 @@ class AsyncEngine:
                 f"beyond the context window of {ctx} tokens (shorten the prompt or lower max_tokens)"
             )
 
-    def check_admission(self) -> None:
-        """Raise ``Unavailable`` while the engine is not serving, ``ResourceExhausted`` when it is full."""
+    @property
+    def capacity(self) -> int:
+        """Requests that may run or wait at once (the batch and the queue)."""
+        return self.cfg.max_num_seqs + self.max_queue_size
+
+    def retry_after_seconds(self) -> float:
+        """When a place is likely to free up: the requests ahead of a new one, each batch place turning over
+        once per average request duration."""
+        ahead = max(0, self._num_admitted - self.cfg.max_num_seqs) + 1
+        return min(30.0, max(0.05, self._mean_request_seconds * ahead / self.cfg.max_num_seqs))
+
+    def check_admission(self, tenant: str = "") -> None:
+        """Raise ``Unavailable`` while the engine is not serving, ``Overloaded`` (RESOURCE_EXHAUSTED) when the
+        server or ``tenant`` has no place left. Costs no tokenization and no store work: call it first."""
         if self.state is not EngineState.SERVING or self._backend is None:
             raise Unavailable(f"the engine is {self.state.value}; retry shortly")
-        capacity = self.cfg.max_num_seqs + self.max_queue_size
-        if len(self._streams) >= capacity:
-            raise ResourceExhausted(
-                f"the server is full: {len(self._streams)} requests running or waiting (limit {capacity}); retry later"
-            )
+        if self._num_admitted >= self.capacity:
+            raise Overloaded(f"the server is full: {self._num_admitted} requests running or waiting (limit "
+                             f"{self.capacity}); retry later", self.retry_after_seconds())
+        limit = self.max_requests_per_tenant
+        if limit is not None and self._admitted[tenant] >= limit:
+            raise Overloaded(f"too many requests of this tenant at once: {self._admitted[tenant]} running or waiting "
+                             f"(limit {limit} per tenant); retry later", self.retry_after_seconds())
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+    @contextlib.contextmanager
+    def admission(self, tenant: str = "") -> Iterator[None]:
+        """Hold one of the server's places (and one of ``tenant``'s) for the block: taken before any work on the
+        request (tokenization, the store), so a burst is refused at once instead of piling up behind it.
+        ``generate`` inside the block uses this place; outside one it takes its own."""
+        self.check_admission(tenant)
+        self._admitted[tenant] += 1
+        self._num_admitted += 1
+        try:
+            yield
+        finally:
+            self._num_admitted -= 1
+            self._admitted[tenant] -= 1
+            if not self._admitted[tenant]:
+                del self._admitted[tenant]
+
+    async def generate(self, request: EngineRequest, admitted: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs; the last has ``finished=True``. Closing the stream early aborts it.
-        Raises ``EngineRestarted`` if the engine dies meanwhile."""
-        self.check_admission()
+        ``admitted``: the caller holds an ``admission`` for it (else the request takes one, for its tenant, the
+        cache salt). Raises ``EngineRestarted`` if the engine dies meanwhile."""
+        if not admitted:
+            with self.admission(request.cache_salt):
+                async with contextlib.aclosing(self.generate(request, admitted=True)) as stream:
+                    async for out in stream:
+                        yield out
+            return
+        if self.state is not EngineState.SERVING or self._backend is None:
+            raise Unavailable(f"the engine is {self.state.value}; retry shortly")
         self.check_request(len(request.prompt_token_ids), request.sampling.max_tokens)
         assert self.info is not None
         vocab = self.info.vocab_size
@@ -217,6 +270,8 @@ class AsyncEngine:
                     last = now
                 if out.finished:
                     finished = True
+                    if out.timings is not None and out.timings.finished is not None:
+                        self._mean_request_seconds += 0.1 * (out.timings.total_seconds - self._mean_request_seconds)
                     if self.observer is not None:
                         self.observer.on_request_finished(out, itl)
                     if out.error:

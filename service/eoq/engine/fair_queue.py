@@ -8,6 +8,7 @@ first come, first served. With a single tenant this is a plain FIFO.
 
 A preempted sequence goes back to the front of its tenant's queue and that tenant's turn comes first, as in a
 FIFO's front: recomputing started work before anyone's new work keeps the no-starvation argument of the scheduler.
+One that stepped back to give another tenant its share of the batch waits for its tenant's turn instead.
 Pure Python, no torch.
 """
 
@@ -46,11 +47,21 @@ class FairQueue:
         self._queues.setdefault(seq.cache_salt, deque()).append(seq)
         self._len += 1
 
-    def appendleft(self, seq: Sequence) -> None:
-        """A preempted sequence: first in its tenant's queue, and that tenant's turn is next."""
+    def appendleft(self, seq: Sequence, take_turn: bool = True) -> None:
+        """A preempted sequence: first in its tenant's queue, and (``take_turn``) that tenant's turn is next —
+        not when it stepped back to give another tenant its share."""
         self._queues.setdefault(seq.cache_salt, deque()).appendleft(seq)
-        self._queues.move_to_end(seq.cache_salt, last=False)
+        if take_turn:
+            self._queues.move_to_end(seq.cache_salt, last=False)
         self._len += 1
+
+    def tenants(self) -> list[str]:
+        """The tenants with waiting sequences, in the order of their turns."""
+        return list(self._queues)
+
+    def give_turn(self, tenant: str) -> None:
+        """``tenant`` (waiting) goes next."""
+        self._queues.move_to_end(tenant, last=False)
 
     def peek(self) -> Sequence:
         """The next sequence to admit. Raises ``IndexError`` when empty."""

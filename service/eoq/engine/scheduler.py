@@ -11,6 +11,12 @@ A waiting request whose next uncached prompt block is being computed right now b
 tenant's same prefix: a shared system prompt, or the same question in a burst) waits for it instead of
 computing it again: the step after, those blocks are in the prefix cache.
 
+A tenant gets its share of the batch: when the batch is full and the tenant whose turn it is holds fewer running
+sequences than ``max_num_seqs`` / (tenants running or waiting), the newest running sequence of the tenant that
+holds the most (more than its share) steps back to the queue (``_share_the_batch``, one a step). So a tenant that
+flooded the server cannot keep another's request out of the batch for longer than a step or two; its own requests
+lose nothing but a recompute of their cached blocks.
+
 When a running sequence cannot get a block for its next token, the newest running sequence is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed from its tokens later (its
 blocks stay in the prefix cache, so the recompute is mostly cache hits). Nobody starves: each tenant's queue is
@@ -20,6 +26,7 @@ running sequence is always served first.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from eoq.engine.block_manager import BlockManager
@@ -93,6 +100,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
+        if self.waiting and len(self.running) >= self.max_num_seqs:
+            self._share_the_batch(out)
+        num_shared = len(out.preempted)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -116,7 +126,7 @@ class Scheduler:
             if seq not in self.running:
                 continue
 
-        if out.preempted:
+        if len(out.preempted) > num_shared:
             return out  # the cache is tight: admit nobody new this step
 
         inflight = self._inflight_hashes() if self.blocks.enable_prefix_caching else set()
@@ -146,6 +156,24 @@ class Scheduler:
                 inflight.update(seq.block_hashes[len(hits) :])
         return out
 
+    def _share_the_batch(self, out: SchedulerOutput) -> None:
+        """The batch is full: the first waiting tenant (in turn order) holding less than its share gets the next
+        turn, and the newest running sequence of the tenant holding the most, beyond its share, steps back for it
+        (see the module docstring)."""
+        running = Counter(seq.cache_salt for seq in self.running)
+        waiting = self.waiting.tenants()
+        share = max(1, self.max_num_seqs // len(running.keys() | set(waiting)))
+        short = next((t for t in waiting if running[t] < share), None)
+        if short is None:
+            return
+        tenant, held = running.most_common(1)[0]
+        if held <= share:
+            return
+        victim = next(seq for seq in reversed(self.running) if seq.cache_salt == tenant)
+        self._preempt(victim, take_turn=False)
+        out.preempted.append(victim)
+        self.waiting.give_turn(short)
+
     def _inflight_hashes(self) -> set:
         """Hashes of full prompt blocks that running sequences hold but have not computed yet."""
         bs = self.blocks.block_size
@@ -161,14 +189,14 @@ class Scheduler:
         else:
             out.prefills.append(ScheduledChunk(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, take_turn: bool = True) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(seq)
+        self.waiting.appendleft(seq, take_turn)
 
     def update_computed(self, out: SchedulerOutput) -> None:
         """After the runner ran ``out``: the scheduled tokens are now in the cache; full blocks become cacheable."""

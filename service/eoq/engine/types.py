@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from eoq.errors import InvalidArgument
@@ -21,9 +21,17 @@ class FinishReason(str, enum.Enum):
     CANCELLED = "cancelled"  # aborted: client cancel, deadline, shutdown
 
 
+# A positive temperature below this is greedy: dividing logits by it overflows float32 (1e-45 gave inf logits
+# and NaN probabilities), and at 1e-5 sampling is already argmax for any realistic logit gap.
+MIN_TEMPERATURE = 1e-5
+# Outside this range a repetition penalty overflows or flushes logits (1e-45 turned them into +inf).
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Per-request sampling. ``validate`` checks it once, at the door, with messages that say what is wrong."""
+    """Per-request sampling. ``validate`` checks it once, at the door, with messages that say what is wrong, and
+    returns the parameters to run with."""
 
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0  # (0, 1]; 1 = off
@@ -39,15 +47,22 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self, *, max_tokens_limit: int, max_stop_strings: int = 16, max_stop_length: int = 256) -> None:
+    def validate(
+        self, *, max_tokens_limit: int, max_stop_strings: int = 16, max_stop_length: int = 256
+    ) -> SamplingParams:
+        """Raise ``InvalidArgument`` naming the first bad field; otherwise return the parameters to run with:
+        these, except that a temperature in (0, ``MIN_TEMPERATURE``) becomes 0 (greedy). ``repetition_penalty``
+        must lie in [``MIN_REPETITION_PENALTY``, ``MAX_REPETITION_PENALTY``]."""
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidArgument(f"top_p must be in (0, 1] (0 = off), got {self.top_p}")
         if self.top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise InvalidArgument(f"repetition_penalty must be > 0 (0 = off), got {self.repetition_penalty}")
+        if not (math.isfinite(self.repetition_penalty)
+                and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise InvalidArgument(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, "
+                                  f"{MAX_REPETITION_PENALTY:g}] (0 = off), got {self.repetition_penalty}")
         if self.max_tokens < 1:
             raise InvalidArgument(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.max_tokens > max_tokens_limit:
@@ -61,6 +76,9 @@ class SamplingParams:
                 raise InvalidArgument(f"stop strings must be at most {max_stop_length} characters, got {len(s)}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidArgument(f"seed must be in [0, 2**64), got {self.seed}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            return replace(self, temperature=0.0)
+        return self
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ from eoq.chat.store import (
     ConversationFull,
     ConversationLimits,
     ConversationStore,
+    LeaseLost,
     Role,
     StoredMessage,
     StoreUnavailable,
@@ -770,3 +771,26 @@ async def test_redis_list_reads_a_bounded_part_of_each_hash(
         stats = r.info("commandstats")
     assert "cmdstat_hgetall" not in stats and "cmdstat_hget" not in stats and stats["cmdstat_hmget"]["calls"] == 1
     assert (await redis_store.get("acme", created.id)).system_prompt == "s" * 100_000
+
+
+async def test_a_turn_token_stores_its_turn_once(store: ConversationStore) -> None:
+    """The final save and a cancel racing it (or a retry) carry the turn's one token: one turn is stored."""
+    conversation = await store.create("acme", None)
+    async with store.lock("acme", conversation.id) as lease:
+        first = await store.append_turn("acme", conversation.id, user("Hi"), answer("Hello"),
+                                        turn_token="turn-1", lease=lease)
+        again = await store.append_turn("acme", conversation.id, user("Hi"),
+                                        answer("Hel", FinishReason.CANCELLED), turn_token="turn-1", lease=lease)
+    assert first.message_count == again.message_count == 2
+    stored = await store.get("acme", conversation.id)
+    assert [(m.content, m.finish_reason) for m in stored.messages] == [("Hi", None), ("Hello", FinishReason.STOP)]
+
+
+async def test_a_turn_whose_lease_was_lost_is_not_written(backend: Backend, store: ConversationStore) -> None:
+    conversation = await store.create("acme", None)
+    async with store.lock("acme", conversation.id) as lease:
+        backend.plant_lock(store, conversation.id, 30.0)  # ours expired, another holder took it
+        with pytest.raises(LeaseLost, match="its lock expired before the answer was stored"):
+            await store.append_turn("acme", conversation.id, user("Hi"), answer("Hello"), turn_token="t",
+                                    lease=lease)
+    assert (await store.get("acme", conversation.id)).message_count == 0

@@ -21,6 +21,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from eoq.chat.store import (
+    Lease,
+    LeaseLost,
     Conversation,
     ConversationBusy,
     ConversationLimits,
@@ -52,6 +54,7 @@ class _Record:
     expires_at: float  # time.monotonic()
     messages: list[StoredMessage] = field(default_factory=list)
     num_bytes: int = 0  # text_bytes of the system prompt and every message's content
+    last_turn: str | None = None  # the turn token of the last append
 
     def to_conversation(self, conversation_id: str, with_messages: bool) -> Conversation:
         return Conversation(
@@ -153,13 +156,24 @@ class MemoryConversationStore:
         user: StoredMessage,
         assistant: StoredMessage,
         system_prompt: str | None = None,
+        *,
+        turn_token: str | None = None,
+        lease: Lease | None = None,
     ) -> Conversation:
         record = self._live(tenant, conversation_id)
+        if turn_token is not None and record.last_turn == turn_token:  # stored already
+            return record.to_conversation(conversation_id, with_messages=False)
+        if lease is not None:
+            held = self._leases.get(conversation_id)
+            if held is None or held.token != lease.token or held.expires_at <= time.monotonic():
+                raise LeaseLost(f"conversation {conversation_id}: its lock expired before the answer was stored; "
+                                "ask again")
         new_bytes = text_bytes(user.content) + text_bytes(assistant.content)
         if system_prompt is not None:
             new_bytes += text_bytes(system_prompt) - text_bytes(record.system_prompt)
         check_room(record.to_conversation(conversation_id, with_messages=False), self._limits, new_bytes)
         record.messages += (user, assistant)
+        record.last_turn = turn_token
         record.num_bytes += new_bytes
         if system_prompt is not None:
             record.system_prompt = system_prompt
@@ -168,7 +182,7 @@ class MemoryConversationStore:
         return record.to_conversation(conversation_id, with_messages=False)
 
     @asynccontextmanager
-    async def lock(self, tenant: str, conversation_id: str) -> AsyncIterator[None]:
+    async def lock(self, tenant: str, conversation_id: str) -> AsyncIterator[Lease]:
         self._live(tenant, conversation_id)
         lease = self._leases.get(conversation_id)
         if lease is not None and lease.expires_at > time.monotonic():
@@ -181,7 +195,7 @@ class MemoryConversationStore:
             self._keep_alive(conversation_id, token), name=f"eoq-lease-{conversation_id}"
         )
         try:
-            yield
+            yield Lease(token)
         finally:
             renewal.cancel()
             lease = self._leases.get(conversation_id)

@@ -51,6 +51,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eoq.chat.store import (
+    Lease,
+    LeaseLost,
     SYSTEM_PROMPT_PREVIEW_CHARS,
     Conversation,
     ConversationBusy,
@@ -121,6 +123,7 @@ return {redis.call('HGETALL', KEYS[1]), messages}
 _APPEND_TURN = _DROP_IF_TORN + """
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return false end
 if redis.call('HGET', KEYS[1], 'last_turn') == ARGV[9] then return redis.call('HGETALL', KEYS[1]) end
+if ARGV[15] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[15] then return {'lost'} end
 if torn(redis.call('LLEN', KEYS[2])) then return false end
 local count = tonumber(redis.call('HGET', KEYS[1], 'message_count'))
 local size = tonumber(redis.call('HGET', KEYS[1], 'num_bytes'))
@@ -375,13 +378,20 @@ class RedisConversationStore:
         user: StoredMessage,
         assistant: StoredMessage,
         system_prompt: str | None = None,
+        *,
+        turn_token: str | None = None,
+        lease: Lease | None = None,
     ) -> Conversation:
         check_conversation_id(conversation_id)
-        args = self._turn_args(tenant, conversation_id, user, assistant, system_prompt)
+        args = self._turn_args(tenant, conversation_id, user, assistant, system_prompt, turn_token, lease)
+        keys = [*self._keys(tenant, conversation_id), self._lock_key(conversation_id)]
         async with self._call("append_turn"):
-            fields = await self._append_turn(keys=self._keys(tenant, conversation_id), args=args)
+            fields = await self._append_turn(keys=keys, args=args)
         if not fields:
             raise NotFound(f"conversation {conversation_id} not found")
+        if fields[0] == "lost":
+            raise LeaseLost(f"conversation {conversation_id}: its lock expired before the answer was stored; "
+                            "ask again")
         if fields[0] == "full":  # the script refused the turn by check_room's rule: the same error from it
             _, new_bytes, state = fields
             check_room(_decode_conversation(conversation_id, _pairs(state), ()), self._limits, new_bytes)
@@ -389,7 +399,7 @@ class RedisConversationStore:
         return _decode_conversation(conversation_id, _pairs(fields), ())
 
     @asynccontextmanager
-    async def lock(self, tenant: str, conversation_id: str) -> AsyncIterator[None]:
+    async def lock(self, tenant: str, conversation_id: str) -> AsyncIterator[Lease]:
         check_conversation_id(conversation_id)
         key = self._lock_key(conversation_id)
         token = secrets.token_hex(16)
@@ -405,7 +415,7 @@ class RedisConversationStore:
             )
         renewal = asyncio.create_task(self._keep_alive(key, token), name=f"eoq-lease-{conversation_id}")
         try:
-            yield
+            yield Lease(token)
         finally:
             # Not awaited: a renewal still in flight is harmless, it only extends a lease that is still ours.
             renewal.cancel()
@@ -431,8 +441,11 @@ class RedisConversationStore:
         user: StoredMessage,
         assistant: StoredMessage,
         system_prompt: str | None,
+        turn_token: str | None = None,
+        lease: Lease | None = None,
     ) -> list[str | int]:
-        """ARGV of ``_APPEND_TURN``, with a fresh turn token: a retry of the same call sends the same one."""
+        """ARGV of ``_APPEND_TURN``; without a ``turn_token`` a fresh one (a retry of the same call sends the
+        same one either way)."""
         limits = self._limits
         return [
             tenant,
@@ -443,12 +456,13 @@ class RedisConversationStore:
             _encode_message(assistant),
             "0" if system_prompt is None else "1",
             system_prompt or "",
-            secrets.token_hex(16),
+            turn_token or secrets.token_hex(16),
             text_bytes(user.content) + text_bytes(assistant.content),
             text_bytes(system_prompt),
             _preview(system_prompt),
             limits.max_messages,
             limits.max_bytes,
+            lease.token if lease is not None else "",
         ]
 
     async def _keep_alive(self, key: str, token: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from eoq.chat.prompt import ChatMessage, PromptBuilder, Turn
-from eoq.chat.store import Conversation, ConversationStore, Role, StoredMessage
+from eoq.chat.store import Conversation, ConversationStore, Lease, Role, StoredMessage, check_room, text_bytes
 from eoq.engine.async_engine import AsyncEngine
 from eoq.engine.types import EngineRequest, FinishReason, RequestOutput, SamplingParams
 from eoq.errors import EoqError, InvalidArgument
@@ -77,6 +78,16 @@ def history_turns(conv: Conversation, vocab_size: int | None = None) -> list[Tur
             ids = None
         turns.append(Turn(ChatMessage("user", u.content), ChatMessage("assistant", a.content, ids)))
     return turns
+
+
+@dataclass(frozen=True, slots=True)
+class _TurnWrite:
+    """Where and how a turn is written: its conversation, its one turn token, the lock held for it."""
+
+    tenant: str
+    conversation_id: str
+    token: str
+    lease: Lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +175,14 @@ class ChatService:
     async def _turn(self, tenant: str, conversation_id: str, message: str, sampling: SamplingParams,
                     system_prompt: str) -> AsyncIterator[AnswerEvent]:
         """Hold the conversation, stream the answer to ``message``, store the turn (also when cut short)."""
-        async with self.store.lock(tenant, conversation_id):
+        async with self.store.lock(tenant, conversation_id) as lease:
             conv = await self.store.get(tenant, conversation_id)  # under the lock: the latest history
             system = system_prompt or conv.system_prompt
+            # Room for the question, the answer (about 4 bytes a token at most) and a new system prompt: refused
+            # now rather than after the answer, which could then not be stored.
+            new_system_bytes = text_bytes(system_prompt) - text_bytes(conv.system_prompt) if system_prompt else 0
+            check_room(conv, self.store.limits, text_bytes(message) + 4 * sampling.max_tokens + new_system_bytes)
+            turn = _TurnWrite(tenant, conv.id, secrets.token_hex(16), lease)  # one token: never stored twice
             prompt = await self._off_loop(self.prompts.build_chat, system, history_turns(conv, self.vocab_size),
                                           message, self.context_length - sampling.max_tokens)
             request = EngineRequest(self.engine.new_request_id("chat"), prompt.token_ids, sampling, cache_salt=tenant)
@@ -188,17 +204,17 @@ class ChatService:
                             event.finish_reason = out.finish_reason
                             event.usage = _usage(len(prompt.token_ids), out)
                             # Stored before the last event goes out: a client that saw the end knows it is kept.
-                            await self._save(tenant, conv.id, user, texts, ids, out.finish_reason, new_system)
+                            await self._save(turn, user, texts, ids, out.finish_reason, new_system)
                             saved = True
                         yield event
             except (asyncio.CancelledError, GeneratorExit):
                 if not saved:  # the client went away: keep the answer as far as it got
                     await asyncio.shield(
-                        self._save(tenant, conv.id, user, texts, ids, FinishReason.CANCELLED, new_system, quiet=True)
+                        self._save(turn, user, texts, ids, FinishReason.CANCELLED, new_system, quiet=True)
                     )
                 raise
 
-    async def _save(self, tenant: str, conversation_id: str, user: StoredMessage, texts: list[str], ids: list[int],
+    async def _save(self, turn: _TurnWrite, user: StoredMessage, texts: list[str], ids: list[int],
                     reason: FinishReason | None, system_prompt: str | None, quiet: bool = False) -> None:
         token_ids: tuple[int, ...] | None = None
         if reason is FinishReason.LENGTH:
@@ -210,11 +226,12 @@ class ChatService:
             token_ids = None  # e.g. an end-of-answer token generated under ignore_eos: the text is what counts
         answer = StoredMessage(Role.ASSISTANT, "".join(texts), time.time(), reason, token_ids)
         try:
-            await self.store.append_turn(tenant, conversation_id, user, answer, system_prompt)
+            await self.store.append_turn(turn.tenant, turn.conversation_id, user, answer, system_prompt,
+                                         turn_token=turn.token, lease=turn.lease)
         except Exception:
             if not quiet:
                 raise
-            log.exception("could not store the cancelled turn of conversation %s", conversation_id)
+            log.exception("could not store the cancelled turn of conversation %s", turn.conversation_id)
 
     async def complete(self, prompt: str, sampling: SamplingParams, tenant: str = "") -> AsyncIterator[AnswerEvent]:
         """A stateless continuation; a prompt ending in <EOQ> is one question rendered with the chat template."""

@@ -100,6 +100,18 @@ class ConversationBusy(Aborted):
     """Another answer in this conversation is still streaming (on this replica or another)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A held ``lock``: ``append_turn(..., lease=...)`` writes only while it is still the holder's."""
+
+    token: str
+
+
+class LeaseLost(Aborted):
+    """The lock expired (its renewals failed) before the turn was written: another answer may have been written
+    meanwhile, so this one is not (the client asks again)."""
+
+
 class ConversationFull(FailedPrecondition):
     """The conversation holds as many messages or bytes as it may: the client starts a new one."""
 
@@ -148,14 +160,19 @@ class ConversationStore(Protocol):
         user: StoredMessage,
         assistant: StoredMessage,
         system_prompt: str | None = None,
+        *,
+        turn_token: str | None = None,
+        lease: Lease | None = None,
     ) -> Conversation:
         """Append one turn atomically; when ``system_prompt`` is given it replaces the conversation's in the
         same write. Returns the updated conversation without messages. Raises ``NotFound`` if the
         conversation is gone, ``ConversationFull`` (writing nothing) when the turn does not fit its limits
-        (``check_room``)."""
+        (``check_room``). ``turn_token``: the turn's id — a second append with the last turn's token writes
+        nothing (a retry, or a cancel racing the final save, never stores a turn twice). ``lease``: the
+        ``lock`` held for the turn; if it is no longer held, ``LeaseLost`` and nothing is written."""
         ...
 
-    def lock(self, tenant: str, conversation_id: str) -> AbstractAsyncContextManager[None]:
+    def lock(self, tenant: str, conversation_id: str) -> AbstractAsyncContextManager[Lease]:
         """Hold the conversation for one answer. Raises ``ConversationBusy`` if another holder has it."""
         ...
 

@@ -156,7 +156,8 @@ class Settings(BaseSettings):
 
     @field_validator("max_num_seqs", "max_num_batched_tokens", "max_queue_size", "default_max_tokens",
                      "max_requests_per_tenant", "max_receive_message_bytes", "max_send_message_bytes",
-                     "max_message_chars", "max_system_prompt_chars")
+                     "max_message_chars", "max_system_prompt_chars", "max_conversation_bytes",
+                     "max_conversations_per_tenant")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
@@ -182,13 +183,6 @@ class Settings(BaseSettings):
     def _room_for_a_turn(cls, v: int) -> int:
         if v < 2:
             raise ValueError("must be >= 2 (a turn is two messages)")
-        return v
-
-    @field_validator("max_conversation_bytes", "max_conversations_per_tenant")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
         return v
 
     @field_validator("kv_cache_memory_gb")

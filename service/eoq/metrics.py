@@ -26,6 +26,9 @@ RPCS = ("Chat", "Complete", "CreateConversation", "GetConversation", "ListConver
         "GetModelInfo")
 
 
+ADMISSION_REJECTIONS = ("server_full", "tenant_limit")  # never a tenant's name: bounded cardinality
+
+
 class Metrics:
     """All eoq series, in their own registry (so tests can build several)."""
 
@@ -65,6 +68,10 @@ class Metrics:
                              "draining.", registry=r)
         self.engine_restarts = Counter("eoq_engine_restarts", "Times the engine died and was started again.",
                                        registry=r)
+        self.admission_rejections = Counter(
+            "eoq_admission_rejections", "Requests refused RESOURCE_EXHAUSTED before any work, by which limit: "
+            "server_full (the batch and the queue) or tenant_limit (--max-requests-per-tenant).", ["reason"],
+            registry=r)
         self.model_info = Gauge("eoq_model_info", "The served model (value 1).",
                                 ["model", "architecture", "dtype", "device"], registry=r)
         # Series exist before any traffic, so dashboards and alerts always have something to read.
@@ -73,6 +80,8 @@ class Metrics:
             self.redis_errors.labels(op)
         for reason in FinishReason:
             self.finished.labels(reason.value)
+        for reason in ADMISSION_REJECTIONS:
+            self.admission_rejections.labels(reason)
         # Every (method, status code) from the start: rate() over a series needs a sample before its first
         # increment, or the first error of each kind would never be counted.
         for rpc in RPCS:
@@ -117,6 +126,9 @@ class Metrics:
 
     def on_engine_restart(self) -> None:
         self.engine_restarts.inc()
+
+    def on_admission_rejected(self, reason: str) -> None:
+        self.admission_rejections.labels(reason).inc()
 
     # --- store observer ---
     def on_store_operation(self, operation: str, seconds: float | None) -> None:

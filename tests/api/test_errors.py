@@ -95,15 +95,18 @@ async def test_message_beyond_the_context_window_is_invalid_argument(server: Run
     assert "beyond the context window of 8192 tokens" in error.details()
 
 
+async def assert_every_conversation_rpc_refuses(stub, cid: str, expected: tuple[grpc.StatusCode, str]) -> None:
+    """Chat, GetConversation and DeleteConversation on ``cid`` all end with ``expected`` (code, details)."""
+    for call in (ask(stub, FRANCE, cid), stub.GetConversation(pb.GetConversationRequest(id=cid)),
+                 stub.DeleteConversation(pb.DeleteConversationRequest(id=cid))):
+        error = await rpc_error(call)
+        assert (error.code(), error.details()) == expected
+
+
 async def test_unknown_conversation_is_not_found(stub) -> None:
     for cid in (UNKNOWN_ID, "not-an-id", UNKNOWN_ID + ":messages"):
-        expected = (grpc.StatusCode.NOT_FOUND, f"conversation {cid} not found")
-        error = await rpc_error(ask(stub, FRANCE, cid))
-        assert (error.code(), error.details()) == expected
-        error = await rpc_error(stub.GetConversation(pb.GetConversationRequest(id=cid)))
-        assert (error.code(), error.details()) == expected
-        error = await rpc_error(stub.DeleteConversation(pb.DeleteConversationRequest(id=cid)))
-        assert (error.code(), error.details()) == expected
+        await assert_every_conversation_rpc_refuses(stub, cid, (grpc.StatusCode.NOT_FOUND,
+                                                                f"conversation {cid} not found"))
 
 
 async def test_missing_ids_and_bad_pages_are_invalid_argument(stub) -> None:
@@ -157,14 +160,8 @@ async def test_hostile_page_tokens_are_invalid_argument(stub, token: str, detail
 
 
 async def test_over_long_ids_are_invalid_argument_without_echo(stub) -> None:
-    long_id = "ab" * 5000
-    expected = (grpc.StatusCode.INVALID_ARGUMENT, "conversation id too long (10000 characters; ids are 32 hex digits)")
-    error = await rpc_error(ask(stub, FRANCE, long_id))
-    assert (error.code(), error.details()) == expected
-    error = await rpc_error(stub.GetConversation(pb.GetConversationRequest(id=long_id)))
-    assert (error.code(), error.details()) == expected
-    error = await rpc_error(stub.DeleteConversation(pb.DeleteConversationRequest(id=long_id)))
-    assert (error.code(), error.details()) == expected
+    await assert_every_conversation_rpc_refuses(stub, "ab" * 5000, (
+        grpc.StatusCode.INVALID_ARGUMENT, "conversation id too long (10000 characters; ids are 32 hex digits)"))
 
 
 def internal_error_id(error: grpc.aio.AioRpcError, rpc: str) -> str:

@@ -127,11 +127,14 @@ async def test_a_burst_of_ten_times_capacity_is_refused_at_once_with_retry_info(
                 return time.monotonic() - t0, None
 
             results = await asyncio.gather(*(one(i) for i in range(40)))
+            rejections = running.metrics.admission_rejections
+            counted = {r: rejections.labels(r)._value.get() for r in ("server_full", "tenant_limit")}
     refused = [(t, e) for t, e in results if e is not None]
     answered = [t for t, e in results if e is None]
     assert 4 <= len(answered) < 40 and len(answered) + len(refused) == 40
     assert {e.code() for _, e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert all("the server is full" in e.details() for _, e in refused)
+    assert counted == {"server_full": len(refused), "tenant_limit": 0}
     delays = [retry_delay(e) for _, e in refused]
     assert all(d is not None and 0.05 <= d <= 30 for d in delays), delays
     latencies = sorted(t for t, _ in refused)
@@ -175,8 +178,9 @@ async def test_one_tenant_flooding_neither_starves_nor_rejects_another(repeat: i
             assert running.engine.last_stats.num_running == 4
             loaded = [await first_token_seconds(stub, FRANCE, bob) for _ in range(3)]
             codes = await asyncio.gather(*flooding)
+            tenant_limit = running.metrics.admission_rejections.labels("tenant_limit")._value.get()
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 8  # alice's 33rd to 40th: her limit, not bob's
-    assert codes.count(grpc.StatusCode.OK) == 32
+    assert codes.count(grpc.StatusCode.OK) == 32 and tenant_limit == 8
     print(f"bob's TTFT: unloaded {unloaded * 1000:.0f} ms; with alice's flood (32 requests in a batch of 4) "
           f"{', '.join(f'{t * 1000:.0f}' for t in loaded)} ms")
     assert statistics.median(loaded) < 2 * unloaded + 0.15, (unloaded, loaded)

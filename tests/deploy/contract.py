@@ -27,6 +27,7 @@ COUNTERS: Mapping[str, frozenset[str]] = {
     "eoq_redis_errors_total": frozenset({"operation"}),
     "eoq_request_finished_total": frozenset({"finish_reason"}),
     "eoq_engine_restarts_total": frozenset(),
+    "eoq_admission_rejections_total": frozenset({"reason"}),
 }
 GAUGES: Mapping[str, frozenset[str]] = {
     "eoq_requests_running": frozenset(),

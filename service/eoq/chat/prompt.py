@@ -14,6 +14,7 @@ Checkpoints without a chat template get a built-in plain template whose question
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class Turn:
 class BuiltPrompt:
     token_ids: list[int]
     dropped_turns: int = 0  # oldest turns left out to fit the context window
+    question_ids: tuple[int, ...] = ()  # the question's own tokens, to store with it
 
 
 class PromptBuilder:
@@ -77,6 +79,7 @@ class PromptBuilder:
         self.end_of_question_marker = (self._generation_prompt() or EOQ_MARKER) if self.has_chat_template else EOQ_MARKER
         self.end_of_turn_token_ids = self._end_of_turn_tokens()
         self.control_token_ids = self._control_tokens()  # special and added special tokens
+        self.fingerprint = self._fingerprint()  # of the tokenizer: which stored token ids are this model's
 
     # --- public ---
     def build_chat(self, system_prompt: str | None, history: Sequence[Turn], question: str,
@@ -92,8 +95,9 @@ class PromptBuilder:
             return self.render(system_prompt, [*messages, ChatMessage("user", question)], encoded=encoded)
 
         ids = render(0)
+        question_ids = tuple(encoded.get(question, ()))
         if len(ids) <= max_prompt_tokens:
-            return BuiltPrompt(ids, 0)
+            return BuiltPrompt(ids, 0, question_ids)
         alone = render(len(history))
         if len(alone) > max_prompt_tokens:
             raise InvalidArgument(
@@ -111,7 +115,7 @@ class PromptBuilder:
                 lo = mid + 1
         if hi < len(history):
             best = render(hi)
-        return BuiltPrompt(best, hi)
+        return BuiltPrompt(best, hi, question_ids)
 
     def build_completion(self, prompt: str) -> list[int]:
         """Plain continuation of ``prompt``; a prompt ending in the literal ``<EOQ>`` is one question."""
@@ -191,6 +195,15 @@ class PromptBuilder:
             return frozenset()
         after = self._encode_template_text(text[match[1].end() :])
         return frozenset(after[:1]) if after and after[0] in self._control_tokens() else frozenset()
+
+    def _fingerprint(self) -> str:
+        """16 hex digits naming this tokenizer's vocabulary and template: equal only for the same tokenization."""
+        digest = hashlib.sha256()
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        vocab = backend.to_str() if backend is not None else repr(sorted(self.tokenizer.get_vocab().items()))
+        for part in (vocab, str(getattr(self.tokenizer, "chat_template", "") or self._template)):
+            digest.update(part.encode() + b"\0")
+        return digest.hexdigest()[:16]
 
     def _control_tokens(self) -> frozenset[int]:
         special = set(self.tokenizer.all_special_ids)

@@ -566,6 +566,7 @@ def _encode_message(message: StoredMessage) -> str:
             "created_at": message.created_at,
             "finish_reason": None if message.finish_reason is None else message.finish_reason.value,
             "token_ids": None if message.token_ids is None else list(message.token_ids),
+            "token_model": message.token_model,
         },
         ensure_ascii=False,
         separators=(",", ":"),
@@ -580,4 +581,5 @@ def _decode_message(raw: str) -> StoredMessage:
         created_at=data["created_at"],
         finish_reason=None if data["finish_reason"] is None else FinishReason(data["finish_reason"]),
         token_ids=None if data["token_ids"] is None else tuple(data["token_ids"]),
+        token_model=data.get("token_model"),  # absent in messages stored before it was kept
     )

@@ -63,9 +63,17 @@ def _usage(prompt_len: int, out: RequestOutput) -> Usage:
     )
 
 
-def history_turns(conv: Conversation, vocab_size: int | None = None) -> list[Turn]:
-    """Pair the stored messages into (question, answer) turns. An answer's stored token ids are reused only when
-    they are this model's (every id below ``vocab_size``): else its text is tokenized again."""
+def history_turns(conv: Conversation, token_model: str | None = None, vocab_size: int | None = None) -> list[Turn]:
+    """Pair the stored messages into (question, answer) turns. A message's stored token ids are reused only when
+    they are this model's — tagged with ``token_model`` (the prompt builder's fingerprint) and every id below
+    ``vocab_size`` —, else its text is tokenized again: ids of another model never reach the engine."""
+
+    def own(m: StoredMessage) -> tuple[int, ...] | None:
+        ids = m.token_ids
+        if not ids or m.token_model != token_model:
+            return None
+        return ids if vocab_size is None or 0 <= min(ids) <= max(ids) < vocab_size else None
+
     turns = []
     msgs = conv.messages
     for i in range(0, len(msgs) - 1, 2):
@@ -73,10 +81,7 @@ def history_turns(conv: Conversation, vocab_size: int | None = None) -> list[Tur
         if u.role is not Role.USER or a.role is not Role.ASSISTANT:
             log.warning("conversation %s: unexpected roles at %d; skipping", conv.id, i)
             continue
-        ids = a.token_ids
-        if ids and vocab_size is not None and not 0 <= min(ids) <= max(ids) < vocab_size:
-            ids = None
-        turns.append(Turn(ChatMessage("user", u.content), ChatMessage("assistant", a.content, ids)))
+        turns.append(Turn(ChatMessage("user", u.content, own(u)), ChatMessage("assistant", a.content, own(a))))
     return turns
 
 
@@ -183,10 +188,12 @@ class ChatService:
             new_system_bytes = text_bytes(system_prompt) - text_bytes(conv.system_prompt) if system_prompt else 0
             check_room(conv, self.store.limits, text_bytes(message) + 4 * sampling.max_tokens + new_system_bytes)
             turn = _TurnWrite(tenant, conv.id, secrets.token_hex(16), lease)  # one token: never stored twice
-            prompt = await self._off_loop(self.prompts.build_chat, system, history_turns(conv, self.vocab_size),
-                                          message, self.context_length - sampling.max_tokens)
+            history = history_turns(conv, self.prompts.fingerprint, self.vocab_size)
+            prompt = await self._off_loop(self.prompts.build_chat, system, history, message,
+                                          self.context_length - sampling.max_tokens)
             request = EngineRequest(self.engine.new_request_id("chat"), prompt.token_ids, sampling, cache_salt=tenant)
-            user = StoredMessage(Role.USER, message, time.time())
+            user = StoredMessage(Role.USER, message, time.time(), token_ids=prompt.question_ids or None,
+                                 token_model=self.prompts.fingerprint)
             new_system = system_prompt or None
             texts: list[str] = []
             ids: list[int] = []
@@ -224,7 +231,8 @@ class ChatService:
         # else: a stop string cut the text, or a cancel: re-tokenize the text next turn
         if token_ids is not None and not self._control_ids.isdisjoint(token_ids):
             token_ids = None  # e.g. an end-of-answer token generated under ignore_eos: the text is what counts
-        answer = StoredMessage(Role.ASSISTANT, "".join(texts), time.time(), reason, token_ids)
+        answer = StoredMessage(Role.ASSISTANT, "".join(texts), time.time(), reason, token_ids,
+                               self.prompts.fingerprint)
         try:
             await self.store.append_turn(turn.tenant, turn.conversation_id, user, answer, system_prompt,
                                          turn_token=turn.token, lease=turn.lease)

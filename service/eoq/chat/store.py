@@ -63,9 +63,12 @@ class StoredMessage:
     content: str
     created_at: float  # unix seconds
     finish_reason: FinishReason | None = None  # assistant messages only
-    # Assistant answers: the generated token ids (without the end-of-answer token) when they match the
-    # content exactly, so the next turn's prompt reuses the same tokens and hits the prefix cache.
+    # The content's token ids, so a later turn's prompt reuses them (and hits the prefix cache) instead of
+    # tokenizing the history again: a question as it was tokenized, an answer as it was generated (without the
+    # end-of-answer token, when they match the content exactly). ``token_model`` is the fingerprint of the
+    # tokenizer they belong to (``PromptBuilder.fingerprint``): ids of another model are never reused.
     token_ids: tuple[int, ...] | None = None
+    token_model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,8 @@ class EngineObserver(Protocol):
 
     def on_engine_restart(self) -> None: ...
 
+    def on_admission_rejected(self, reason: str) -> None: ...
+
 
 def default_num_threads(mode: str) -> int:
     """All cores for an engine in its own process. On a thread, one core is left to the event loop: the loop
@@ -206,12 +208,18 @@ class AsyncEngine:
         if self.state is not EngineState.SERVING or self._backend is None:
             raise Unavailable(f"the engine is {self.state.value}; retry shortly")
         if self._num_admitted >= self.capacity:
+            self._rejected("server_full")
             raise Overloaded(f"the server is full: {self._num_admitted} requests running or waiting (limit "
                              f"{self.capacity}); retry later", self.retry_after_seconds())
         limit = self.max_requests_per_tenant
         if limit is not None and self._admitted[tenant] >= limit:
+            self._rejected("tenant_limit")
             raise Overloaded(f"too many requests of this tenant at once: {self._admitted[tenant]} running or waiting "
                              f"(limit {limit} per tenant); retry later", self.retry_after_seconds())
+
+    def _rejected(self, reason: str) -> None:
+        if self.observer is not None:
+            self.observer.on_admission_rejected(reason)
 
     @contextlib.contextmanager
     def admission(self, tenant: str = "") -> Iterator[None]:

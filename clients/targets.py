@@ -346,13 +346,10 @@ class InProcessTarget(Target):
         user = ChatMessage("user", question)
         prompt = self.local.prompts.render(None, [*conversation.messages, user])
         record, ids, text, last = await self._run(prompt, max_tokens, False, on_tokens)
-        # As the chat service stores an answer: its exact tokens, less the end-of-turn token the template adds.
+        # As the chat service stores an answer (one rule: PromptBuilder.answer_token_ids).
         reason = last.finish_reason if last is not None else None
-        token_ids = None
-        if reason is FinishReason.LENGTH:
-            token_ids = tuple(ids)
-        elif reason is FinishReason.STOP and ids and ids[-1] in self._end_ids:
-            token_ids = tuple(ids[:-1])
+        token_ids = self.local.prompts.answer_token_ids(ids, reason is FinishReason.STOP,
+                                                        reason is FinishReason.LENGTH, self._end_ids)
         conversation.messages.extend([user, ChatMessage("assistant", text, token_ids)])
         return record
 

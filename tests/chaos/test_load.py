@@ -183,4 +183,5 @@ async def test_one_tenant_flooding_neither_starves_nor_rejects_another(repeat: i
     assert codes.count(grpc.StatusCode.OK) == 32 and tenant_limit == 8
     print(f"bob's TTFT: unloaded {unloaded * 1000:.0f} ms; with alice's flood (32 requests in a batch of 4) "
           f"{', '.join(f'{t * 1000:.0f}' for t in loaded)} ms")
-    assert statistics.median(loaded) < 2 * unloaded + 0.15, (unloaded, loaded)
+    # Without the batch share, bob waits for one of alice's 64-token answers to end: seconds, not a few steps.
+    assert statistics.median(loaded) < 3 * unloaded + 0.2, (unloaded, loaded)

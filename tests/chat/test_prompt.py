@@ -125,3 +125,19 @@ def test_plain_template_for_checkpoints_without_one(plain: PromptBuilder) -> Non
     assert plain.tokenizer.decode(ids) == (
         "Be brief.\n\nQuestion: Hi<EOQ>\nAnswer: Hello<|im_end|>\nQuestion: Who?<EOQ>\nAnswer:")
     assert plain.build_completion("Who?<EOQ>") == plain.build_chat(None, [], "Who?", 1000).token_ids
+
+
+def test_which_answer_ids_are_kept_with_a_turn(prompts: PromptBuilder) -> None:
+    """The one rule the chat service and the benchmark share (SmolLM2: <|im_end|> is 2, <|im_start|> 1)."""
+    words = prompts.encode_user_text("Paris is the capital.")
+    end = frozenset({2})
+    assert prompts.answer_token_ids([*words, 2], True, False, end) == tuple(words)  # less the end token
+    assert prompts.answer_token_ids(words, False, True, end) == tuple(words)  # cut by max_tokens: all
+    assert prompts.answer_token_ids(words, True, False, end) is None  # a stop string cut the text
+    assert prompts.answer_token_ids(words[:2], False, False, end) is None  # cancelled
+    assert prompts.answer_token_ids([*words, 2, 1, *words], False, True, end) is None  # past the end: control ids
+
+
+def test_the_fingerprint_names_the_tokenizer(prompts: PromptBuilder, plain: PromptBuilder) -> None:
+    assert len(prompts.fingerprint) == 16 and int(prompts.fingerprint, 16) >= 0
+    assert prompts.fingerprint != plain.fingerprint  # the same vocabulary, another template

@@ -159,6 +159,23 @@ class PromptBuilder:
         ids.extend(self._encode_template_text(text[pos:]))
         return ids
 
+    def answer_token_ids(self, ids: Sequence[int], stopped_at_end: bool, length: bool,
+                         end_token_ids: frozenset[int]) -> tuple[int, ...] | None:
+        """The token ids to keep with a finished answer, for later turns to reuse (None: tokenize its text again).
+        ``ids``: what was generated; ``stopped_at_end``: it stopped on its own (end token or stop string),
+        ``length``: it ran out of max_tokens. An answer ended by an end token (``end_token_ids``) keeps its ids
+        without it (the template writes its own end-of-turn), one cut by max_tokens all of them; one cut by a stop
+        string or a cancel keeps none (its text is not its tokens), nor one holding a control token (generated
+        past the end under ignore_eos): replayed, it would be a control token inside the history."""
+        kept: tuple[int, ...] | None = None
+        if length:
+            kept = tuple(ids)
+        elif stopped_at_end and ids and ids[-1] in end_token_ids:
+            kept = tuple(ids[:-1])
+        if kept is not None and not self.control_token_ids.isdisjoint(kept):
+            return None
+        return kept
+
     def encode_user_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
 

@@ -126,8 +126,6 @@ class ChatService:
         self.context_length = engine.info.context_length
         self.vocab_size = engine.info.vocab_size
         self._end_ids = frozenset(engine.info.eos_token_ids) | prompts.end_of_turn_token_ids
-        # Never stored with an answer: replayed next turn they would be control tokens inside the history.
-        self._control_ids = self._end_ids | prompts.control_token_ids
         # One thread: the tokenizer is not shared across threads (see PromptBuilder).
         self._prompt_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eoq-prompts")
 
@@ -223,14 +221,8 @@ class ChatService:
 
     async def _save(self, turn: _TurnWrite, user: StoredMessage, texts: list[str], ids: list[int],
                     reason: FinishReason | None, system_prompt: str | None, quiet: bool = False) -> None:
-        token_ids: tuple[int, ...] | None = None
-        if reason is FinishReason.LENGTH:
-            token_ids = tuple(ids)
-        elif reason is FinishReason.STOP and ids and ids[-1] in self._end_ids:
-            token_ids = tuple(ids[:-1])  # the template writes the end-of-turn token itself
-        # else: a stop string cut the text, or a cancel: re-tokenize the text next turn
-        if token_ids is not None and not self._control_ids.isdisjoint(token_ids):
-            token_ids = None  # e.g. an end-of-answer token generated under ignore_eos: the text is what counts
+        token_ids = self.prompts.answer_token_ids(ids, reason is FinishReason.STOP, reason is FinishReason.LENGTH,
+                                                  self._end_ids)
         answer = StoredMessage(Role.ASSISTANT, "".join(texts), time.time(), reason, token_ids,
                                self.prompts.fingerprint)
         try:

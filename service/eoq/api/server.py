@@ -28,10 +28,9 @@ from eoq.chat.prompt import PromptBuilder
 from eoq.chat.redis_store import RedisConversationStore
 from eoq.chat.service import ChatLimits, ChatService
 from eoq.chat.store import ConversationLimits, ConversationStore
-from eoq.config import Settings
+from eoq.config import Settings, engine_config
 from eoq.engine.async_engine import AsyncEngine, EngineState
 from eoq.engine.model.checkpoint import load_tokenizer, resolve_checkpoint
-from eoq.engine.types import EngineConfig
 from eoq.errors import ConfigError, Unavailable
 from eoq.metrics import Metrics
 
@@ -134,34 +133,16 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         log.warning("API keys are on but TLS is off on %s: keys would cross the network in clear; set "
                     "--tls-cert-file/--tls-key-file (unless a mesh or proxy in front terminates TLS)", settings.host)
     checkpoint = await asyncio.to_thread(resolve_checkpoint, settings.model, settings.cache_dir)
-    engine_cfg = EngineConfig(
-        checkpoint=checkpoint.path,
-        model_name=checkpoint.name,
-        device=settings.device,
-        dtype=settings.dtype,
-        kv_cache_memory_gb=settings.kv_cache_memory_gb,
-        block_size=settings.block_size,
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        num_threads=settings.num_threads,
-        seed=settings.seed,
-        quantized_weights=settings.quantized_weights,
-        quantized_max_tokens=settings.quantized_max_tokens,
-        cpu_kernels=settings.cpu_kernels,
-        decode_graphs=settings.decode_graphs,
-        kernel_cache_dir=settings.cache_dir / "kernels",
-    )
+    # The chat template's end-of-turn tokens end answers too: the engine knows them from its start (one set,
+    # ModelInfo.eos_token_ids, the model's and the template's), so the tokenizer is loaded first (~0.3 s).
+    prompts = PromptBuilder(await asyncio.to_thread(load_tokenizer, checkpoint.path))
+    engine_cfg = engine_config(settings, checkpoint.path, checkpoint.name,
+                               tuple(sorted(prompts.end_of_turn_token_ids)))
     engine = AsyncEngine(engine_cfg, settings.engine_mode, settings.max_queue_size, observer=metrics,
                          max_restarts=settings.engine_max_restarts,
                          restart_window_seconds=settings.engine_restart_window_seconds,
                          max_requests_per_tenant=settings.max_requests_per_tenant if auth.enabled else None)
-    # The engine loads the model while this process loads the tokenizer and the chat template.
-    info, tokenizer = await asyncio.gather(engine.start(), asyncio.to_thread(load_tokenizer, checkpoint.path))
-    prompts = PromptBuilder(tokenizer)
-    engine.add_end_tokens(tuple(sorted(prompts.end_of_turn_token_ids)))
-    info = engine.info
+    info = await engine.start()
     limit = settings.max_tokens_limit or info.context_length - 1
     if limit >= info.context_length:
         raise ConfigError(f"--max-tokens-limit {limit} must be below the context window ({info.context_length})")

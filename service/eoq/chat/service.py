@@ -125,7 +125,7 @@ class ChatService:
         assert engine.info is not None
         self.context_length = engine.info.context_length
         self.vocab_size = engine.info.vocab_size
-        self._end_ids = frozenset(engine.info.eos_token_ids) | prompts.end_of_turn_token_ids
+        self._end_ids = frozenset(engine.info.eos_token_ids)  # the model's and the template's (EngineConfig)
         # One thread: the tokenizer is not shared across threads (see PromptBuilder).
         self._prompt_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eoq-prompts")
 

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from eoq.engine.backends import Abort, Add, AddEndTokens, ProcessBackend, ThreadBackend
+from eoq.engine.backends import Abort, Add, ProcessBackend, ThreadBackend
 from eoq.engine.types import EngineConfig, EngineRequest, EngineStepResult, ModelInfo, RequestOutput, SchedulerStats
 from eoq.errors import InternalError, InvalidArgument, ResourceExhausted, Unavailable
 
@@ -119,7 +119,6 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._backend: ThreadBackend | ProcessBackend | None = None
         self._generation = 0  # of the backend: results of an older (dead) one are dropped
-        self._end_tokens: tuple[int, ...] = ()  # add_end_tokens' ids, sent again to a restarted engine
         self._deaths: collections.deque[float] = collections.deque()
         self._restarter: asyncio.Task | None = None
         self._failed = asyncio.Event()
@@ -139,9 +138,6 @@ class AsyncEngine:
         backend_cls = ProcessBackend if self.mode == "process" else ThreadBackend
         backend = backend_cls(self.cfg, functools.partial(self._from_engine, self._generation))
         info = await asyncio.to_thread(backend.start)
-        if self._end_tokens:
-            backend.send(AddEndTokens(self._end_tokens))
-            info = dataclasses.replace(info, eos_token_ids=tuple(sorted({*info.eos_token_ids, *self._end_tokens})))
         return backend, info
 
     def add_state_listener(self, listener: Callable[[EngineState], None]) -> None:
@@ -291,16 +287,6 @@ class AsyncEngine:
             self._streams.pop(request.request_id, None)
             if not finished and backend is self._backend and self.serving:
                 backend.send(Abort(request.request_id))
-
-    def add_end_tokens(self, token_ids: tuple[int, ...]) -> None:
-        """More tokens that end an answer (e.g. the chat template's end-of-turn), for requests added from now on.
-
-        Lets the server start the engine before its tokenizer and chat template are loaded."""
-        if self._backend is None or self.info is None:
-            raise RuntimeError("start the engine first")
-        self._end_tokens = tuple(sorted({*self._end_tokens, *token_ids}))
-        self._backend.send(AddEndTokens(tuple(token_ids)))
-        self.info = dataclasses.replace(self.info, eos_token_ids=tuple(sorted({*self.info.eos_token_ids, *token_ids})))
 
     def abort(self, request_id: str) -> None:
         """End a request now: its stream gets a last output with finish reason CANCELLED."""

@@ -48,11 +48,6 @@ class Stop:
     pass
 
 
-@dataclass(slots=True)
-class AddEndTokens:
-    token_ids: tuple[int, ...]
-
-
 def run_engine_loop(core, receive: Callable[[bool], list], emit: Callable[[EngineStepResult], None]) -> None:
     """The loop the engine thread/process runs: apply commands, step while there is work, emit results.
 
@@ -79,8 +74,6 @@ def run_engine_loop(core, receive: Callable[[bool], list], emit: Callable[[Engin
                 out = core.abort_request(cmd.request_id)
                 if out is not None:
                     aborted.append(out)
-            elif isinstance(cmd, AddEndTokens):
-                core.eos_token_ids = core.eos_token_ids | frozenset(cmd.token_ids)
         if aborted:
             emit(EngineStepResult(aborted, core.snapshot_stats()))
         if core.has_work():

@@ -165,15 +165,6 @@ class BlockManager:
                     self._free.move_to_end(b, last=False)  # nothing to keep: hand it out first
         seq.block_ids.clear()
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (e.g. tests, or an operator's flush)."""
-        for h, b in list(self._cached.items()):
-            self.blocks[b].block_hash = None
-        self._cached.clear()
-        for b in self.blocks:
-            if b.ref_count == 0:
-                b.block_hash = None
-
     @property
     def num_cached_blocks(self) -> int:
         return len(self._cached)

@@ -96,8 +96,6 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
         vocab_size=model.vocab_size,
         kv_cache_tokens=capacity,
         kv_bytes_per_token=bytes_per_token,
-        num_blocks=num_blocks,
-        block_size=cfg.block_size,
         eos_token_ids=tuple(sorted(eos)),
     )
     log.info(

@@ -44,9 +44,9 @@ class EngineCore:
         if not request.arrival_time:
             request.arrival_time = time.monotonic()
         sp = request.sampling
-        stop_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_token_ids)
+        end_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_token_ids)
         text = TextStream(self.tokenizer, sp.stop, request.prompt_token_ids)
-        seq = Sequence(request, text, stop_ids)
+        seq = Sequence(request, text, end_ids)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
 
@@ -78,11 +78,11 @@ class EngineCore:
             except Exception as e:  # a failed step fails its requests; a run of them, the engine (async_engine)
                 log.exception("engine step failed; failing its %d requests", sched.num_seqs)
                 self.num_failed_steps += 1
-                return EngineStepResult(self._fail(sched, e), self._stats(sched, 0, t0))
+                return EngineStepResult(self._fail(sched, e), self._stats(sched, 0))
             self.num_failed_steps = 0
             self.scheduler.update_computed(sched)
             outputs = self._postprocess(sched, samplers, sampled, t0)
-        return EngineStepResult(outputs, self._stats(sched, len(sampled), t0))
+        return EngineStepResult(outputs, self._stats(sched, len(sampled)))
 
     def _postprocess(self, sched: SchedulerOutput, samplers: list[Sequence], sampled: list[int],
                      now: float) -> list[RequestOutput]:
@@ -95,7 +95,7 @@ class EngineCore:
                 seq.timings.first_token = time.monotonic()
             seq.token_ids.append(token)
             reason = None
-            if token in seq.stop_token_ids:
+            if token in seq.end_token_ids:
                 seq.text.push_silent(token)  # never detokenized: it ends the answer
                 reason = FinishReason.STOP
             elif seq.text.push(token):
@@ -138,7 +138,7 @@ class EngineCore:
         seqs = list(sched.decodes) + [c.seq for c in sched.prefills]
         return [self._finish(s, FinishReason.CANCELLED, f"engine error: {error}") for s in seqs]
 
-    def _stats(self, sched: SchedulerOutput, num_sampled: int, t0: float) -> SchedulerStats:
+    def _stats(self, sched: SchedulerOutput, num_sampled: int) -> SchedulerStats:
         return SchedulerStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -150,5 +150,4 @@ class EngineCore:
             prefix_cache_hits=sched.prefix_cache_hits,
             num_prompt_tokens=sched.num_prompt_tokens,
             num_generated_tokens=num_sampled,
-            step_seconds=time.monotonic() - t0,
         )

@@ -75,7 +75,6 @@ class Scheduler:
         self.watermark_blocks = int(watermark * block_manager.num_blocks)
         self.waiting = FairQueue()
         self.running: list[Sequence] = []  # oldest first
-        self.num_preemptions_total = 0
 
     # --- queue changes ---
     def add(self, seq: Sequence) -> None:
@@ -195,7 +194,6 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
-        self.num_preemptions_total += 1
         self.waiting.appendleft(seq, take_turn)
 
     def update_computed(self, out: SchedulerOutput) -> None:

@@ -35,13 +35,13 @@ class Sequence:
         "request_id",
         "sampling",
         "status",
-        "stop_token_ids",
+        "end_token_ids",
         "text",
         "timings",
         "token_ids",
     )
 
-    def __init__(self, request: EngineRequest, text: TextStream, stop_token_ids: frozenset[int]) -> None:
+    def __init__(self, request: EngineRequest, text: TextStream, end_token_ids: frozenset[int]) -> None:
         self.request_id = request.request_id
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
@@ -56,7 +56,7 @@ class Sequence:
         self.timings = RequestTimings(arrival=request.arrival_time)
         self.text = text
         self.num_preemptions = 0
-        self.stop_token_ids = stop_token_ids  # end-of-answer tokens (unless ignore_eos) + the request's own
+        self.end_token_ids = end_token_ids  # end-of-answer tokens (unless ignore_eos) + the request's own
 
     @property
     def num_tokens(self) -> int:
@@ -65,14 +65,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "

@@ -148,7 +148,6 @@ class SchedulerStats:
     prefix_cache_hits: int = 0  # of those, found in the cache
     num_prompt_tokens: int = 0  # prompt tokens of requests admitted in this step
     num_generated_tokens: int = 0  # tokens sampled in this step
-    step_seconds: float = 0.0
 
 
 @dataclass(slots=True)
@@ -193,6 +192,4 @@ class ModelInfo:
     vocab_size: int
     kv_cache_tokens: int
     kv_bytes_per_token: int
-    num_blocks: int
-    block_size: int
     eos_token_ids: tuple[int, ...] = field(default=())

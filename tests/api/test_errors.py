@@ -19,7 +19,9 @@ from tests.conftest import RedisServer
 pytestmark = pytest.mark.asyncio(loop_scope="package")
 
 UNKNOWN_ID = "0123456789abcdef0123456789abcdef"
-TINY = pb.SamplingParams(temperature=1e-45).temperature  # 1e-45 as a float32 holds it: 1.4e-45
+# Far below the range, yet a normal float32: a denormal (1e-45) reads as 0 (= off, the default) in a process whose
+# floating point flushes denormals (eoq's CPU kernels are built with -ffast-math, which sets that when loaded).
+TINY = pb.SamplingParams(repetition_penalty=1e-30).repetition_penalty
 
 
 async def num_conversations(stub) -> int:
@@ -41,13 +43,13 @@ async def num_conversations(stub) -> int:
         ({"top_p": -0.1}, "top_p must be in (0, 1] (0 = off), got -0.1"),
         ({"top_k": -1}, "top_k must be >= 0 (0 = off), got -1"),
         ({"repetition_penalty": -1.0}, "repetition_penalty must be in [0.01, 100] (0 = off), got -1.0"),
-        ({"repetition_penalty": 1e-45}, f"repetition_penalty must be in [0.01, 100] (0 = off), got {TINY}"),
+        ({"repetition_penalty": 1e-30}, f"repetition_penalty must be in [0.01, 100] (0 = off), got {TINY}"),
         ({"repetition_penalty": 101}, "repetition_penalty must be in [0.01, 100] (0 = off), got 101.0"),
         ({"max_tokens": 8192}, "max_tokens must be <= 8191, got 8192"),
         ({"stop": [f"s{i}" for i in range(17)]}, "at most 16 stop strings are allowed, got 17"),
         ({"stop": ["ok", ""]}, "stop strings must not be empty"),
     ],
-    ids=["temperature<0", "top_p>1", "top_p<0", "top_k<0", "repetition_penalty<0", "repetition_penalty=1e-45",
+    ids=["temperature<0", "top_p>1", "top_p<0", "top_k<0", "repetition_penalty<0", "repetition_penalty=1e-30",
          "repetition_penalty>100", "max_tokens>limit", "17 stop strings", "empty stop string"],
 )
 async def test_bad_sampling_is_invalid_argument(stub, params: dict, details: str) -> None:

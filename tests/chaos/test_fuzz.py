@@ -77,7 +77,8 @@ def test_chat(stub, conversation_id, message, system_prompt, params) -> None:
     code = status_of(lambda: stub.Chat(request, timeout=60))
     if code is grpc.StatusCode.OK:  # then every value was acceptable
         assert message.strip() and (params.max_tokens <= 16)
-        assert not math.isnan(params.temperature) and params.temperature >= 0
+        # A denormal may read as 0 where the process flushes them (eoq's kernels set that when loaded).
+        assert not math.isnan(params.temperature) and (params.temperature >= 0 or -params.temperature < 1.2e-38)
 
 
 @SWEEP

@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.chat.service import AnswerEvent, Usage
 from eoq.chat.store import Conversation, Role, StoredMessage
-from eoq.engine.types import FinishReason, ModelInfo, SamplingParams
+from eoq.engine.types import MAX_STOP_STRINGS, FinishReason, ModelInfo, SamplingParams
 from eoq.errors import InvalidArgument
 
 FINISH_TO_PB = {
@@ -31,7 +31,7 @@ class SamplingPolicy:
     default_top_p: float = 1.0
     default_top_k: int = 0
     default_repetition_penalty: float = 1.0
-    max_stop_strings: int = 16
+    max_stop_strings: int = MAX_STOP_STRINGS
 
     def sampling_from_pb(self, p: pb.SamplingParams) -> SamplingParams:
         """Fill 0 = default fields and validate; raises ``InvalidArgument`` naming the bad field."""

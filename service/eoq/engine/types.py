@@ -21,6 +21,8 @@ class FinishReason(str, enum.Enum):
     CANCELLED = "cancelled"  # aborted: client cancel, deadline, shutdown
 
 
+DEFAULT_MAX_TOKENS = 512  # a request's max_tokens when it leaves it 0 (the server's --default-max-tokens)
+MAX_STOP_STRINGS = 16  # stop strings a request may send (--max-stop-strings)
 # A positive temperature below this is greedy: dividing logits by it overflows float32 (1e-45 gave inf logits
 # and NaN probabilities), and at 1e-5 sampling is already argmax for any realistic logit gap.
 MIN_TEMPERATURE = 1e-5
@@ -37,7 +39,7 @@ class SamplingParams:
     top_p: float = 1.0  # (0, 1]; 1 = off
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages repeats (HF semantics)
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings, matched on the detokenized text
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens beyond the model's end-of-answer tokens
@@ -48,7 +50,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(
-        self, *, max_tokens_limit: int, max_stop_strings: int = 16, max_stop_length: int = 256
+        self, *, max_tokens_limit: int, max_stop_strings: int = MAX_STOP_STRINGS, max_stop_length: int = 256
     ) -> SamplingParams:
         """Raise ``InvalidArgument`` naming the first bad field; otherwise return the parameters to run with:
         these, except that a temperature in (0, ``MIN_TEMPERATURE``) becomes 0 (greedy). ``repetition_penalty``

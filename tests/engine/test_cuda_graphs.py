@@ -78,9 +78,9 @@ def test_padded_step_logits_match_the_eager_step(tiny_llama):
     out = core.scheduler.schedule()
     assert len(out.decodes) == 3 and not out.prefills
     runner = core.runner
-    ids, pos, meta, rows, _ = runner._prepare(out)
+    step = runner.prepare(out)
     with torch.inference_mode():
-        eager = runner.model(ids, pos, runner.kv_caches, meta, rows)
+        eager = runner.model(step.input_ids, step.positions, runner.kv_caches, step.meta, step.logits_indices)
         padded = runner.graphs.run(DecodeInputs.of(out.decodes, runner.block_size))
     assert runner.graphs.captured == [(4, 4)]  # 3 sequences as 4; 40 + 1 tokens in 3 blocks as 4
     torch.testing.assert_close(padded, eager, rtol=1e-4, atol=1e-4)  # float32 sums in another order

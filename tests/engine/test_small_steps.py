@@ -25,7 +25,8 @@ def decode_step_inputs(core, lengths: list[int]):
         core.step()
     out = core.scheduler.schedule()
     assert len(out.decodes) == len(lengths) and not out.prefills
-    return core.runner._prepare(out)
+    step = core.runner.prepare(out)
+    return step.input_ids, step.positions, step.meta, step.logits_indices
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -35,7 +36,7 @@ def test_one_call_gives_the_layer_by_layer_logits(tiny_llama, dtype, lengths):
     core = int4_core(checkpoint, dtype)
     model, runner = core.runner.model, core.runner
     assert model.small_step_tokens == 4
-    ids, pos, meta, rows, _ = decode_step_inputs(core, lengths)
+    ids, pos, meta, rows = decode_step_inputs(core, lengths)
     calls = []
     fused = model.kernels.llama_layers_int4
     model.kernels.llama_layers_int4 = lambda *a: calls.append(len(a)) or fused(*a)

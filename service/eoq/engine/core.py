@@ -12,7 +12,7 @@ import time
 from transformers import PreTrainedTokenizerBase
 
 from eoq.engine.detokenizer import TextStream
-from eoq.engine.runner import ModelRunner, sampling_sequences
+from eoq.engine.runner import ModelRunner
 from eoq.engine.scheduler import Scheduler, SchedulerOutput
 from eoq.engine.sequence import Sequence
 from eoq.engine.types import (
@@ -70,9 +70,8 @@ class EngineCore:
         t0 = time.monotonic()
         sched = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
-        sampled: list[int] = []
+        sampled: list[tuple[Sequence, int]] = []
         if not sched.is_empty:
-            samplers = sampling_sequences(sched)
             try:
                 sampled = self.runner.execute(sched)
             except Exception as e:  # a failed step fails its requests; a run of them, the engine (async_engine)
@@ -81,16 +80,16 @@ class EngineCore:
                 return EngineStepResult(self._fail(sched, e), self._stats(sched, 0))
             self.num_failed_steps = 0
             self.scheduler.update_computed(sched)
-            outputs = self._postprocess(sched, samplers, sampled, t0)
+            outputs = self._postprocess(sched, sampled, t0)
         return EngineStepResult(outputs, self._stats(sched, len(sampled)))
 
-    def _postprocess(self, sched: SchedulerOutput, samplers: list[Sequence], sampled: list[int],
+    def _postprocess(self, sched: SchedulerOutput, sampled: list[tuple[Sequence, int]],
                      now: float) -> list[RequestOutput]:
         outputs = []
         for seq in [*sched.decodes, *(c.seq for c in sched.prefills)]:
             if seq.timings.first_scheduled is None:
                 seq.timings.first_scheduled = now
-        for seq, token in zip(samplers, sampled):
+        for seq, token in sampled:
             if seq.timings.first_token is None:
                 seq.timings.first_token = time.monotonic()
             seq.token_ids.append(token)

@@ -8,6 +8,7 @@ results.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,17 @@ from eoq.engine.scheduler import SchedulerOutput
 from eoq.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """The model's inputs for one step, and the sequences whose rows of logits it samples (in that order)."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # (S,) int64
+    sampling: list[Sequence]  # (S,)
 
 
 class ModelRunner:
@@ -50,15 +62,17 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int]:
-        """Run one step. Returns the sampled token of each sequence that samples, in the order of
-        ``sampling_sequences(out)``."""
-        logits = self._run_graph(out)
+    def execute(self, out: SchedulerOutput) -> list[tuple[Sequence, int]]:
+        """Run one step. Returns each sampling sequence with its sampled token."""
+        decodes = DecodeInputs.of(out.decodes, self.block_size) if out.decodes else None
+        logits = self._run_graph(out, decodes)
         if logits is not None:
             sampling = list(out.decodes)
         else:
-            input_ids, positions, meta, logits_indices, sampling = self._prepare(out)
-            logits = self.model(input_ids, positions, self.kv_caches, meta, logits_indices)  # (S, V)
+            step = self._prepare(out, decodes)
+            sampling = step.sampling
+            logits = self.model(step.input_ids, step.positions, self.kv_caches, step.meta,
+                                step.logits_indices)  # (S, V)
         if not sampling:
             return []
         batch = SamplingBatch.build(
@@ -67,18 +81,17 @@ class ModelRunner:
             [self._generator(s) for s in sampling],
             self.device,
         )
-        return self.sampler(logits, batch).tolist()
+        return list(zip(sampling, self.sampler(logits, batch).tolist()))
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (its generator) once the request has ended."""
         self._generators.pop(request_id, None)
 
-    def _run_graph(self, out: SchedulerOutput) -> torch.Tensor | None:
+    def _run_graph(self, out: SchedulerOutput, inputs: DecodeInputs | None) -> torch.Tensor | None:
         """The logits of a decode-only step replayed from a graph, or None when the step has prefill chunks or a
         shape beyond the graphs'. A graph that fails to capture turns graphs off (logged); the step runs eagerly."""
-        if self.graphs is None or out.prefills or not out.decodes:
+        if self.graphs is None or out.prefills or inputs is None:
             return None
-        inputs = DecodeInputs.of(out.decodes, self.block_size)
         if not self.graphs.fits(len(out.decodes), inputs.width):
             return None
         try:
@@ -99,7 +112,12 @@ class ModelRunner:
             self._generators[seq.request_id] = g
         return g
 
-    def _prepare(self, out: SchedulerOutput):
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        """The inputs an eager step of ``out`` runs the model on (tests compare paths with them)."""
+        return self._prepare(out, DecodeInputs.of(out.decodes, self.block_size) if out.decodes else None)
+
+    def _prepare(self, out: SchedulerOutput, dec: DecodeInputs | None) -> StepInputs:
+        """The eager step's inputs: decodes first (``dec``, built once a step), then the prefill chunks."""
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -111,7 +129,7 @@ class ModelRunner:
         decode_blocks = decode_bias = lens = None
         ctx_lens: list[int] = []
         if D:
-            dec = DecodeInputs.of(out.decodes, bs)
+            assert dec is not None
             ids.extend(dec.token_ids)
             pos.extend(dec.positions)
             slots.extend(dec.slots)
@@ -155,15 +173,10 @@ class ModelRunner:
             decode_kernel=self.decode_kernel if D else None,
             decode_lens=lens,
         )
-        return (
+        return StepInputs(
             torch.tensor(ids, dtype=torch.int64, device=dev),
             torch.tensor(pos, dtype=torch.int64, device=dev),
             meta,
             torch.tensor(logits_indices, dtype=torch.int64, device=dev),
             sampling,
         )
-
-
-def sampling_sequences(out: SchedulerOutput) -> list[Sequence]:
-    """The sequences that sample this step, in the order ``ModelRunner.execute`` returns their tokens."""
-    return list(out.decodes) + [c.seq for c in out.prefills if c.samples]

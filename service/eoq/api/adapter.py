@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -10,6 +10,7 @@ from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.chat.service import AnswerEvent, Usage
 from eoq.chat.store import Conversation, Role, StoredMessage
 from eoq.engine.types import MAX_STOP_STRINGS, FinishReason, ModelInfo, SamplingParams
+from eoq.config import Settings
 from eoq.errors import InvalidArgument
 
 FINISH_TO_PB = {
@@ -32,6 +33,14 @@ class SamplingPolicy:
     default_top_k: int = 0
     default_repetition_penalty: float = 1.0
     max_stop_strings: int = MAX_STOP_STRINGS
+
+    @classmethod
+    def from_settings(cls, settings: Settings, max_tokens_limit: int) -> SamplingPolicy:
+        """The policy of ``settings``' sampling defaults and limits: every field of this class that is a setting
+        (``default_*``, ``max_stop_strings``), by name; ``max_tokens_limit`` as the server resolved it."""
+        shared = {f.name: getattr(settings, f.name) for f in fields(cls) if f.name in Settings.model_fields}
+        shared.pop("max_tokens_limit", None)  # the setting may be unset (None = the context window)
+        return cls(max_tokens_limit=max_tokens_limit, **shared)
 
     def sampling_from_pb(self, p: pb.SamplingParams) -> SamplingParams:
         """Fill 0 = default fields and validate; raises ``InvalidArgument`` naming the bad field."""

@@ -148,15 +148,7 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         raise ConfigError(f"--max-tokens-limit {limit} must be below the context window ({info.context_length})")
     if settings.default_max_tokens > limit:
         raise ConfigError(f"--default-max-tokens {settings.default_max_tokens} is above the max_tokens limit {limit}")
-    policy = SamplingPolicy(
-        default_max_tokens=settings.default_max_tokens,
-        max_tokens_limit=limit,
-        default_temperature=settings.default_temperature,
-        default_top_p=settings.default_top_p,
-        default_top_k=settings.default_top_k,
-        default_repetition_penalty=settings.default_repetition_penalty,
-        max_stop_strings=settings.max_stop_strings,
-    )
+    policy = SamplingPolicy.from_settings(settings, limit)
     store = make_store(settings, metrics)
     log.info("conversations: %s", store.description)
     try:

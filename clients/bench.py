@@ -1,4 +1,4 @@
-"""``eoq bench``: the benchmark workloads of ``shared/bench/workloads.md`` against one target or several.
+"""``eoq bench``: the benchmark workloads (``clients/WORKLOADS.md``) against one target or several.
 
 Targets: ``server`` (an eoq server over gRPC, the default), ``inprocess`` (eoq's engine in this process, no
 gRPC), ``transformers`` (the baseline: ``generate`` in float32) and ``llamacpp`` (llama-cpp-python, if

@@ -353,3 +353,30 @@ def test_bfloat16_without_onednn_runs_an_exact_low_bit_copy_in_float32_panels(ke
         assert out.dtype == torch.bfloat16
         ref = F.linear(x.double(), weight.double())  # the checkpoint's values, the rounded input
         torch.testing.assert_close(out.double(), ref.bfloat16().double(), atol=1e-3, rtol=8e-3)
+
+
+def test_an_untied_bfloat16_head_holds_its_weight_once(monkeypatch) -> None:
+    """A head tied to the embedding may be packed for oneDNN (the embedding keeps the plain weight anyway); an
+    untied one is not packed — it keeps one copy, the one its float32 recomputation reads — and gives the same
+    logits."""
+    from eoq.engine.model import linear
+
+    monkeypatch.setattr(linear, "_onednn_packing_available", lambda: True)
+    gen = torch.Generator().manual_seed(10)
+    weight, x, _, hi = _near_tie_head(gen)
+    embedding = torch.nn.Embedding(OUT, IN)
+    with torch.no_grad():
+        embedding.weight.copy_(weight)
+    untied, tied = linear.LMHead(IN, OUT, bias=False), linear.LMHead(IN, OUT, bias=False)
+    with torch.no_grad():
+        untied.weight.copy_(weight)
+    tied.tie(embedding)
+    for head in (untied, tied):
+        head.to(torch.bfloat16)
+        embedding.to(torch.bfloat16)
+        head.prepare(torch.bfloat16, kernels=None)
+    assert untied._packed is None and untied.weight.numel() == OUT * IN
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert tied._packed is not None and tied._rows.data_ptr() == embedding.weight.data_ptr()
+    xs = x.expand(4, IN).contiguous()
+    assert untied(xs).argmax(-1).tolist() == tied(xs).argmax(-1).tolist() == [hi] * 4

@@ -103,6 +103,6 @@ class GPT2Decoder(DecoderModel):
         copy_into(self.ln_f.weight, take(state, "ln_f.weight"), "ln_f.weight")
         copy_into(self.ln_f.bias, take(state, "ln_f.bias"), "ln_f.bias")
         state.pop("lm_head.weight", None)  # GPT-2 ties the head to the token embedding
-        self.lm_head.weight = self.wte.weight
+        self.lm_head.tie(self.wte)
         if state:
             raise KeyError(f"checkpoint has tensors this GPT-2 decoder does not use: {list(state)[:5]}")

@@ -69,6 +69,7 @@ class Linear(nn.Module):
         self._int8_scales: torch.Tensor | None = None  # (out, in / group) float32
         self.int8_max_tokens = -1
         self._kernels: CpuKernels | None = None
+        self.pack_for_onednn = True  # a bfloat16 weight is re-laid out for oneDNN (dropping the plain one)
 
     def quantize(self, mode: str) -> str | None:
         """Keep a low-bit copy of the (float32, CPU) weight for small steps. ``auto``: a 4-bit copy if it
@@ -168,7 +169,8 @@ class Linear(nn.Module):
         elif usable and w.dtype == torch.float32:
             self._panels = pack_gemm_weight(w.data)
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)  # as below
-        elif w.device.type == "cpu" and w.dtype == torch.bfloat16 and _onednn_packing_available():
+        elif (w.device.type == "cpu" and w.dtype == torch.bfloat16 and self.pack_for_onednn
+              and _onednn_packing_available()):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)
             # The packed copy is the weight now: keep one copy in memory (a tied embedding keeps its own).
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
@@ -208,16 +210,24 @@ class LMHead(Linear):
       float32's (the true largest logit is within one bfloat16 step of the rounded largest), at ~0.1 ms a row
       of the default model's 49152 on a CPU; the rest keep the matmul's rounding, far below any temperature's
       effect. Shapes are static (CUDA graphs can hold it).
-    The head keeps a reference to its 16-bit weight for that (a tied head's is the embedding's: no copy)."""
+    The head keeps its 16-bit weight for that: a tied head's is the embedding's (no copy), so it may also be
+    packed for oneDNN; an untied one is not packed (that would hold the weight twice) and runs F.linear."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias)
         self._dtype = torch.float32
         self._rows: torch.Tensor | None = None  # (out, in) the 16-bit weight, for the recomputed logits
+        self.tied = False
+
+    def tie(self, embedding: nn.Embedding) -> None:
+        """Share the token embedding's weight (one tensor, not a copy)."""
+        self.weight = embedding.weight
+        self.tied = True
 
     def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
         if dtype != torch.float32 and self.weight.numel():
             self._rows = self.weight.data
+            self.pack_for_onednn = self.tied
         self._dtype = dtype
         super().prepare(dtype, max_tokens, kernels)
 

@@ -222,7 +222,7 @@ class LlamaDecoder(DecoderModel):
         copy_into(self.norm.weight, take(state, "norm.weight"), "norm.weight")
         head = state.pop("lm_head.weight", None)
         if head is None or self.tie_embeddings:
-            self.lm_head.weight = self.embed.weight  # tied: one tensor, not a copy
+            self.lm_head.tie(self.embed)
         else:
             copy_into(self.lm_head.weight, head, "lm_head.weight")
         state.pop("rotary_emb.inv_freq", None)

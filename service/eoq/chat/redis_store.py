@@ -114,12 +114,13 @@ redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return {redis.call('HGETALL', KEYS[1]), messages}
 """
 
-# KEYS: hash, messages, index. ARGV: tenant, id, updated_at, ttl ms, user json, assistant json,
+# KEYS: hash, messages, index, lock. ARGV: tenant, id, updated_at, ttl ms, user json, assistant json,
 # '1' to replace the system prompt, system prompt, turn token, the turn's text bytes, the new system prompt's
-# bytes, its preview, most messages, most bytes.
-# -> false (gone), {'full', the bytes the turn would add, hash fields} (refused: nothing written but a missing
-# num_bytes), or the hash fields after the turn. A turn whose token is already the last one was stored by an
-# attempt whose reply was lost: not again. The limit check is check_room's rule (eoq.chat.store).
+# bytes, its preview, most messages, most bytes, the lease's token ('' = no lease to check).
+# -> false (gone), {'lost'} (the lock is no longer the lease's: nothing written), {'full', the bytes the turn
+# would add, hash fields} (refused: nothing written but a missing num_bytes), or the hash fields after the turn.
+# A turn whose token is already the last one was stored by an earlier attempt (a retry whose reply was lost, or
+# the final save a cancel raced): not again. The limit check is check_room's rule (eoq.chat.store).
 _APPEND_TURN = _DROP_IF_TORN + """
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return false end
 if redis.call('HGET', KEYS[1], 'last_turn') == ARGV[9] then return redis.call('HGETALL', KEYS[1]) end

@@ -93,7 +93,8 @@ class AsyncEngine:
     """Requests in, streams of ``RequestOutput`` out. All methods are called on the event loop.
 
     ``max_restarts`` deaths within ``restart_window_seconds`` are restarted from (see the module docstring); one
-    more and the engine gives up. ``on_state`` listeners hear every ``EngineState`` change, on the event loop."""
+    more and the engine gives up. ``add_state_listener``'s listeners hear every ``EngineState`` change, on the
+    event loop."""
 
     def __init__(self, cfg: EngineConfig, mode: str = "process", max_queue_size: int = 256,
                  observer: EngineObserver | None = None, max_restarts: int = 3,
@@ -108,7 +109,6 @@ class AsyncEngine:
         # Running + waiting requests of one tenant (None: only the server's limit), so one cannot take every place.
         self.max_requests_per_tenant = max_requests_per_tenant
         self._admitted: collections.Counter[str] = collections.Counter()  # tenant -> requests holding a place
-        self._num_admitted = 0
         self._mean_request_seconds = 1.0  # a moving average of finished requests' durations (retry estimates)
         self.restart_window_seconds = restart_window_seconds
         self.info: ModelInfo | None = None
@@ -195,23 +195,27 @@ class AsyncEngine:
     def retry_after_seconds(self) -> float:
         """When a place is likely to free up: the requests ahead of a new one, each batch place turning over
         once per average request duration."""
-        ahead = max(0, self._num_admitted - self.cfg.max_num_seqs) + 1
+        ahead = max(0, self._admitted.total() - self.cfg.max_num_seqs) + 1
         return min(30.0, max(0.05, self._mean_request_seconds * ahead / self.cfg.max_num_seqs))
 
     def check_admission(self, tenant: str = "") -> None:
         """Raise ``Unavailable`` while the engine is not serving, ``Overloaded`` (RESOURCE_EXHAUSTED) when the
         server or ``tenant`` has no place left. Costs no tokenization and no store work: call it first."""
-        if self.state is not EngineState.SERVING or self._backend is None:
-            raise Unavailable(f"the engine is {self.state.value}; retry shortly")
-        if self._num_admitted >= self.capacity:
+        self._check_serving()
+        admitted = self._admitted.total()
+        if admitted >= self.capacity:
             self._rejected("server_full")
-            raise Overloaded(f"the server is full: {self._num_admitted} requests running or waiting (limit "
+            raise Overloaded(f"the server is full: {admitted} requests running or waiting (limit "
                              f"{self.capacity}); retry later", self.retry_after_seconds())
         limit = self.max_requests_per_tenant
         if limit is not None and self._admitted[tenant] >= limit:
             self._rejected("tenant_limit")
             raise Overloaded(f"too many requests of this tenant at once: {self._admitted[tenant]} running or waiting "
                              f"(limit {limit} per tenant); retry later", self.retry_after_seconds())
+
+    def _check_serving(self) -> None:
+        if self.state is not EngineState.SERVING or self._backend is None:
+            raise Unavailable(f"the engine is {self.state.value}; retry shortly")
 
     def _rejected(self, reason: str) -> None:
         if self.observer is not None:
@@ -224,11 +228,9 @@ class AsyncEngine:
         ``generate`` inside the block uses this place; outside one it takes its own."""
         self.check_admission(tenant)
         self._admitted[tenant] += 1
-        self._num_admitted += 1
         try:
             yield
         finally:
-            self._num_admitted -= 1
             self._admitted[tenant] -= 1
             if not self._admitted[tenant]:
                 del self._admitted[tenant]
@@ -243,8 +245,7 @@ class AsyncEngine:
                     async for out in stream:
                         yield out
             return
-        if self.state is not EngineState.SERVING or self._backend is None:
-            raise Unavailable(f"the engine is {self.state.value}; retry shortly")
+        self._check_serving()  # again: the engine may have died since the caller's admission
         self.check_request(len(request.prompt_token_ids), request.sampling.max_tokens)
         assert self.info is not None
         vocab = self.info.vocab_size
@@ -331,27 +332,32 @@ class AsyncEngine:
             q.put_nowait(EngineRestarted("the engine restarted; retry"))
         self._streams.clear()
         self.last_stats = SchedulerStats()
+        if not self._count_death():
+            return
+        self._set_state(EngineState.RESTARTING)
+        self._restarter = asyncio.get_running_loop().create_task(self._restart())
+
+    def _count_death(self) -> bool:
+        """Count a death (a failed restart counts as one) in the window; give up past the budget. Returns whether
+        another start is allowed."""
         now = time.monotonic()
         self._deaths.append(now)
         while self._deaths and self._deaths[0] < now - self.restart_window_seconds:
             self._deaths.popleft()
-        if len(self._deaths) > self.max_restarts:
-            log.error("the engine died %d times in %.0f s (limit %d restarts): giving up", len(self._deaths),
-                      self.restart_window_seconds, self.max_restarts)
-            self._give_up()
-            return
-        self._set_state(EngineState.RESTARTING)
-        self._restarter = asyncio.get_running_loop().create_task(self._restart(len(self._deaths)))
-
-    def _give_up(self) -> None:
+        if len(self._deaths) <= self.max_restarts:
+            return True
+        log.error("the engine died %d times in %.0f s (limit %d restarts): giving up", len(self._deaths),
+                  self.restart_window_seconds, self.max_restarts)
         self._set_state(EngineState.FAILED)
         self._failed.set()
+        return False
 
-    async def _restart(self, attempt: int) -> None:
+    async def _restart(self) -> None:
         old = self._backend
         if old is not None:
             await asyncio.to_thread(old.stop, 1.0)  # whatever is left of it (kills a hung process)
         while True:
+            attempt = len(self._deaths)  # this window's deaths: the n-th restart waits the n-th backoff
             delay = RESTART_BACKOFF_SECONDS[min(attempt, len(RESTART_BACKOFF_SECONDS)) - 1]
             log.warning("restarting the engine in %.1f s (restart %d of at most %d in %.0f s)", delay, attempt,
                         self.max_restarts, self.restart_window_seconds)
@@ -363,10 +369,7 @@ class AsyncEngine:
                 backend, info = await self._start_backend()
             except Exception as e:  # ConfigError from a failed load, or anything else: another attempt, or give up
                 log.error("the engine failed to restart: %s", e)
-                self._deaths.append(time.monotonic())
-                attempt += 1
-                if attempt > self.max_restarts:
-                    self._give_up()
+                if not self._count_death():
                     return
                 continue
             if self.state is not EngineState.RESTARTING:

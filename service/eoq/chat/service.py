@@ -98,10 +98,10 @@ class _TurnWrite:
 @dataclass(frozen=True, slots=True)
 class ChatLimits:
     """Sizes checked in characters before any tokenization (a 4 MB message is refused at once, not after seconds
-    of tokenizing it)."""
+    of tokenizing it); the settings ``max_message_chars`` and ``max_system_prompt_chars`` hold their defaults."""
 
-    max_message_chars: int = 200_000
-    max_system_prompt_chars: int = 50_000
+    max_message_chars: int
+    max_system_prompt_chars: int
 
     def check(self, message: str, system_prompt: str = "", what: str = "the message") -> None:
         if len(message) > self.max_message_chars:
@@ -117,11 +117,11 @@ class ChatService:
     loop: a big message or a long history never stalls other streams or the health check."""
 
     def __init__(self, engine: AsyncEngine, store: ConversationStore, prompts: PromptBuilder,
-                 limits: ChatLimits | None = None) -> None:
+                 limits: ChatLimits) -> None:
         self.engine = engine
         self.store = store
         self.prompts = prompts
-        self.limits = limits or ChatLimits()
+        self.limits = limits
         assert engine.info is not None
         self.context_length = engine.info.context_length
         self.vocab_size = engine.info.vocab_size

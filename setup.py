@@ -50,6 +50,7 @@ def generate_stubs() -> None:
 # Every build (wheel, editable, sdist) regenerates the stubs first: setuptools checks package folders early.
 generate_stubs()
 STUB_PACKAGES = ["eoq._proto", "eoq._proto.chat", "eoq._proto.chat.v1"]
-packages = sorted(set(find_packages(str(OUT_DIR), include=["eoq", "eoq.*"])) | set(STUB_PACKAGES)) + ["eoq_clients"]
+packages = sorted(set(find_packages(str(OUT_DIR), include=["eoq", "eoq.*"])) | set(STUB_PACKAGES))
+packages += ["eoq_clients"] + ["eoq_clients." + p for p in find_packages(str(ROOT / "clients"))]  # bench, ...
 
 setup(packages=packages)

@@ -1,13 +1,15 @@
 """The ``eoq`` command: serve, chat, bench, soak, prepare, health.
 
 ``eoq serve`` takes a flag for every setting (``--kv-cache-memory-gb``, ...); each is also the environment
-variable ``EOQ_<NAME>``. ``eoq chat`` and ``eoq bench`` are the sample clients in ``clients/``.
+variable ``EOQ_<NAME>``. ``eoq chat``, ``eoq bench`` and ``eoq soak`` are the sample clients in ``clients/``
+(``eoq_clients``), registered from its ``COMMANDS`` table and imported only when they are the command parsed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import sys
 import types
@@ -93,9 +95,37 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+class _LazySubcommands(argparse._SubParsersAction):
+    """Subcommands registered by name, whose module's ``add_parser(sub)`` runs only once that subcommand is the one
+    parsed, or when the top-level help lists every subcommand: ``eoq serve`` does not import the clients."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._modules: dict[str, str] = {}  # subcommand -> module not imported yet
+
+    def add_lazy(self, name: str, module: str) -> None:
+        self.add_parser(name)  # a placeholder, so that the name is a valid choice
+        self._modules[name] = module
+
+    def _load(self, name: str) -> None:
+        module = self._modules.pop(name, None)
+        if module is not None:
+            del self._name_parser_map[name]  # the module registers the real parser under the same name
+            importlib.import_module(module).add_parser(self)
+
+    def _get_subactions(self):  # what the help formatter lists
+        for name in list(self._modules):
+            self._load(name)
+        return super()._get_subactions()
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        self._load(values[0])
+        super().__call__(parser, namespace, values, option_string)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eoq", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, action=_LazySubcommands)
 
     serve = sub.add_parser("serve", help="run the gRPC server (flags or EOQ_* environment variables)")
     add_settings_flags(serve)
@@ -111,14 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(func=cmd_health)
 
-    from eoq_clients import bench, chat, soak
+    from eoq_clients import COMMANDS
     from eoq_clients.common import add_tls_flags
 
     add_tls_flags(health)
 
-    chat.add_parser(sub)
-    bench.add_parser(sub)
-    soak.add_parser(sub)
+    for name, module in COMMANDS.items():
+        sub.add_lazy(name, module)
     return parser
 
 

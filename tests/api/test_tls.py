@@ -253,7 +253,7 @@ async def test_eoq_chat_over_tls(tls_server: RunningServer, pki: Pki) -> None:
 
 
 async def test_bench_server_target_over_mtls(mtls_server: RunningServer, pki: Pki) -> None:
-    from eoq_clients.targets import ServerTarget
+    from eoq_clients.bench.targets import ServerTarget
 
     security = TransportSecurity(ca_file=pki.ca, client_cert_file=pki.client_cert, client_key_file=pki.client_key)
     target = ServerTarget(f"127.0.0.1:{mtls_server.port}", None, security=security)

@@ -87,7 +87,7 @@ def evaluate(checkpoint, reference: list[list[int]], march: str = "native") -> d
     result = {"isa": torch.backends.cpu.get_cpu_capability(), "transformers_answers": hf_answers, "paths": {}}
     for cpu_kernels in (True, False):
         core = _core(checkpoint, "bfloat16", cpu_kernels, march)
-        kernels = core.runner.model.kernels
+        kernels = core.runner.model.ops.kernels
         agree = total = 0
         for p, ref in zip(all_prompts, reference):
             predicted = _all_logits(core, p + ref)[len(p) - 1 : -1].argmax(-1).tolist()

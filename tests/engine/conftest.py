@@ -135,7 +135,8 @@ def _kernel_builds() -> list[str]:
 @pytest.fixture(scope="session", params=_kernel_builds())
 def cpu_kernels_lib(request, tmp_path_factory):
     """eoq's CPU kernels, built once a session into a temporary folder for each ``-march`` of _kernel_builds."""
-    from eoq.engine.model.kernels import CpuKernels, build
+    from eoq.engine.model.kernels.bindings import CpuKernels
+    from eoq.engine.model.kernels.build import build
 
     lib = CpuKernels(build(tmp_path_factory.mktemp("kernels"), march=request.param))
     expected = {"x86-64-v3": "avx2", "x86-64": "generic"}.get(request.param)

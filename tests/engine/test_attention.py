@@ -1,6 +1,6 @@
 """Decode attention over the paged KV cache equals plain attention over each sequence's tokens, on every path
-(eoq's C++ kernel; one SDPA per sequence, one masked SDPA over the gathered blocks, batched matmuls), with
-grouped-query heads, in float32 and bfloat16."""
+(eoq's C++ kernel; one SDPA per sequence, one masked SDPA over the gathered blocks, batched matmuls; the padded
+steps of CUDA graphs), with grouped-query heads, in float32 and bfloat16."""
 
 from __future__ import annotations
 
@@ -9,8 +9,18 @@ import math
 import pytest
 import torch
 
-from eoq.engine.model import attention
+from eoq.engine.model import decode_attention as attention
 from eoq.engine.model.attention import AttentionMetadata, paged_attention
+from eoq.engine.model.decode_attention import (
+    BatchedMatmul,
+    DecodeBackend,
+    GatheredSDPA,
+    KernelDecode,
+    PaddedDecode,
+    PagedKernel,
+    PerSequenceSDPA,
+    TorchDecode,
+)
 
 NKV, GROUP, HD, BS, NUM_BLOCKS = 2, 3, 16, 4, 400
 
@@ -34,16 +44,35 @@ DECODE_COUNTS = sorted({1, attention.SMALL_DECODE_BATCH, attention.SMALL_DECODE_
 
 
 @pytest.mark.parametrize("num_decodes", DECODE_COUNTS)
-def test_decode_attention_kernel_equals_plain_attention(num_decodes: int, kernel) -> None:
-    _check_decode_attention(num_decodes, kernel)
+def test_decode_attention_kernel_equals_plain_attention(num_decodes: int, cpu_kernels_lib) -> None:
+    _check_decode_attention(num_decodes, KernelDecode(cpu_kernels_lib))
 
 
 @pytest.mark.parametrize("num_decodes", DECODE_COUNTS)
 def test_decode_attention_in_torch_equals_plain_attention(num_decodes: int) -> None:
-    _check_decode_attention(num_decodes, None)
+    _check_decode_attention(num_decodes, TorchDecode(BS, torch.float32))
 
 
-def _check_decode_attention(num_decodes: int, kernel) -> None:
+@pytest.mark.parametrize("num_decodes", DECODE_COUNTS)
+def test_padded_decode_attention_equals_plain_attention(num_decodes: int) -> None:
+    _check_decode_attention(num_decodes, PaddedDecode(BS, torch.float32))
+
+
+def test_each_backend_picks_its_strategy_once_a_step(cpu_kernels_lib) -> None:
+    """The kernel for every step; in torch one SDPA per sequence for a few, the gathered blocks for more (SDPA,
+    then batched matmuls); padded steps always the gathered blocks."""
+    def strategy(backend: DecodeBackend, d: int) -> type:
+        return type(backend.plan(torch.zeros(d, dtype=torch.int64), torch.ones(d, dtype=torch.int64), [1] * d))
+
+    small, mid = attention.SMALL_DECODE_BATCH, attention.MID_DECODE_BATCH
+    assert strategy(KernelDecode(cpu_kernels_lib), 1) is PagedKernel
+    torch_backend, padded = TorchDecode(BS, torch.float32), PaddedDecode(BS, torch.float32)
+    assert [strategy(torch_backend, d) for d in (1, small, small + 1, mid, mid + 1)] == [
+        PerSequenceSDPA, PerSequenceSDPA, GatheredSDPA, GatheredSDPA, BatchedMatmul]
+    assert [strategy(padded, d) for d in (1, mid, mid + 1)] == [GatheredSDPA, GatheredSDPA, BatchedMatmul]
+
+
+def _check_decode_attention(num_decodes: int, backend: DecodeBackend) -> None:
     gen = torch.Generator().manual_seed(num_decodes)
     D = num_decodes
     k_cache = torch.randn(NKV, NUM_BLOCKS, BS, HD, generator=gen)
@@ -60,16 +89,10 @@ def _check_decode_attention(num_decodes: int, kernel) -> None:
     k_new = torch.randn(D, NKV, HD, generator=gen)
     v_new = torch.randn(D, NKV, HD, generator=gen)
     slots = [tables[i][(n - 1) // BS] * BS + (n - 1) % BS for i, n in enumerate(lengths)]
-    pad = torch.arange(width * BS).unsqueeze(0) >= torch.tensor(lengths).unsqueeze(1)  # (D, L)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots),
-        num_decodes=D,
-        decode_blocks=torch.tensor([b for t in tables for b in t + [0] * (width - len(t))]),
-        decode_bias=torch.zeros(D, width * BS).masked_fill_(pad, float("-inf")).view(1, D, 1, width * BS),
-        decode_context_lens=lengths,
-    )
-    if kernel is not None:
-        meta.decode_kernel, meta.decode_lens = kernel, torch.tensor(lengths)
+    blocks = torch.tensor([b for t in tables for b in t + [0] * (width - len(t))])
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slots),
+                             decode=backend.plan(blocks, torch.tensor(lengths), lengths))
+    assert meta.num_decodes == D
 
     out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta).view(D, NKV * GROUP, HD)
 

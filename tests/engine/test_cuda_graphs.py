@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from eoq.engine.builder import build_engine_core
-from eoq.engine.cuda_graphs import DecodeInputs, batch_buckets, width_bucket
+from eoq.engine.cuda_graphs import batch_buckets, width_bucket
+from eoq.engine.step_inputs import DecodeInputs
 from eoq.engine.types import EngineConfig, EngineRequest, SamplingParams
 from eoq.errors import ConfigError
 

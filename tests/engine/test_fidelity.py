@@ -94,7 +94,7 @@ def check_decode_logits_and_greedy(core, hf_model, prompt: list[int], steps: int
 def test_tiny_model_matches_transformers(family, cpu_kernels, tiny_llama, tiny_gpt2):
     checkpoint, hf_model = tiny_llama if family == "llama" else tiny_gpt2
     core = make_core(checkpoint, cpu_kernels=cpu_kernels)
-    assert (core.runner.model.kernels is not None) == cpu_kernels
+    assert (core.runner.model.ops.kernels is not None) == cpu_kernels
     prompt = prompt_ids(37)
     check_prefill_logits(core, hf_model, prompt)
     check_decode_logits_and_greedy(core, hf_model, prompt, steps=32)
@@ -126,8 +126,8 @@ def test_default_model_matches_transformers(default_checkpoint):
     # Its layers' weights are Q4_1 in the GGUF: every layer matmul has its 4-bit copy; the embedding, which is
     # also the LM head, is Q8_0: it has an 8-bit copy. The decode steps below (one token) run on them.
     linears = list(core.runner.model.linears())
-    assert sum(lin._int4 is not None for lin in linears) == len(linears) - 1
-    assert core.runner.model.lm_head._int4 is None and core.runner.model.lm_head._int8 is not None
+    assert sum(lin.int4 is not None for lin in linears) == len(linears) - 1
+    assert core.runner.model.lm_head.int4 is None and core.runner.model.lm_head.int8 is not None
     assert core.runner.model.small_step_tokens == 4  # one-token steps run all layers in one call
     prompts = PromptBuilder(load_tokenizer(default_checkpoint.path))
     prompt = prompts.render(None, [ChatMessage("user", "What is the capital of France?")])

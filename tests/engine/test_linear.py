@@ -9,8 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eoq.engine.model.kernels import CpuKernels, pack_gemm_weight
-from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, INT8_GROUP, INT8_MAX_TOKENS, Linear, RMSNorm
+from eoq.engine.model.kernels.bindings import CpuKernels
+from eoq.engine.model.kernels.formats import pack_gemm_weight
+from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, INT8_GROUP, INT8_MAX_TOKENS, Linear
+from eoq.engine.model.norms import RMSNorm
+from eoq.engine.model.ops import select_ops
 
 IN, OUT = 4 * INT4_GROUP, 48
 
@@ -115,7 +118,7 @@ def test_rms_norm_adds_the_residual_in_place_then_normalizes(kernels, rows, dtyp
         norm = RMSNorm(dim, eps)
         with torch.no_grad():
             norm.weight.copy_(weight)
-        norm.prepare(dtype, kernels if use_kernels else None)
+        norm.prepare(dtype, select_ops(kernels if use_kernels else None))
         x = x0.clone()
         out = norm(x, delta)
         assert out.dtype == dtype and out.shape == (rows, dim)
@@ -160,7 +163,7 @@ def test_a_low_bit_copy_is_dropped_without_the_cpu_kernels(grid: str) -> None:
     lin = _linear(_on_grid(gen) if grid == "int4" else _on_int8_grid(gen))
     assert lin.quantize("auto") == grid
     lin.prepare(torch.float32, max_tokens=4, kernels=None)
-    assert lin._int4 is None and lin._int8 is None and lin.quantized_bytes() == 0
+    assert lin.int4 is None and lin.int8 is None and lin.quantized_bytes() == 0
     x = torch.randn(1, IN)
     assert torch.equal(lin(x), F.linear(x, lin.weight))
 
@@ -172,7 +175,7 @@ def test_packed_float32_kernel_equals_linear_for_any_rows(kernels, out_f: int, i
     bias = torch.randn(out_f, generator=gen)
     lin = _linear(weight, bias)
     lin.prepare(torch.float32, kernels=kernels)
-    assert lin._panels is not None and lin.weight.numel() == 0  # the packed copy replaced the weight
+    assert lin.float32_panels is not None and lin.weight.numel() == 0  # the packed copy replaced the weight
     for rows in (0, 1, 3, 8, 9, 13, 64, 65, 130):  # tiles of 8 rows, chunks of 64, remainders
         x = torch.randn(rows, in_f, generator=gen)
         out = lin(x)
@@ -189,7 +192,7 @@ def test_bfloat16_weights_are_not_packed_for_the_float32_kernel(kernels) -> None
     weight = torch.randn(OUT, IN)
     lin = _linear(weight).to(torch.bfloat16)
     lin.prepare(torch.bfloat16, kernels=kernels)
-    assert lin._panels is None
+    assert lin.float32_panels is None
     x = torch.randn(3, IN).bfloat16()
     torch.testing.assert_close(lin(x).float(), F.linear(x, weight.bfloat16()).float(), atol=2e-2, rtol=2e-2)
 
@@ -235,8 +238,8 @@ def test_an_exact_low_bit_copy_runs_every_step_in_float32_in_place_of_the_weight
     lin = _linear(weight, b)
     assert lin.quantize("auto") == grid
     lin.prepare(torch.float32, max_tokens=2, kernels=kernels)
-    assert lin._lowbit_panels is not None and lin._lowbit_panels.bits == (4 if grid == "int4" else 8)
-    assert lin.weight.numel() == 0 and lin._panels is None
+    assert lin.lowbit_panels is not None and lin.lowbit_panels.bits == (4 if grid == "int4" else 8)
+    assert lin.weight.numel() == 0 and lin.float32_panels is None
     for rows in (0, 1, 3, 8, 9, 70):  # the row kernels, then the panel kernel's tiles and chunks
         x = torch.randn(rows, IN, generator=gen)
         ref = F.linear(x.double(), weight.double(), b.double()).float()
@@ -250,7 +253,7 @@ def test_a_rounded_4bit_copy_leaves_big_steps_to_the_original_weight(kernels) ->
     lin = _linear(weight)
     assert lin.quantize("int4") == "int4"
     lin.prepare(torch.float32, max_tokens=2, kernels=kernels)
-    assert lin._lowbit_panels is None and lin._panels is not None
+    assert lin.lowbit_panels is None and lin.float32_panels is not None
     x = torch.randn(9, IN, generator=gen)
     torch.testing.assert_close(lin(x), F.linear(x, weight), atol=1e-4, rtol=1e-5)
 
@@ -345,7 +348,7 @@ def test_bfloat16_without_onednn_runs_an_exact_low_bit_copy_in_float32_panels(ke
     assert lin.quantize("auto") == "int4"
     lin.to(torch.bfloat16)
     lin.prepare(torch.bfloat16, max_tokens=2, kernels=kernels)
-    assert lin._lowbit_panels is not None and lin._packed is None and lin.weight.numel() == 0
+    assert lin.lowbit_panels is not None and lin.onednn_weight is None and lin.weight.numel() == 0
     assert lin.runs_float32(9)
     for rows in (3, 9, 70):
         x = torch.randn(rows, IN, generator=gen).bfloat16()
@@ -375,8 +378,8 @@ def test_an_untied_bfloat16_head_holds_its_weight_once(monkeypatch) -> None:
         head.to(torch.bfloat16)
         embedding.to(torch.bfloat16)
         head.prepare(torch.bfloat16, kernels=None)
-    assert untied._packed is None and untied.weight.numel() == OUT * IN
+    assert untied.onednn_weight is None and untied.weight.numel() == OUT * IN
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        assert tied._packed is not None and tied._rows.data_ptr() == embedding.weight.data_ptr()
+        assert tied.onednn_weight is not None and tied.recompute_weight.data_ptr() == embedding.weight.data_ptr()
     xs = x.expand(4, IN).contiguous()
     assert untied(xs).argmax(-1).tolist() == tied(xs).argmax(-1).tolist() == [hi] * 4

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from eoq.engine.model.ops import CpuKernelOps
 from eoq.engine.sampler import Sampler, SamplingBatch, apply_repetition_penalty, apply_top_k_top_p
 from eoq.engine.types import SamplingParams
 
@@ -49,7 +50,7 @@ def test_greedy_rows_take_the_argmax_and_sampled_rows_follow_their_distribution(
 
 
 def test_greedy_rows_take_the_argmax_kernel_and_sampled_rows_follow_their_distribution(cpu_kernels_lib):
-    _check_greedy_and_sampled_rows(Sampler(CPU, seed=0, kernels=cpu_kernels_lib))
+    _check_greedy_and_sampled_rows(Sampler(CPU, seed=0, ops=CpuKernelOps(cpu_kernels_lib)))
 
 
 def _check_greedy_and_sampled_rows(sampler: Sampler) -> None:

@@ -38,8 +38,8 @@ def test_one_call_gives_the_layer_by_layer_logits(tiny_llama, dtype, lengths):
     assert model.small_step_tokens == 4
     ids, pos, meta, rows = decode_step_inputs(core, lengths)
     calls = []
-    fused = model.kernels.llama_layers_int4
-    model.kernels.llama_layers_int4 = lambda *a: calls.append(len(a)) or fused(*a)
+    fused = model.ops.kernels.llama_layers_int4
+    model.ops.kernels.llama_layers_int4 = lambda *a: calls.append(len(a)) or fused(*a)
     with torch.inference_mode():
         one_call = model(ids, pos, runner.kv_caches, meta, rows)
         model.small_step_tokens = 0

@@ -14,8 +14,10 @@ from eoq.engine.block_manager import BlockManager
 from eoq.engine.core import EngineCore
 from eoq.engine.device import dtype_name, select_device, select_dtype, tune_cpu_allocator
 from eoq.engine.model.checkpoint import context_length, load_config, load_tokenizer
-from eoq.engine.model.kernels import CpuKernels, load_cpu_kernels
+from eoq.engine.model.kernels import load_cpu_kernels
+from eoq.engine.model.kernels.bindings import CpuKernels
 from eoq.engine.model.loader import build_model, read_state_dict
+from eoq.engine.model.ops import TorchOps, select_ops
 from eoq.engine.runner import ModelRunner
 from eoq.engine.scheduler import Scheduler
 from eoq.engine.types import EngineConfig, ModelInfo
@@ -63,9 +65,9 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
             raise ConfigError(f"--max-model-len {cfg.max_model_len} exceeds the model's context ({model_len} tokens)")
         model_len = cfg.max_model_len
     state = read_state_dict(cfg.checkpoint)
-    kernels = _cpu_kernels(cfg, device, dtype)
+    ops = _ops(cfg, device, dtype)  # torch's ops or eoq's CPU kernels: chosen here, once
     model = build_model(config, model_len, device, dtype, state, cfg.quantized_weights,
-                        cfg.quantized_max_tokens, kernels)
+                        cfg.quantized_max_tokens, ops)
     del state
 
     bytes_per_token = model.kv_spec.bytes_per_token(dtype)
@@ -84,8 +86,7 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
     eos = eos_token_ids(cfg.checkpoint, tokenizer, config) | set(cfg.extra_eos_token_ids)
     blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
     scheduler = Scheduler(blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-    runner = ModelRunner(model, num_blocks, cfg.block_size, device, dtype, cfg.seed, kernels, graphs,
-                         cfg.max_num_seqs)
+    runner = ModelRunner(model, num_blocks, cfg.block_size, device, dtype, cfg.seed, graphs, cfg.max_num_seqs)
     core = EngineCore(runner, scheduler, tokenizer, frozenset(eos))
     info = ModelInfo(
         name=cfg.model_name,
@@ -104,7 +105,7 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
         info.name, info.architecture, info.device, info.dtype, model_len, time.monotonic() - t0,
         num_blocks * cfg.block_size * bytes_per_token / GiB, capacity, num_blocks, cfg.block_size, bytes_per_token,
         capacity // model_len, capacity // 1024, torch.get_num_threads(),
-        f"eoq's CPU kernels ({kernels.isa})" if kernels else "torch's ops only",
+        ops.name,
         {"cuda": "; decode steps from CUDA graphs", "eager": "; padded decode steps (no graphs)"}.get(graphs, ""),
     )
     return core, info
@@ -119,10 +120,11 @@ def _decode_graphs(setting: str, device: torch.device) -> str:
     return setting
 
 
-def _cpu_kernels(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> CpuKernels | None:
+def _ops(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> TorchOps:
+    """eoq's CPU kernels where they run and are wanted (``--cpu-kernels``) and can be built, else torch's ops."""
     if not cfg.cpu_kernels or not CpuKernels.supports(device, dtype):
-        return None
-    return load_cpu_kernels(cfg.kernel_cache_dir or default_cache_dir() / "kernels", cfg.kernel_march)
+        return select_ops(None)
+    return select_ops(load_cpu_kernels(cfg.kernel_cache_dir or default_cache_dir() / "kernels", cfg.kernel_march))
 
 
 def _kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> float:

@@ -12,7 +12,7 @@ import time
 from transformers import PreTrainedTokenizerBase
 
 from eoq.engine.detokenizer import TextStream
-from eoq.engine.runner import ModelRunner
+from eoq.engine.runner import ModelRunner, SampledToken
 from eoq.engine.scheduler import Scheduler, SchedulerOutput
 from eoq.engine.sequence import Sequence
 from eoq.engine.types import (
@@ -70,7 +70,7 @@ class EngineCore:
         t0 = time.monotonic()
         sched = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
-        sampled: list[tuple[Sequence, int]] = []
+        sampled: list[SampledToken] = []
         if not sched.is_empty:
             try:
                 sampled = self.runner.execute(sched)
@@ -83,7 +83,7 @@ class EngineCore:
             outputs = self._postprocess(sched, sampled, t0)
         return EngineStepResult(outputs, self._stats(sched, len(sampled)))
 
-    def _postprocess(self, sched: SchedulerOutput, sampled: list[tuple[Sequence, int]],
+    def _postprocess(self, sched: SchedulerOutput, sampled: list[SampledToken],
                      now: float) -> list[RequestOutput]:
         outputs = []
         for seq in [*sched.decodes, *(c.seq for c in sched.prefills)]:

@@ -9,7 +9,7 @@ before it runs:
   manager hands out) and attend to it alone, so they never touch a sequence's cache;
 - the block tables to the next power of two of blocks (``width``; capped at a full-length sequence's), padded with
   the null block; decode attention gathers that fixed window and masks what lies beyond each sequence's length
-  with a bias the graph computes from the lengths (``attention.padding_bias``).
+  with a bias the graph computes from the lengths (``decode_attention.PaddedDecode``).
 A step's inputs are copied into the graph's own input tensors, the graph is replayed, and the first rows of its
 logits are the step's. Each shape is captured the first time a step needs it (logged; a few tens of ms), all in
 one memory pool. Steps with prefill chunks, and shapes beyond the buckets, run eagerly as before.
@@ -21,13 +21,13 @@ there are no graphs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
 import torch
 
-from eoq.engine.model.attention import AttentionMetadata, padding_bias
+from eoq.engine.model.attention import AttentionMetadata
 from eoq.engine.model.base import DecoderModel
+from eoq.engine.model.decode_attention import PaddedDecode
+from eoq.engine.step_inputs import DecodeInputs
 
 log = logging.getLogger(__name__)
 
@@ -44,49 +44,13 @@ def width_bucket(blocks: int, max_width: int) -> int:
     return min(width, max_width)
 
 
-@dataclass(slots=True)
-class DecodeInputs:
-    """One decode step's model inputs, one entry per decoding sequence (host lists)."""
-
-    token_ids: list[int]
-    positions: list[int]
-    slots: list[int]  # cache slot of each new token
-    context_lens: list[int]  # tokens each sequence attends to, the new one included
-    block_tables: list[list[int]]  # the blocks holding each sequence's first context_lens tokens
-
-    @classmethod
-    def of(cls, decodes: Seq, block_size: int) -> DecodeInputs:
-        """The inputs of ``decodes`` (engine sequences, each with one new token to compute)."""
-        ids, pos, slots, lens, tables = [], [], [], [], []
-        for seq in decodes:
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.block_ids[p // block_size] * block_size + p % block_size)
-            lens.append(p + 1)
-            tables.append(seq.block_ids[: p // block_size + 1])
-        return cls(ids, pos, slots, lens, tables)
-
-    @property
-    def width(self) -> int:
-        """Blocks in the longest table."""
-        return max((len(t) for t in self.block_tables), default=0)
-
-    def padded_tables(self, width: int, pad_block: int) -> list[int]:
-        """The tables flattened to (rows * width,), each padded to ``width`` with ``pad_block``."""
-        flat: list[int] = []
-        for row in self.block_tables:
-            flat.extend(row)
-            flat.extend([pad_block] * (width - len(row)))
-        return flat
-
-
 class _Graph:
     """One captured shape: its inputs (written before each replay: views of one tensor), its graph, and the
     logits it fills."""
 
     def __init__(self, batch: int, width: int, values: torch.Tensor) -> None:
         B = batch
+        self.width = width
         self.values = values  # (B * (4 + width),) int64 on the device, laid out as DecodeGraphs._host_values
         self.token_ids, self.positions, self.slots, self.lens, self.blocks = self.values.split([B] * 4 + [B * width])
         self.rows = torch.arange(B, dtype=torch.int64, device=values.device)  # every row's logits
@@ -111,6 +75,7 @@ class DecodeGraphs:
         self.dtype = dtype
         self.device = device
         self.capture = capture
+        self.attention = PaddedDecode(block_size, dtype)  # decode attention of the padded steps
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None  # the graphs' shared memory pool (CUDA), from the first capture on
 
@@ -135,7 +100,7 @@ class DecodeGraphs:
             graph = self._new_graph(B, W)
         graph.values.copy_(self._host_values(inputs, B, W), non_blocking=True)
         if graph.graph is None:
-            graph.logits = self._forward(graph, W)
+            graph.logits = self._forward(graph)
         else:
             graph.graph.replay()
         return graph.logits[:D]
@@ -153,40 +118,33 @@ class DecodeGraphs:
             dtype=torch.int64,
         )
 
-    def _forward(self, g: _Graph, width: int) -> torch.Tensor:
-        B = g.token_ids.shape[0]
-        meta = AttentionMetadata(
-            slot_mapping=g.slots,
-            num_decodes=B,
-            decode_blocks=g.blocks,
-            decode_bias=padding_bias(g.lens, width * self.block_size, self.dtype),  # computed inside the graph
-            decode_lens=g.lens,
-            padded=True,
-        )
+    def _forward(self, g: _Graph) -> torch.Tensor:
+        # The decode attention's inputs (the padding mask) are computed from the lengths inside the graph.
+        meta = AttentionMetadata(slot_mapping=g.slots, decode=self.attention.plan(g.blocks, g.lens, None))
         return self.model(g.token_ids, g.positions, self.kv_caches, meta, g.rows)
 
     def _new_graph(self, B: int, W: int) -> _Graph:
         # Padding rows only until a step writes them: the warm-up and the capture touch only the null block.
         g = _Graph(B, W, self._host_values(DecodeInputs([], [], [], [], []), B, W).to(self.device))
         if self.capture:
-            self._capture(g, W)
+            self._capture(g)
         self._graphs[(B, W)] = g
         return g
 
-    def _capture(self, g: _Graph, width: int) -> None:
+    def _capture(self, g: _Graph) -> None:
         """Record the padded step of ``g``'s shape. Its inputs hold padding rows only (null block): the warm-up
         runs and the capture write nothing into any sequence's cache."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up off the main stream: lazy inits and autotuning happen here
             for _ in range(2):
-                self._forward(g, width)
+                self._forward(g)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            g.logits = self._forward(g, width)
+            g.logits = self._forward(g)
         if self._pool is None:
             self._pool = graph.pool()
         g.graph = graph
         log.info("captured a CUDA graph for decode steps of %d sequences x %d blocks (%d graphs)",
-                 g.token_ids.shape[0], width, len(self._graphs) + 1)
+                 g.token_ids.shape[0], g.width, len(self._graphs) + 1)

@@ -8,41 +8,37 @@ results.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from eoq.engine.cuda_graphs import DecodeGraphs, DecodeInputs
-from eoq.engine.model.attention import AttentionMetadata, PrefillChunk, padding_bias
+from eoq.engine.cuda_graphs import DecodeGraphs
+from eoq.engine.model.attention import AttentionMetadata, PrefillChunk
 from eoq.engine.model.base import DecoderModel
-from eoq.engine.model.kernels import CpuKernels
 from eoq.engine.sampler import Sampler, SamplingBatch
 from eoq.engine.scheduler import SchedulerOutput
 from eoq.engine.sequence import Sequence
+from eoq.engine.step_inputs import DecodeInputs, StepInputs
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class StepInputs:
-    """The model's inputs for one step, and the sequences whose rows of logits it samples (in that order)."""
+class SampledToken(NamedTuple):
+    """A token a step sampled, with the sequence it extends."""
 
-    input_ids: torch.Tensor  # (T,) int64
-    positions: torch.Tensor  # (T,) int64
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor  # (S,) int64
-    sampling: list[Sequence]  # (S,)
+    seq: Sequence
+    token_id: int
 
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, seed: int = 0, kernels: CpuKernels | None = None, decode_graphs: str = "off",
-                 max_num_seqs: int = 64) -> None:
-        """``decode_graphs``: ``cuda`` replays decode steps from CUDA graphs (``cuda_graphs.py``), ``eager`` runs
-        the same padded steps without graphs (tests), ``off`` neither. With graphs the cache holds one block
-        more than ``num_blocks``, the null block that padding rows write to."""
+                 dtype: torch.dtype, seed: int = 0, decode_graphs: str = "off", max_num_seqs: int = 64) -> None:
+        """``model``: prepared, with the ops chosen at load (``model.ops``: its decode attention and argmax come
+        from them). ``decode_graphs``: ``cuda`` replays decode steps from CUDA graphs (``cuda_graphs.py``),
+        ``eager`` runs the same padded steps without graphs (tests), ``off`` neither. With graphs the cache holds
+        one block more than ``num_blocks``, the null block that padding rows write to."""
         self.model = model
-        self.decode_kernel = kernels.paged_decode_attention if kernels is not None else None
+        self.decode_attention = model.ops.decode_attention(block_size, dtype)  # the eager steps' backend
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -58,11 +54,11 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, null_block=num_blocks,
                                        max_batch=max_num_seqs, max_width=-(-model.max_positions // block_size),
                                        dtype=dtype, device=device, capture=decode_graphs == "cuda")
-        self.sampler = Sampler(device, seed, kernels)
+        self.sampler = Sampler(device, seed, model.ops)
         self._generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[tuple[Sequence, int]]:
+    def execute(self, out: SchedulerOutput) -> list[SampledToken]:
         """Run one step. Returns each sampling sequence with its sampled token."""
         decodes = DecodeInputs.of(out.decodes, self.block_size) if out.decodes else None
         logits = self._run_graph(out, decodes)
@@ -81,7 +77,7 @@ class ModelRunner:
             [self._generator(s) for s in sampling],
             self.device,
         )
-        return list(zip(sampling, self.sampler(logits, batch).tolist()))
+        return [SampledToken(s, t) for s, t in zip(sampling, self.sampler(logits, batch).tolist())]
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (its generator) once the request has ended."""
@@ -125,21 +121,17 @@ class ModelRunner:
         logits_indices: list[int] = []
         sampling: list[Sequence] = []
 
-        D = len(out.decodes)
-        decode_blocks = decode_bias = lens = None
-        ctx_lens: list[int] = []
-        if D:
+        dev = self.device
+        decode = None
+        if out.decodes:
             assert dec is not None
             ids.extend(dec.token_ids)
             pos.extend(dec.positions)
             slots.extend(dec.slots)
-            ctx_lens = dec.context_lens
-            width = dec.width
-            decode_blocks = torch.tensor(dec.padded_tables(width, 0), dtype=torch.int64)  # (D * width,)
-            lens = torch.tensor(ctx_lens, dtype=torch.int64)
-            if self.decode_kernel is None:
-                decode_bias = padding_bias(lens, width * bs, self.dtype)
-            logits_indices.extend(range(D))
+            blocks = torch.tensor(dec.padded_tables(dec.width, 0), dtype=torch.int64, device=dev)  # (D * width,)
+            lens = torch.tensor(dec.context_lens, dtype=torch.int64, device=dev)
+            decode = self.decode_attention.plan(blocks, lens, dec.context_lens)
+            logits_indices.extend(range(len(out.decodes)))
             sampling.extend(out.decodes)
 
         chunks: list[PrefillChunk] = []
@@ -162,17 +154,7 @@ class ModelRunner:
                 logits_indices.append(q0 + n - 1)
                 sampling.append(seq)
 
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            num_decodes=D,
-            decode_blocks=decode_blocks.to(dev) if decode_blocks is not None else None,
-            decode_bias=decode_bias.to(dev) if decode_bias is not None else None,
-            decode_context_lens=ctx_lens if D else [],
-            prefills=chunks,
-            decode_kernel=self.decode_kernel if D else None,
-            decode_lens=lens,
-        )
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=dev), decode, chunks)
         return StepInputs(
             torch.tensor(ids, dtype=torch.int64, device=dev),
             torch.tensor(pos, dtype=torch.int64, device=dev),

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from eoq.engine.model.attention import AttentionMetadata
-from eoq.engine.model.kernels import CpuKernels
-from eoq.engine.model.linear import Linear, _Norm
+from eoq.engine.model.linear import Linear
+from eoq.engine.model.norms import Norm
+from eoq.engine.model.ops import TORCH_OPS, TorchOps
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +38,7 @@ class DecoderModel(nn.Module):
     kv_spec: KVSpec
     vocab_size: int
     max_positions: int
-    kernels: CpuKernels | None = None  # set by prepare
+    ops: TorchOps = TORCH_OPS  # torch's ops or eoq's CPU kernels, chosen at load (set by prepare)
 
     def forward(
         self,
@@ -63,15 +64,15 @@ class DecoderModel(nn.Module):
         for lin in self.linears():
             lin.quantize(mode)
 
-    def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
-        """Called once after the weights are loaded and moved: picks the matmul kernels, tells the norms which
-        dtype the matmuls take (and hands them eoq's CPU kernels, if any)."""
-        self.kernels = kernels
+    def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, ops: TorchOps = TORCH_OPS) -> None:
+        """Called once after the weights are loaded and moved, with the ops chosen at load (``ops.select_ops``):
+        picks the matmul kernels, tells the norms which dtype the matmuls take and hands them the ops."""
+        self.ops = ops
         for lin in self.linears():
-            lin.prepare(dtype, quantized_max_tokens, kernels)
+            lin.prepare(dtype, quantized_max_tokens, ops.kernels)
         for m in self.modules():
-            if isinstance(m, _Norm):
-                m.prepare(dtype, kernels)
+            if isinstance(m, Norm):
+                m.prepare(dtype, ops)
 
     def float32_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers that stay float32 whatever the model's dtype: norm weights, RoPE tables."""

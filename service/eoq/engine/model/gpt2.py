@@ -14,7 +14,8 @@ from transformers import PretrainedConfig
 
 from eoq.engine.model.attention import AttentionMetadata, paged_attention
 from eoq.engine.model.base import DecoderModel, KVSpec, copy_into, take
-from eoq.engine.model.linear import LayerNorm, Linear, LMHead
+from eoq.engine.model.linear import Linear, LMHead
+from eoq.engine.model.norms import LayerNorm
 from eoq.errors import ConfigError
 
 ACTIVATIONS = {

@@ -1,4 +1,4 @@
-"""Linear layers and norms shared by the decoder families.
+"""Linear layers shared by the decoder families (their norms: ``norms.py``).
 
 ``Linear.prepare`` chooses the matmul once, at load:
 - CPU, float32 (CPUs without fast bfloat16), with eoq's kernels: the weight is re-laid out in panels of 16
@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eoq.engine.model.kernels import CpuKernels, LowBitPanels, pack_gemm_weight, pack_int4_panels, pack_int8_panels
+from eoq.engine.model.kernels.bindings import CpuKernels
+from eoq.engine.model.kernels.formats import (
+    LowBitPanels,
+    LowBitRows,
+    pack_gemm_weight,
+    pack_int4_panels,
+    pack_int8_panels,
+)
 
 INT4_GROUP = 32  # input features that share one step and minimum (Q4_1's block)
 INT4_LEVELS = 15  # 4 bits: values lo + q * step, q in 0..15
@@ -48,7 +55,15 @@ def _onednn_packing_available() -> bool:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b, with W (out_features, in_features) as in ``nn.Linear``."""
+    """y = x W^T + b, with W (out_features, in_features) as in ``nn.Linear``.
+
+    The weight's representations, public for what reads them (the one-call Llama step, the load log, tests); each
+    is None where there is none, and ``weight`` is empty once a re-laid-out copy replaced it (``prepare``):
+    - ``int4``, ``int8``: low-bit copies (``LowBitRows``, by ``quantize``) run by the row kernels for steps of up to
+      ``int4_max_tokens`` / ``int8_max_tokens`` rows (-1: none);
+    - ``lowbit_panels``: an exact low-bit copy in panels (``LowBitPanels``) running every bigger step;
+    - ``float32_panels``: a float32 weight in panels for eoq's float32 GEMM;
+    - ``onednn_weight``: a bfloat16 weight re-laid out for oneDNN (unless ``pack_for_onednn`` is turned off)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -56,20 +71,18 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self._packed: torch.Tensor | None = None  # the weight re-laid out for oneDNN (bfloat16)
-        self._panels: torch.Tensor | None = None  # the weight re-laid out for eoq's float32 kernel
-        self._int4: torch.Tensor | None = None  # (out, in / group, 16) uint8, two 4-bit values a byte
-        self._int4_scales: torch.Tensor | None = None  # (out, in / group, 2) float32: step and minimum
+        self.onednn_weight: torch.Tensor | None = None
+        self.float32_panels: torch.Tensor | None = None  # (ceil(out / 16), in, 16) float32 (csrc/gemm.cpp)
+        self.int4: LowBitRows | None = None
         self.int4_max_tokens = -1  # no 4-bit path (a step may carry 0 rows to the LM head)
-        self._exact_copy = False  # the low-bit copy holds the weight's own values (made by quantize, auto)
+        self.int8: LowBitRows | None = None
+        self.int8_max_tokens = -1
         # In float32, an exact copy in panels for eoq's float32 kernel (csrc/gemm.cpp), which then runs every other
         # step too, in place of the float32 weight (made by prepare).
-        self._lowbit_panels: LowBitPanels | None = None
-        self._int8: torch.Tensor | None = None  # (out, in) int8 for steps of <= int8_max_tokens rows
-        self._int8_scales: torch.Tensor | None = None  # (out, in / group) float32
-        self.int8_max_tokens = -1
-        self._kernels: CpuKernels | None = None
+        self.lowbit_panels: LowBitPanels | None = None
         self.pack_for_onednn = True  # a bfloat16 weight is re-laid out for oneDNN (dropping the plain one)
+        self._exact_copy = False  # the low-bit copy holds the weight's own values (made by quantize, auto)
+        self._kernels: CpuKernels | None = None
 
     def quantize(self, mode: str) -> str | None:
         """Keep a low-bit copy of the (float32, CPU) weight for small steps. ``auto``: a 4-bit copy if it
@@ -102,8 +115,8 @@ class Linear(nn.Module):
             err = (q * scale[..., None] - groups).abs().amax(-1)
             if bool((err > 0.01 * scale + 1e-6 * amax).any()):
                 return False
-        self._int8 = q.to(torch.int8).view(self.out_features, self.in_features).contiguous()
-        self._int8_scales = scale.contiguous()
+        self.int8 = LowBitRows(8, q.to(torch.int8).view(self.out_features, self.in_features).contiguous(),
+                               scale.contiguous())
         self._exact_copy = only_if_exact
         return True
 
@@ -123,26 +136,25 @@ class Linear(nn.Module):
             if bool((err > 0.01 * step + 1e-6 * groups.abs().amax(-1)).any()):
                 return False
         halves = q.to(torch.uint8).view(out_f, in_f // INT4_GROUP, 2, INT4_GROUP // 2)
-        self._int4 = (halves[:, :, 0] | (halves[:, :, 1] << 4)).contiguous()  # byte i: q[i] | q[i + 16] << 4
-        self._int4_scales = torch.stack([step, lo], -1).contiguous()
+        values = (halves[:, :, 0] | (halves[:, :, 1] << 4)).contiguous()  # byte i: q[i] | q[i + 16] << 4
+        self.int4 = LowBitRows(4, values, torch.stack([step, lo], -1).contiguous())
         self._exact_copy = only_if_exact
         return True
 
     def _pack_exact_copy(self) -> LowBitPanels | None:
-        """The exact low-bit copy re-laid out in panels (``kernels.pack_int4_panels`` / ``pack_int8_panels``)."""
+        """The exact low-bit copy re-laid out in panels (``formats.pack_int4_panels`` / ``pack_int8_panels``)."""
         if not self._exact_copy:
             return None
-        if self._int4 is not None:
-            q = torch.cat([self._int4 & 0xF, self._int4 >> 4], -1).view(self.out_features, self.in_features)
-            return pack_int4_panels(q, self._int4_scales[..., 0], self._int4_scales[..., 1])
-        if self._int8 is not None:
-            return pack_int8_panels(self._int8, self._int8_scales)
+        if self.int4 is not None:
+            nibbles = self.int4.values
+            q = torch.cat([nibbles & 0xF, nibbles >> 4], -1).view(self.out_features, self.in_features)
+            return pack_int4_panels(q, self.int4.scales[..., 0], self.int4.scales[..., 1])
+        if self.int8 is not None:
+            return pack_int8_panels(self.int8.values, self.int8.scales)
         return None
 
     def quantized_bytes(self) -> int:
-        copies = sum(t.numel() * t.element_size() for t in (self._int4, self._int4_scales, self._int8,
-                                                              self._int8_scales) if t is not None)
-        return copies + (self._lowbit_panels.nbytes() if self._lowbit_panels is not None else 0)
+        return sum(c.nbytes() for c in (self.int4, self.int8, self.lowbit_panels) if c is not None)
 
     def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
         """Pick the fastest matmul for the weight's device and dtype (call after weights are loaded; once).
@@ -152,46 +164,46 @@ class Linear(nn.Module):
         steps, in panels, and the weight itself is dropped."""
         usable = kernels is not None and kernels.supports(self.weight.device, dtype)
         if not usable:
-            self._int4 = self._int4_scales = self._int8 = self._int8_scales = None
-        elif self._lowbit_panels is None and self.weight.numel() and (
+            self.int4 = self.int8 = None
+        elif self.lowbit_panels is None and self.weight.numel() and (
                 dtype == torch.float32 or (dtype == torch.bfloat16 and not _onednn_packing_available())):
-            self._lowbit_panels = self._pack_exact_copy()
+            self.lowbit_panels = self._pack_exact_copy()
         self._kernels = kernels if usable else None
-        if self._int4 is not None:
+        if self.int4 is not None:
             self.int4_max_tokens = max_tokens
-        if self._int8 is not None:
+        if self.int8 is not None:
             self.int8_max_tokens = min(max_tokens, INT8_MAX_TOKENS)
         if self.weight.numel() == 0:  # prepared already: a re-laid-out copy replaced the weight
             return
         w = self.weight
-        if self._lowbit_panels is not None:  # the exact low-bit copy serves every step: no float32 copy
+        if self.lowbit_panels is not None:  # the exact low-bit copy serves every step: no float32 copy
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
         elif usable and w.dtype == torch.float32:
-            self._panels = pack_gemm_weight(w.data)
+            self.float32_panels = pack_gemm_weight(w.data)
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)  # as below
         elif (w.device.type == "cpu" and w.dtype == torch.bfloat16 and self.pack_for_onednn
               and _onednn_packing_available()):
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)
+            self.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)
             # The packed copy is the weight now: keep one copy in memory (a tied embedding keeps its own).
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
 
     def runs_float32(self, rows: int) -> bool:
         """Whether a step of ``rows`` rows runs float32 arithmetic whatever the model's dtype (a row kernel of a
         low-bit copy, or eoq's float32 GEMM), so that a float32 input gives a float32 result."""
-        return (rows <= max(self.int4_max_tokens, self.int8_max_tokens) or self._lowbit_panels is not None
-                or self._panels is not None)
+        return (rows <= max(self.int4_max_tokens, self.int8_max_tokens) or self.lowbit_panels is not None
+                or self.float32_panels is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in_features)
         if x.shape[0] <= self.int4_max_tokens:
-            y = self._kernels.int4_matmul(x, self._int4, self._int4_scales)
+            y = self._kernels.int4_matmul(x, self.int4.values, self.int4.scales)
         elif x.shape[0] <= self.int8_max_tokens:
-            y = self._kernels.int8_matmul(x, self._int8, self._int8_scales)
-        elif self._lowbit_panels is not None:  # float32 arithmetic: a bfloat16 step's rows are widened
-            y = self._kernels.gemm_lowbit(x.float(), self._lowbit_panels, self.out_features).to(x.dtype)
-        elif self._panels is not None:
-            y = self._kernels.gemm(x, self._panels, self.out_features)
-        elif self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+            y = self._kernels.int8_matmul(x, self.int8.values, self.int8.scales)
+        elif self.lowbit_panels is not None:  # float32 arithmetic: a bfloat16 step's rows are widened
+            y = self._kernels.gemm_lowbit(x.float(), self.lowbit_panels, self.out_features).to(x.dtype)
+        elif self.float32_panels is not None:
+            y = self._kernels.gemm(x, self.float32_panels, self.out_features)
+        elif self.onednn_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, self.bias, "none", [], "")
         else:
             return F.linear(x, self.weight, self.bias)
         return y if self.bias is None else y + self.bias
@@ -216,7 +228,7 @@ class LMHead(Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias)
         self._dtype = torch.float32
-        self._rows: torch.Tensor | None = None  # (out, in) the 16-bit weight, for the recomputed logits
+        self.recompute_weight: torch.Tensor | None = None  # (out, in) the 16-bit weight the recomputation reads
         self.tied = False
 
     def tie(self, embedding: nn.Embedding) -> None:
@@ -226,7 +238,7 @@ class LMHead(Linear):
 
     def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
         if dtype != torch.float32 and self.weight.numel():
-            self._rows = self.weight.data
+            self.recompute_weight = self.weight.data
             self.pack_for_onednn = self.tied
         self._dtype = dtype
         super().prepare(dtype, max_tokens, kernels)
@@ -238,60 +250,8 @@ class LMHead(Linear):
         logits = super().forward(x.to(self._dtype)).float()  # (S, out), rounded to the 16-bit dtype
         k = min(LOGIT_CANDIDATES, logits.shape[1])
         candidates = logits.topk(k, dim=-1).indices  # (S, k)
-        exact = torch.bmm(self._rows[candidates].float(), x.unsqueeze(-1)).squeeze(-1)  # (S, k, in) @ (S, in, 1)
+        rows = self.recompute_weight[candidates].float()  # (S, k, in)
+        exact = torch.bmm(rows, x.unsqueeze(-1)).squeeze(-1)  # (S, k, in) @ (S, in, 1)
         if self.bias is not None:
             exact += self.bias.float()[candidates]
         return logits.scatter_(1, candidates, exact)
-
-
-class _Norm(nn.Module):
-    """Norms read the float32 residual stream and hand the model's dtype to the next matmul.
-
-    The decoders keep the residual stream in float32 whatever the weights' dtype: the norm's fused float32
-    kernel is then one op (in bfloat16 on the CPU it is several: ~2x slower), and the sums are more exact
-    than transformers' bfloat16 residual. Their weights stay float32 (``keep_float32``). The final norm hands
-    float32 to the LM head (``float32_out``; see ``LMHead``)."""
-
-    keep_float32 = True
-
-    def __init__(self, float32_out: bool = False) -> None:
-        super().__init__()
-        self.float32_out = float32_out
-        self.out_dtype = torch.float32
-        self.kernels: CpuKernels | None = None
-
-    def prepare(self, dtype: torch.dtype, kernels: CpuKernels | None = None) -> None:
-        self.out_dtype = torch.float32 if self.float32_out else dtype
-        self.kernels = kernels
-
-
-class RMSNorm(_Norm):
-    """Llama's RMSNorm, with the residual add before it: ``x += delta`` (in place), then the norm of x.
-
-    With eoq's CPU kernels the two are one call (``csrc/rms_norm.cpp``): in torch they are seven dispatched
-    ops, which at one token a step cost more than their arithmetic (~30 us a norm here vs ~3 us)."""
-
-    def __init__(self, dim: int, eps: float, float32_out: bool = False) -> None:
-        super().__init__(float32_out)
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:  # x float32, contiguous
-        if self.kernels is not None:
-            if delta is not None and delta.dtype != self.out_dtype:  # the kernel takes delta in the out dtype
-                delta = delta.to(self.out_dtype)
-            return self.kernels.add_rms_norm(x, delta, self.weight, self.eps, self.out_dtype)
-        if delta is not None:
-            x += delta
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps).to(self.out_dtype)
-
-
-class LayerNorm(_Norm):
-    def __init__(self, dim: int, eps: float, float32_out: bool = False) -> None:
-        super().__init__(float32_out)
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x float32
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps).to(self.out_dtype)

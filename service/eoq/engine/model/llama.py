@@ -7,18 +7,18 @@ layout only: q/k/v and gate/up are fused into single matmuls, and attention runs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from eoq.engine.model.attention import AttentionMetadata, paged_attention
 from eoq.engine.model.base import DecoderModel, KVSpec, copy_into, take
-from eoq.engine.model.kernels import CpuKernels, LlamaLayersInt4, LlamaShape
-from eoq.engine.model.linear import Linear, LMHead, RMSNorm
+from eoq.engine.model.decode_attention import PagedKernel
+from eoq.engine.model.kernels.bindings import LlamaLayersInt4, LlamaShape
+from eoq.engine.model.linear import Linear, LMHead
+from eoq.engine.model.norms import RMSNorm
+from eoq.engine.model.ops import TORCH_OPS, KernelRope, TorchOps, TorchRope
 from eoq.errors import ConfigError
 
 # RoPE types whose frequencies do not depend on the sequence length (a cached K must never change).
@@ -52,18 +52,6 @@ def rope_inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor
     return inv_freq.float(), float(scaling)
 
 
-@dataclass(slots=True)
-class Rope:
-    """A step's rotary embedding: the float32 tables and the positions for eoq's CPU kernel, or the step's cos/sin
-    rows in the model's dtype for torch's ops."""
-
-    cos_table: torch.Tensor | None = None  # (P, hd) float32
-    sin_table: torch.Tensor | None = None  # (P, hd) float32, first half negated
-    positions: torch.Tensor | None = None  # (T,) int64
-    cos: torch.Tensor | None = None  # (T, 1, hd)
-    sin: torch.Tensor | None = None  # (T, 1, hd), first half negated
-
-
 class LlamaLayer(nn.Module):
     def __init__(self, hidden: int, nh: int, nkv: int, hd: int, inter: int, eps: float, qkv_bias: bool,
                  o_bias: bool, mlp_bias: bool) -> None:
@@ -75,9 +63,9 @@ class LlamaLayer(nn.Module):
         self.post_norm = RMSNorm(hidden, eps)
         self.gate_up = Linear(hidden, 2 * inter, bias=mlp_bias)
         self.down = Linear(inter, hidden, bias=mlp_bias)
-        self.kernels: CpuKernels | None = None  # eoq's CPU kernels, set by LlamaDecoder.prepare
+        self.ops: TorchOps = TORCH_OPS  # set by LlamaDecoder.prepare
 
-    def forward(self, x: torch.Tensor, pending: torch.Tensor | None, rope: Rope,
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None, rope: TorchRope | KernelRope,
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """x: (T, hidden) the float32 residual stream, still without ``pending`` (the previous layer's MLP output,
         added here by the norm, in place). Returns this layer's MLP output, for the next layer to add."""
@@ -85,19 +73,10 @@ class LlamaLayer(nn.Module):
         nh, nkv, hd = self.nh, self.nkv, self.hd
         qkv = self.qkv(self.input_norm(x, pending))  # (T, (nh + 2 nkv) hd)
         v = qkv[:, (nh + nkv) * hd :].view(T, nkv, hd)  # (T, nkv, hd)
-        if self.kernels is not None:  # rotation and the cache writes in one call
-            qk = self.kernels.rope_and_store(qkv, rope.cos_table, rope.sin_table, rope.positions, meta.slot_mapping,
-                                             kv[0], kv[1], nh, nkv, hd)  # (T, nh + nkv, hd)
-        else:  # q and k are adjacent in the fused output: rotate both with one set of ops.
-            qk = qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd)  # (T, nh + nkv, hd)
-            qk = qk * rope.cos + qk.view(T, nh + nkv, 2, hd // 2).flip(2).view(T, nh + nkv, hd) * rope.sin
-        attn = paged_attention(qk[:, :nh], qk[:, nh:], v, kv[0], kv[1], meta,
-                               stored=self.kernels is not None)  # (T, nh hd)
+        qk = rope(qkv, kv[0], kv[1], meta.slot_mapping, nh, nkv, hd)  # (T, nh + nkv, hd), K/V in the cache
+        attn = paged_attention(qk[:, :nh], qk[:, nh:], v, kv[0], kv[1], meta, stored=True)  # (T, nh hd)
         gate_up = self.gate_up(self.post_norm(x, self.o_proj(attn)))  # (T, 2 inter): [gate | up]
-        if self.kernels is not None:
-            return self.down(self.kernels.silu_mul(gate_up))
-        gate, up = gate_up.split(self.inter, dim=-1)  # (T, inter) x 2
-        return self.down(F.silu(gate) * up)
+        return self.down(self.ops.silu_mul(gate_up))
 
 
 class LlamaDecoder(DecoderModel):
@@ -141,33 +120,32 @@ class LlamaDecoder(DecoderModel):
         self.register_buffer("cos_table", emb.cos() * scaling, persistent=False)  # (P, hd)
         self.register_buffer("sin_table", sin, persistent=False)  # (P, hd)
 
-    def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
-        super().prepare(dtype, quantized_max_tokens, kernels)
+    def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, ops: TorchOps = TORCH_OPS) -> None:
+        super().prepare(dtype, quantized_max_tokens, ops)
         for layer in self.layers:
-            layer.kernels = kernels
+            layer.ops = ops
         # Decode steps of up to this many tokens run every layer in one call of eoq's CPU kernels
         # (csrc/llama_small.cpp) when every projection has a 4-bit copy for them and no bias.
         projections = [p for la in self.layers for p in (la.qkv, la.o_proj, la.gate_up, la.down)]
         self.small_step_tokens = 0
         self._small_layers = None
-        if kernels is not None and all(p.int4_max_tokens > 0 and p.bias is None for p in projections):
+        if ops.kernels is not None and all(p.int4_max_tokens > 0 and p.bias is None for p in projections):
             self.small_step_tokens = min(p.int4_max_tokens for p in projections)
 
     def forward(self, input_ids, positions, kv_caches, meta, logits_indices):
         emb = self.embed(input_ids)  # (T, hidden), model dtype
         x = emb.float() if emb.dtype != torch.float32 else emb  # the residual stream stays float32; updated in place
-        if self.kernels is not None:
-            rope = Rope(cos_table=self.cos_table, sin_table=self.sin_table, positions=positions)
-        else:
-            rope = Rope(cos=self.cos_table[positions].to(emb.dtype).unsqueeze(1),  # (T, 1, hd)
-                        sin=self.sin_table[positions].to(emb.dtype).unsqueeze(1))
         pending = None  # each layer's MLP output, added to x by the next norm
-        if meta.num_decodes == x.shape[0] <= self.small_step_tokens and meta.decode_kernel is not None:
+        decode = meta.decode
+        # A step of a few decodes attended by the paged kernel runs all layers in one call, which runs that kernel
+        # itself on the step's tables (a step padded for CUDA graphs attends otherwise: it runs layer by layer).
+        if isinstance(decode, PagedKernel) and decode.num_seqs == x.shape[0] <= self.small_step_tokens:
             pending = torch.empty_like(emb)
-            self.kernels.llama_layers_int4(self._small_step_layers(kv_caches), x, pending, self.cos_table,
-                                           self.sin_table, positions, meta.slot_mapping, meta.decode_blocks,
-                                           meta.decode_lens)
+            self.ops.kernels.llama_layers_int4(self._small_step_layers(kv_caches), x, pending, self.cos_table,
+                                               self.sin_table, positions, meta.slot_mapping, decode.block_tables,
+                                               decode.context_lens)
         else:
+            rope = self.ops.rope(self.cos_table, self.sin_table, positions, emb.dtype)  # once a step
             for layer, kv in zip(self.layers, kv_caches):
                 pending = layer(x, pending, rope, kv, meta)
         x = self.norm(x[logits_indices], None if pending is None else pending[logits_indices])  # (S, hidden)
@@ -185,9 +163,9 @@ class LlamaDecoder(DecoderModel):
                                eps=first.input_norm.eps, scale=first.hd**-0.5)
             layers = self._small_layers = LlamaLayersInt4.of([
                 dict(input_norm=la.input_norm.weight, post_norm=la.post_norm.weight,
-                     qkv_q=la.qkv._int4, qkv_s=la.qkv._int4_scales, o_q=la.o_proj._int4, o_s=la.o_proj._int4_scales,
-                     gate_up_q=la.gate_up._int4, gate_up_s=la.gate_up._int4_scales, down_q=la.down._int4,
-                     down_s=la.down._int4_scales, k_cache=k, v_cache=v)
+                     qkv_q=la.qkv.int4.values, qkv_s=la.qkv.int4.scales, o_q=la.o_proj.int4.values,
+                     o_s=la.o_proj.int4.scales, gate_up_q=la.gate_up.int4.values, gate_up_s=la.gate_up.int4.scales,
+                     down_q=la.down.int4.values, down_s=la.down.int4.scales, k_cache=k, v_cache=v)
                 for la, (k, v) in zip(self.layers, kv_caches)
             ], shape)
         return layers

@@ -11,8 +11,8 @@ from transformers import PretrainedConfig
 from eoq.engine.model.base import DecoderModel
 from eoq.engine.model.checkpoint import SUPPORTED_MODEL_TYPES
 from eoq.engine.model.gpt2 import GPT2Decoder
-from eoq.engine.model.kernels import CpuKernels
 from eoq.engine.model.llama import LlamaDecoder
+from eoq.engine.model.ops import TORCH_OPS, TorchOps
 from eoq.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def build_model(config: PretrainedConfig, max_positions: int, device: torch.device, dtype: torch.dtype,
                 state: dict[str, torch.Tensor], quantized_weights: str = "never", quantized_max_tokens: int = 4,
-                kernels: CpuKernels | None = None) -> DecoderModel:
+                ops: TorchOps = TORCH_OPS) -> DecoderModel:
     """``quantized_weights`` (auto / int4 / never) and ``quantized_max_tokens``: see ``DecoderModel.quantize``;
-    ``kernels``: eoq's CPU kernels, for the layers that have one."""
+    ``ops``: torch's or eoq's CPU kernels (``ops.select_ops``)."""
     model = FAMILIES[SUPPORTED_MODEL_TYPES[config.model_type]](config, max_positions)
     model.load_hf_state_dict(dict(state))
     quantize = quantized_weights != "never" and quantized_max_tokens > 0
@@ -55,7 +55,7 @@ def build_model(config: PretrainedConfig, max_positions: int, device: torch.devi
     model.to(device=device, dtype=dtype)
     model.restore_float32(keep, device)
     model.eval()
-    model.prepare(dtype, quantized_max_tokens, kernels)
+    model.prepare(dtype, quantized_max_tokens, ops)
     if quantize:
         _log_quantized(model, quantized_weights, quantized_max_tokens, dtype)
     return model
@@ -63,13 +63,13 @@ def build_model(config: PretrainedConfig, max_positions: int, device: torch.devi
 
 def _log_quantized(model: DecoderModel, mode: str, max_tokens: int, dtype: torch.dtype) -> None:
     linears = list(model.linears())
-    kinds = {"4-bit": sum(lin._int4 is not None for lin in linears),
-             "8-bit": sum(lin._int8 is not None for lin in linears)}
+    kinds = {"4-bit": sum(lin.int4 is not None for lin in linears),
+             "8-bit": sum(lin.int8 is not None for lin in linears)}
     if not any(kinds.values()):
         log.info("quantized weights (%s): none (the checkpoint's weights are not low-bit, or eoq's CPU kernels are "
                  "missing); every matmul runs in %s", mode, dtype)
         return
-    panels = sum(lin._lowbit_panels is not None for lin in linears)
+    panels = sum(lin.lowbit_panels is not None for lin in linears)
     log.info("quantized weights (%s): %s copies of %d matmuls (%d MiB), used by steps of <= %d tokens%s", mode,
              " and ".join(f"{n} {k}" for k, n in kinds.items() if n), len(linears),
              sum(lin.quantized_bytes() for lin in linears) >> 20, max_tokens,

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "eoq_kernels.h"
 #include "simd.h"
 
 namespace {
@@ -30,9 +31,8 @@ int64_t argmax_row(const float* x, int64_t n) {
 
 }  // namespace
 
-extern "C" {
+extern "C" {  // the entry points declared in eoq_kernels.h
 
-// x float32 (rows, n) contiguous, out int64 (rows). Returns 0, or non-zero for arguments it cannot take.
 int eoq_argmax(const float* x, int64_t* out, int64_t rows, int64_t n) {
     if (rows < 0 || n <= 0 || n > INT32_MAX) return 1;
 #pragma omp parallel for if (rows * n >= 65536)

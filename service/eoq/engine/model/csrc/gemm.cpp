@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "eoq_kernels.h"
 #include "simd.h"
 
 namespace {
@@ -36,12 +37,6 @@ constexpr int64_t kRowChunk = 64;
 constexpr int64_t kBlockK = 128;
 constexpr int kMR = eoq::simd::kGemmRows;    // rows per tile
 constexpr int kNR = eoq::simd::kGemmPanels;  // panels per tile
-
-// Ask for [p, p + bytes) ahead of use; a block cut short at a weight's end may ask past it: harmless, prefetches
-// never fault.
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
-}
 
 template <int MR, int NR>
 void tile(const float* a, int64_t lda, const float* b, int64_t panel_stride, int64_t k, float* c, int64_t ldc,
@@ -111,7 +106,7 @@ struct F32 {
     }
 
     void prefetch(int64_t p, int64_t k0) const {
-        prefetch_bytes(w + (p * k + k0) * kLanes, kBlockK * kLanes * sizeof(float));
+        eoq::simd::prefetch(w + (p * k + k0) * kLanes, kBlockK * kLanes * sizeof(float));
     }
 };
 
@@ -151,8 +146,8 @@ struct Q4 : Expanded<Q4> {
     }
 
     void prefetch(int64_t p, int64_t k0) const {
-        prefetch_bytes(q + (p * (k / 2) + k0 / 2) * kLanes, kBlockK / 2 * kLanes);
-        prefetch_bytes(s + (p * (k / 32) + k0 / 32) * 2 * kLanes, kBlockK / 32 * 2 * kLanes * sizeof(float));
+        eoq::simd::prefetch(q + (p * (k / 2) + k0 / 2) * kLanes, kBlockK / 2 * kLanes);
+        eoq::simd::prefetch(s + (p * (k / 32) + k0 / 32) * 2 * kLanes, kBlockK / 32 * 2 * kLanes * sizeof(float));
     }
 };
 
@@ -174,8 +169,8 @@ struct Q8 : Expanded<Q8> {
     }
 
     void prefetch(int64_t p, int64_t k0) const {
-        prefetch_bytes(q + (p * k + k0) * kLanes, kBlockK * kLanes);
-        prefetch_bytes(s + (p * (k / 32) + k0 / 32) * kLanes, kBlockK / 32 * kLanes * sizeof(float));
+        eoq::simd::prefetch(q + (p * k + k0) * kLanes, kBlockK * kLanes);
+        eoq::simd::prefetch(s + (p * (k / 32) + k0 / 32) * kLanes, kBlockK / 32 * kLanes * sizeof(float));
     }
 };
 
@@ -220,25 +215,20 @@ void gemm_panels(const float* x, const Format& w, float* y, int64_t rows, int64_
 
 }  // namespace
 
-extern "C" {
+extern "C" {  // the entry points declared in eoq_kernels.h
 
-// x float32 (rows, k) contiguous, packed float32 (ceil(n / 16), k, 16) 64-byte aligned, y float32 (rows, n).
-// Returns 0, or non-zero for arguments it cannot take.
 int eoq_gemm_f32(const float* x, const float* packed, float* y, int64_t rows, int64_t n, int64_t k) {
     if (rows < 0 || n <= 0 || k <= 0 || reinterpret_cast<uintptr_t>(packed) % 64) return 1;
     gemm_panels(x, F32{packed, k}, y, rows, n, k);
     return 0;
 }
 
-// x float32 (rows, k) contiguous, q uint8 (ceil(n / 16), k / 2, 16), scales float32 (ceil(n / 16), k / 32, 2, 16),
-// y float32 (rows, n); k a multiple of 32. Returns 0, or non-zero for arguments it cannot take.
 int eoq_gemm_q4(const float* x, const uint8_t* q, const float* scales, float* y, int64_t rows, int64_t n, int64_t k) {
     if (rows < 0 || n <= 0 || k <= 0 || k % 32) return 1;
     gemm_panels(x, Q4{{}, q, scales, k}, y, rows, n, k);
     return 0;
 }
 
-// As eoq_gemm_q4 for an 8-bit weight: q int8 (ceil(n / 16), k, 16), scales float32 (ceil(n / 16), k / 32, 16).
 int eoq_gemm_q8(const float* x, const int8_t* q, const float* scales, float* y, int64_t rows, int64_t n, int64_t k) {
     if (rows < 0 || n <= 0 || k <= 0 || k % 32) return 1;
     gemm_panels(x, Q8{{}, q, scales, k}, y, rows, n, k);

@@ -10,47 +10,10 @@
 #include <cstdint>
 #include <vector>
 
-extern "C" {
-int eoq_add_rms_norm(int dtype, float* x, const void* delta, const float* weight, void* out, int64_t rows,
-                     int64_t dim, float eps);
-int eoq_int4_matmul(int dtype, const void* x, const uint8_t* q, const float* scales, void* y, int64_t rows,
-                    int64_t in_f, int64_t out_f);
-int eoq_rope_and_store(int dtype, const void* qkv, const float* cos_table, const float* sin_table,
-                       const int64_t* positions, const int64_t* slots, void* qk_out, void* k_cache, void* v_cache,
-                       int64_t tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                       int64_t cache_slots);
-int eoq_paged_decode_attention(int dtype, const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
-                               const int64_t* block_tables, const int64_t* context_lens, void* out, int64_t num_seqs,
-                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                               int64_t num_blocks, int64_t table_width, float scale);
-int eoq_silu_mul(int dtype, const void* gate_up, void* out, int64_t rows, int64_t inter);
+#include "eoq_kernels.h"
 
-// One layer's weights (set once at load): RMSNorm weights float32; each projection 4-bit as eoq_int4_matmul
-// takes it (q, scales); the layer's K and V caches (num_kv_heads, num_blocks, block_size, head_dim).
-struct EoqLlamaLayer {
-    const float* input_norm;
-    const float* post_norm;
-    const uint8_t* qkv_q;
-    const float* qkv_s;
-    const uint8_t* o_q;
-    const float* o_s;
-    const uint8_t* gate_up_q;
-    const float* gate_up_s;
-    const uint8_t* down_q;
-    const float* down_s;
-    void* k_cache;
-    void* v_cache;
-};
+extern "C" {  // the entry point declared in eoq_kernels.h, calling the others through it
 
-struct EoqLlamaShape {
-    int64_t hidden, num_heads, num_kv_heads, head_dim, inter, block_size, num_blocks;
-    float eps, scale;
-};
-
-// dtype: 0 = float32, 1 = bfloat16, of pending and the caches. x (tokens, hidden) float32: the residual stream
-// (the embeddings), updated in place; pending (tokens, hidden): on return the last layer's MLP output, not yet
-// added to x (the final norm adds it); every decoding token's position, slot, block table row (table_width
-// blocks) and context length, as the kernels above take them. Returns 0, or the first failing kernel's code.
 int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_layers, EoqLlamaShape s, float* x,
                           void* pending, const float* cos_table, const float* sin_table,
                           const int64_t* positions, const int64_t* slots, const int64_t* block_tables,

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bf16.h"
+#include "eoq_kernels.h"
 #include "simd.h"
 
 namespace {
@@ -22,14 +23,11 @@ namespace {
 using eoq::load;
 using eoq::store;
 using eoq::simd::F16;
+using eoq::simd::prefetch;
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kAhead = 4;  // outputs to prefetch ahead
-
-inline void prefetch(const void* p, int64_t bytes) {
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
-}
 
 struct Int4 {
     const uint8_t* q;
@@ -143,10 +141,8 @@ int run(int dtype, const void* x, const Format& f, void* y, int64_t rows, int64_
 
 }  // namespace
 
-extern "C" {
+extern "C" {  // the entry points declared in eoq_kernels.h
 
-// dtype of x and y: 0 = float32, 1 = bfloat16. x (rows, in_f), y (rows, out_f), the weight as above; all
-// contiguous. rows <= 8, in_f a multiple of 32. Return 0, or non-zero for arguments they cannot take.
 int eoq_int4_matmul(int dtype, const void* x, const uint8_t* q, const float* scales, void* y, int64_t rows,
                     int64_t in_f, int64_t out_f) {
     return run(dtype, x, Int4{q, scales, in_f / kGroup}, y, rows, in_f, out_f);

@@ -20,23 +20,15 @@
 #endif
 
 #include "bf16.h"
+#include "eoq_kernels.h"
 #include "simd.h"
 
 namespace {
 
 using eoq::load;
 using eoq::simd::F16;
+using eoq::simd::prefetch;
 using eoq::store;
-
-inline void prefetch(const void* start, int64_t bytes) {
-    const char* p = static_cast<const char*>(start);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
-}
-
-inline void prefetch_l2(const void* start, int64_t bytes) {  // into the L2 cache (locality 2)
-    const char* p = static_cast<const char*>(start);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
-}
 
 // q . k for the n (<= 16) keys of one block and one query (head_dim = 16 * HV, scaled, float32), into out[0..n).
 template <int HV, typename T>
@@ -103,6 +95,18 @@ inline bool with_head_vectors(int64_t head_dim, F&& f) {
     }
 }
 
+// The plain loops' pass over a block's n keys or values (head sizes block_scores / block_values are not built for,
+// or blocks of another size): each row widened to float32 into row, then f(j).
+template <typename T, typename F>
+inline void for_each_row(const T* block, int64_t n, int64_t head_dim, float* row, F&& f) {
+    for (int64_t j = 0; j < n; ++j) {
+        const T* r = block + j * head_dim;
+#pragma omp simd
+        for (int64_t i = 0; i < head_dim; ++i) row[i] = load(r[i]);
+        f(j);
+    }
+}
+
 template <typename T>
 void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int64_t* block_tables,
             const int64_t* context_lens, T* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
@@ -133,8 +137,8 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
                 for (int64_t t0 = 0; t0 < context_lens[sn]; t0 += block_size) {
                     const int64_t off = (hn * num_blocks + tn[t0 / block_size]) * block_size * head_dim;
                     const int64_t bytes = std::min(block_size, context_lens[sn] - t0) * head_dim * sizeof(T);
-                    prefetch_l2(k_cache + off, bytes);
-                    prefetch_l2(v_cache + off, bytes);
+                    prefetch<2>(k_cache + off, bytes);
+                    prefetch<2>(v_cache + off, bytes);
                 }
             }
             if (ctx <= 0) {  // nothing to attend to (the engine never asks this): zeros, not garbage
@@ -163,10 +167,7 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
                             block_scores<hv>(qf.data() + g * head_dim, kb, n, scores.data() + g * ctx + t0);
                     }))
                     continue;
-                for (int64_t j = 0; j < n; ++j) {
-                    const T* kr = kb + j * head_dim;
-#pragma omp simd
-                    for (int64_t i = 0; i < head_dim; ++i) row[i] = load(kr[i]);
+                for_each_row(kb, n, head_dim, row.data(), [&](int64_t j) {
                     for (int64_t g = 0; g < G; ++g) {
                         const float* qg = qf.data() + g * head_dim;
                         float dot = 0.f;
@@ -174,7 +175,7 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
                         for (int64_t i = 0; i < head_dim; ++i) dot += qg[i] * row[i];
                         scores[g * ctx + t0 + j] = dot;
                     }
-                }
+                });
             }
             // Softmax per query head, in float32.
             for (int64_t g = 0; g < G; ++g) {
@@ -202,17 +203,14 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
                             block_values<hv>(scores.data() + g * ctx + t0, vb, n, acc.data() + g * head_dim);
                     }))
                     continue;
-                for (int64_t j = 0; j < n; ++j) {
-                    const T* vr = vb + j * head_dim;
-#pragma omp simd
-                    for (int64_t i = 0; i < head_dim; ++i) row[i] = load(vr[i]);
+                for_each_row(vb, n, head_dim, row.data(), [&](int64_t j) {
                     for (int64_t g = 0; g < G; ++g) {
                         const float p = scores[g * ctx + t0 + j];
                         float* ag = acc.data() + g * head_dim;
 #pragma omp simd
                         for (int64_t i = 0; i < head_dim; ++i) ag[i] += p * row[i];
                     }
-                }
+                });
             }
             for (int64_t g = 0; g < G; ++g) {
                 T* dst = out + (s * num_heads + h * G + g) * head_dim;
@@ -224,12 +222,8 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
 
 }  // namespace
 
-extern "C" {
+extern "C" {  // the entry points declared in eoq_kernels.h
 
-// dtype: 0 = float32, 1 = bfloat16. q (num_seqs, num_heads, head_dim) with q_stride elements from one sequence to
-// the next (heads and their elements contiguous); out (num_seqs, num_heads, head_dim) and the caches
-// (num_kv_heads, num_blocks, block_size, head_dim) contiguous; block_tables (num_seqs, table_width) and
-// context_lens (num_seqs) int64. Returns 0, or non-zero for arguments it cannot take.
 int eoq_paged_decode_attention(int dtype, const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
                                const int64_t* block_tables, const int64_t* context_lens, void* out, int64_t num_seqs,
                                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "bf16.h"
+#include "eoq_kernels.h"
 
 namespace {
 
@@ -38,10 +39,8 @@ void add_rms_norm(float* x, const T* delta, const float* weight, T* out, int64_t
 
 }  // namespace
 
-extern "C" {
+extern "C" {  // the entry points declared in eoq_kernels.h
 
-// dtype of delta and out: 0 = float32, 1 = bfloat16. x (rows, dim) float32, updated in place; delta (rows, dim)
-// or null; weight (dim) float32; out (rows, dim). All contiguous. Returns 0, or non-zero for a dtype it lacks.
 int eoq_add_rms_norm(int dtype, float* x, const void* delta, const float* weight, void* out, int64_t rows,
                      int64_t dim, float eps) {
     return eoq::with_dtype(dtype, [&](auto* tag) {

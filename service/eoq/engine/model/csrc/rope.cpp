@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "bf16.h"
+#include "eoq_kernels.h"
 
 namespace {
 
@@ -49,12 +50,8 @@ void rope_and_store(const T* qkv, const float* cos_table, const float* sin_table
 
 }  // namespace
 
-extern "C" {
+extern "C" {  // the entry points declared in eoq_kernels.h
 
-// dtype of qkv, qk_out and the caches: 0 = float32, 1 = bfloat16. qkv (tokens, (nh + 2 nkv) hd); cos/sin tables
-// float32 (positions, hd), sin with its first half negated (rotate_half folded in, as the decoder keeps it);
-// positions and slots (tokens) int64; qk_out (tokens, nh + nkv, hd); caches (nkv, cache_slots, hd). All
-// contiguous. Returns 0, or non-zero for arguments it cannot take.
 int eoq_rope_and_store(int dtype, const void* qkv, const float* cos_table, const float* sin_table,
                        const int64_t* positions, const int64_t* slots, void* qk_out, void* k_cache, void* v_cache,
                        int64_t tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,

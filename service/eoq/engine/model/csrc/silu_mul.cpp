@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "bf16.h"
+#include "eoq_kernels.h"
 
 namespace {
 
@@ -31,10 +32,8 @@ void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t inter) {
 
 }  // namespace
 
-extern "C" {
+extern "C" {  // the entry points declared in eoq_kernels.h
 
-// dtype: 0 = float32, 1 = bfloat16. gate_up (rows, 2 inter): the gate, then the up projection; out (rows, inter).
-// Both contiguous. Returns 0, or non-zero for a dtype it lacks.
 int eoq_silu_mul(int dtype, const void* gate_up, void* out, int64_t rows, int64_t inter) {
     return eoq::with_dtype(dtype, [&](auto* tag) {
         using T = eoq::Elem<decltype(tag)>;

@@ -1,6 +1,6 @@
 """Showing a benchmark run: rich tables on the terminal, the JSON file, and PNG plots (matplotlib).
 
-The results are one plain dict (see ``bench.py`` for its shape):
+The results are one plain dict (see ``cli.py`` for its shape):
 ``results["targets"][target]["workloads"][workload]`` is a summary from ``workloads.py``, or
 ``{"skipped": reason}`` / ``{"error": message}``.
 """

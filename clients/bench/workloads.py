@@ -1,4 +1,4 @@
-"""The benchmark workloads (``clients/WORKLOADS.md``) and the figures computed from what a client saw.
+"""The benchmark workloads (``clients/bench/WORKLOADS.md``) and the figures computed from what a client saw.
 
 Pure Python: no gRPC, no torch. A target (``targets.py``, ``peers.py``) turns each request into a
 ``RequestRecord``: when it was sent and when each piece of the answer arrived with how many tokens it held. The

@@ -1,8 +1,9 @@
-"""``eoq bench``: the benchmark workloads (``clients/WORKLOADS.md``) against one target or several.
+"""``eoq bench``: the benchmark workloads (``clients/bench/WORKLOADS.md``) against one target or several.
 
 Targets: ``server`` (an eoq server over gRPC, the default), ``inprocess`` (eoq's engine in this process, no
 gRPC), ``transformers`` (the baseline: ``generate`` in float32) and ``llamacpp`` (llama-cpp-python, if
-installed; both peers run in child processes, see ``peers.py``). ``--compare server,transformers`` runs several in
+installed; both peers run in child processes, see ``peers.py``), ``http`` and ``http-peer`` (any OpenAI-compatible
+API — eoq's own HTTP port, llama.cpp's ``llama-server``, vLLM — see ``openai_target.py``). ``--compare server,transformers`` runs several in
 one run, interleaved workload by workload, so their ratios are measured under the same load. Workloads: ``single``, ``conc-N`` and ``turns`` (see ``workloads.py``
 for how each figure is computed). Results: tables on the terminal, ``<out>/<stamp>/results.json`` and PNG plots.
 
@@ -29,10 +30,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from eoq_clients.common import TransportSecurity, add_connection_flags
-from eoq_clients.report import compute_ratios, print_report, run_dir, write_json, write_plots
-from eoq_clients.targets import LocalModel, Target, TargetInfo
-from eoq_clients.workloads import (
+from eoq_clients.bench.report import compute_ratios, print_report, run_dir, write_json, write_plots
+from eoq_clients.bench.targets import LocalModel, Target, TargetInfo
+from eoq_clients.bench.workloads import (
     WORKLOAD_KINDS,
     BenchPlan,
     RequestRecord,
@@ -42,8 +42,9 @@ from eoq_clients.workloads import (
     summarize_single,
     summarize_turns,
 )
+from eoq_clients.common import TransportSecurity, add_connection_flags
 
-TARGETS = ("server", "inprocess", "transformers", "llamacpp")
+TARGETS = ("server", "inprocess", "transformers", "llamacpp", "http", "http-peer")
 WARMUP_QUESTION = "Say hello."  # not in the measured list, so it leaves no measured prompt in a prefix cache
 SCHEMA = "eoq-bench/1"
 EXAMPLES = """examples:
@@ -51,6 +52,8 @@ EXAMPLES = """examples:
   eoq bench --quick --target inprocess                    # smoke run of the engine alone
   eoq bench --compare server,inprocess,transformers,llamacpp --server-pid PID
   eoq bench --workloads conc --concurrency 1,4,32 --repeat 3
+  eoq bench --compare server,http --workloads single,conc --concurrency 32    # gRPC vs HTTP, one server
+  eoq bench --compare http,http-peer --peer-base-url http://localhost:8080/v1  # eoq vs llama-server
 """
 
 
@@ -91,6 +94,10 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-cache-memory-gb", type=float, help="inprocess target: KV cache budget in GiB (default 1)")
     p.add_argument("--num-threads", type=int, help="inprocess and transformers: torch threads (default: all cores)")
     p.add_argument("--llamacpp-threads", type=int, default=2, help="llamacpp target: threads (default 2)")
+    p.add_argument("--base-url", default="http://localhost:8000/v1",
+                   help="http target: an OpenAI-compatible API (default: eoq's own HTTP port on localhost)")
+    p.add_argument("--peer-base-url", help="http-peer target: another OpenAI-compatible API (llama-server, vLLM)")
+    p.add_argument("--openai-model", help="http targets: the model to ask for (default: the first /v1/models lists)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -128,7 +135,7 @@ def targets_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def make_target(name: str, args: argparse.Namespace, local: Callable[[], LocalModel]) -> Target:
-    from eoq_clients import peers, targets
+    from eoq_clients.bench import peers, targets
 
     if name == "server":
         return targets.ServerTarget(args.address, args.api_key, args.server_pid,
@@ -140,6 +147,13 @@ def make_target(name: str, args: argparse.Namespace, local: Callable[[], LocalMo
     if name == "llamacpp":
         return peers.PeerProcessTarget("llamacpp", args.model, _cache_dir(args), gguf=_gguf_file(args.model),
                                        num_threads=args.llamacpp_threads)
+    if name in ("http", "http-peer"):
+        from eoq_clients.bench.openai_target import OpenAITarget
+
+        url = args.base_url if name == "http" else args.peer_base_url
+        if not url:
+            raise ValueError("the http-peer target needs --peer-base-url")
+        return OpenAITarget(url, args.api_key, args.openai_model, label=name)
     raise ValueError(name)
 
 
@@ -240,7 +254,7 @@ def _error(e: BaseException) -> str:
 async def run_bench(plan: BenchPlan, names: list[str], make: Callable[[str], Target], console: Console,
                     show_progress: bool = True, settle_seconds: float = 0.0) -> tuple[dict, bool]:
     """Start the targets, run every workload on each (interleaved), return (results, every part ran)."""
-    from eoq_clients.peers import PeerUnavailable
+    from eoq_clients.bench.peers import PeerUnavailable
 
     results: dict = {"targets": {}}
     ok = True

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from eoq_clients.targets import LocalModel, OnTokens, Target, TargetInfo, kv_bytes_per_token, read_proc_memory
-from eoq_clients.workloads import RequestRecord
+from eoq_clients.bench.targets import LocalModel, OnTokens, Target, TargetInfo, kv_bytes_per_token, read_proc_memory
+from eoq_clients.bench.workloads import RequestRecord
 
 
 # llama.cpp built for this CPU without its AMX kernels (they crashed with SIGSEGV on this project's VMs).

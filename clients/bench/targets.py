@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from eoq_clients.workloads import RequestRecord
+from eoq_clients.bench.workloads import RequestRecord
 
 if TYPE_CHECKING:  # for the annotation only: gRPC is imported where used (peers.py's processes load this module)
     from eoq_clients.common import TransportSecurity

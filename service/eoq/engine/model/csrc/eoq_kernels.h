@@ -1,0 +1,105 @@
+// The C interface of eoq's CPU kernels: every entry point of the library, declared once.
+//
+// Each kernel's .cpp includes this header and defines its entry points inside an extern "C" block, so a
+// definition that disagrees with its declaration here fails to compile; llama_small.cpp calls the others through
+// it; the ctypes bindings (eoq/engine/model/kernels/bindings.py) declare the same signatures, and
+// tests/engine/test_kernel_header.py parses this file to check that they agree.
+//
+// dtype arguments name the element type of the tensors marked "in dtype": 0 = float32, 1 = bfloat16 (held as
+// uint16_t). Tensors are contiguous unless a stride is passed. Every entry point returns 0, or a non-zero code for
+// arguments it cannot take (2: a dtype it lacks).
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// RMSNorm with the residual add before it (rms_norm.cpp): x (rows, dim) float32 += delta (rows, dim) in dtype (or
+// null), in place; then out (rows, dim) in dtype = x / sqrt(mean(x^2) + eps) * weight (dim, float32).
+int eoq_add_rms_norm(int dtype, float* x, const void* delta, const float* weight, void* out, int64_t rows,
+                     int64_t dim, float eps);
+
+// RoPE on a step's queries and keys, with the keys and values written to their cache slots (rope.cpp). qkv
+// (tokens, (nh + 2 nkv) hd) in dtype; cos/sin tables float32 (positions, hd), sin with its first half negated
+// (rotate_half folded in, as the decoder keeps it); positions and slots (tokens) int64; qk_out (tokens, nh + nkv, hd)
+// and the caches (nkv, cache_slots, hd) in dtype.
+int eoq_rope_and_store(int dtype, const void* qkv, const float* cos_table, const float* sin_table,
+                       const int64_t* positions, const int64_t* slots, void* qk_out, void* k_cache, void* v_cache,
+                       int64_t tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                       int64_t cache_slots);
+
+// Decode attention straight from the paged KV cache (paged_decode.cpp). q (num_seqs, num_heads, head_dim) in dtype
+// with q_stride elements from one sequence to the next (heads and their elements contiguous); out (num_seqs,
+// num_heads, head_dim) and the caches (num_kv_heads, num_blocks, block_size, head_dim) in dtype; block_tables
+// (num_seqs, table_width) and context_lens (num_seqs) int64.
+int eoq_paged_decode_attention(int dtype, const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
+                               const int64_t* block_tables, const int64_t* context_lens, void* out, int64_t num_seqs,
+                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                               int64_t num_blocks, int64_t table_width, float scale);
+
+// SwiGLU's gate (silu_mul.cpp): out (rows, inter) = silu(gate) * up for gate_up (rows, 2 inter) = [gate | up], both
+// in dtype.
+int eoq_silu_mul(int dtype, const void* gate_up, void* out, int64_t rows, int64_t inter);
+
+// y = x W^T for a few rows (lowbit_rows.cpp): x (rows, in_f) and y (rows, out_f) in dtype, rows <= 8, in_f a
+// multiple of 32. 4-bit (a GGUF's Q4_1): q (out_f, in_f / 32, 16) uint8, byte i of a group q[i] | q[i + 16] << 4;
+// scales (out_f, in_f / 32, 2) float32 (step, min): w = step * q + min.
+int eoq_int4_matmul(int dtype, const void* x, const uint8_t* q, const float* scales, void* y, int64_t rows,
+                    int64_t in_f, int64_t out_f);
+// 8-bit (a GGUF's Q8_0): q (out_f, in_f) int8; scales (out_f, in_f / 32) float32: w = scale * q.
+int eoq_int8_matmul(int dtype, const void* x, const int8_t* q, const float* scales, void* y, int64_t rows,
+                    int64_t in_f, int64_t out_f);
+
+// y = x W^T in float32 for any number of rows, W packed in panels of 16 outputs (gemm.cpp; the formats:
+// eoq/engine/model/kernels/formats.py). x (rows, k), y (rows, n). float32: packed (ceil(n / 16), k, 16), 64-byte
+// aligned.
+int eoq_gemm_f32(const float* x, const float* packed, float* y, int64_t rows, int64_t n, int64_t k);
+// 4-bit: q uint8 (ceil(n / 16), k / 2, 16), scales float32 (ceil(n / 16), k / 32, 2, 16); k a multiple of 32.
+int eoq_gemm_q4(const float* x, const uint8_t* q, const float* scales, float* y, int64_t rows, int64_t n, int64_t k);
+// 8-bit: q int8 (ceil(n / 16), k, 16), scales float32 (ceil(n / 16), k / 32, 16); k a multiple of 32.
+int eoq_gemm_q8(const float* x, const int8_t* q, const float* scales, float* y, int64_t rows, int64_t n, int64_t k);
+
+// The index of each row's first largest value (argmax.cpp): x float32 (rows, n), out int64 (rows).
+int eoq_argmax(const float* x, int64_t* out, int64_t rows, int64_t n);
+
+// One layer's weights for eoq_llama_layers_int4 (set once at load): RMSNorm weights float32; each projection 4-bit
+// as eoq_int4_matmul takes it (q, scales); the layer's K and V caches (num_kv_heads, num_blocks, block_size,
+// head_dim).
+typedef struct EoqLlamaLayer {
+    const float* input_norm;
+    const float* post_norm;
+    const uint8_t* qkv_q;
+    const float* qkv_s;
+    const uint8_t* o_q;
+    const float* o_s;
+    const uint8_t* gate_up_q;
+    const float* gate_up_s;
+    const uint8_t* down_q;
+    const float* down_s;
+    void* k_cache;
+    void* v_cache;
+} EoqLlamaLayer;
+
+typedef struct EoqLlamaShape {
+    int64_t hidden, num_heads, num_kv_heads, head_dim, inter, block_size, num_blocks;
+    float eps, scale;
+} EoqLlamaShape;
+
+// Every layer of a Llama-family decoder for a decode step of a few tokens, in one call (llama_small.cpp). pending
+// and the caches in dtype. x (tokens, hidden) float32: the residual stream (the embeddings), updated in place;
+// pending (tokens, hidden): on return the last layer's MLP output, not yet added to x (the final norm adds it);
+// every decoding token's position, slot, block table row (table_width blocks) and context length, as the kernels
+// above take them. Returns 0, or the first failing kernel's code.
+int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_layers, EoqLlamaShape s, float* x,
+                          void* pending, const float* cos_table, const float* sin_table,
+                          const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
+                          const int64_t* context_lens, int64_t table_width, int64_t tokens);
+
+// Which of simd.h's branches this build took: "avx512", "avx2" or "generic" (isa.cpp).
+const char* eoq_simd_isa(void);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif

@@ -65,7 +65,7 @@ async def test_reflection_lists_and_describes_the_service(server: RunningServer)
     [service] = chat_file.service
     assert sorted(m.name for m in service.method) == sorted(
         ["Chat", "Complete", "CreateConversation", "GetConversation", "ListConversations", "DeleteConversation",
-         "GetModelInfo"])
+         "GetModelInfo", "Regenerate", "SetActiveBranch", "DeleteMessage", "WatchAnswer", "CancelAnswer"])
 
 
 async def test_model_info(server: RunningServer, stub) -> None:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
-from eoq.chat.memory_store import MemoryConversationStore, _Lease
+from eoq.chat.memory_store import MemoryConversationStore
 from eoq.chat.redis_store import RedisConversationStore
 from eoq.chat.store import (
     Conversation,
@@ -32,6 +32,7 @@ from eoq.chat.store import (
 )
 from eoq.engine.types import FinishReason
 from eoq.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from tests.chat.conftest import Backend
 from tests.conftest import RedisServer
 
 
@@ -43,47 +44,6 @@ def answer(
     content: str, reason: FinishReason = FinishReason.STOP, ids: tuple[int, ...] | None = None
 ) -> StoredMessage:
     return StoredMessage(Role.ASSISTANT, content, time.time(), finish_reason=reason, token_ids=ids)
-
-
-class Backend:
-    """Makes stores of one kind, plants a "crashed holder's" lock, closes what it made."""
-
-    def __init__(self, redis_server: RedisServer | None) -> None:
-        self.redis_server = redis_server
-        self.stores: list[ConversationStore] = []
-
-    def make(
-        self, ttl_seconds: float = 60.0, lock_ttl_seconds: float = 30.0, limits: ConversationLimits | None = None
-    ) -> ConversationStore:
-        store: ConversationStore
-        if self.redis_server is None:
-            store = MemoryConversationStore(ttl_seconds, lock_ttl_seconds, limits=limits)
-        else:
-            store = RedisConversationStore(self.redis_server.url, ttl_seconds, lock_ttl_seconds, limits=limits)
-        self.stores.append(store)
-        return store
-
-    def plant_lock(self, store: ConversationStore, conversation_id: str, seconds: float) -> None:
-        """Leave a lock as a holder that crashed (no renewal, no release) would, replacing any other."""
-        if self.redis_server is None:
-            assert isinstance(store, MemoryConversationStore)
-            store._leases[conversation_id] = _Lease("crashed-holder", time.monotonic() + seconds)
-        else:
-            with self.redis_server.client() as r:
-                r.set(f"eoq:conv:{conversation_id}:lock", "crashed-holder", px=round(seconds * 1000))
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    b = Backend(request.getfixturevalue("redis_server") if request.param == "redis" else None)
-    yield b
-    for store in b.stores:
-        await store.close()
-
-
-@pytest.fixture
-def store(backend: Backend) -> ConversationStore:
-    return backend.make()
 
 
 async def create_many(store: ConversationStore, tenant: str, n: int) -> list[str]:
@@ -211,7 +171,9 @@ async def test_append_turn_stores_both_messages(store: ConversationStore) -> Non
     after_two = await store.append_turn("acme", created.id, q2, a2)
     assert after_two.message_count == 4 and after_two.updated_at >= after_one.updated_at
     got = await store.get("acme", created.id)
-    assert got.messages == (q1, a1, q2, a2)
+    # Appended without ids, the messages read as one branch: each the parent of the next.
+    assert [replace(m, id="", parent_id=None) for m in got.messages] == [q1, a1, q2, a2]
+    assert [m.parent_id for m in got.messages] == [None] + [m.id for m in got.messages[:-1]]
     assert got.messages[1].token_ids == (19, 20) and got.messages[3].finish_reason is FinishReason.LENGTH
     assert got.message_count == 4 and got.updated_at == after_two.updated_at
 
@@ -710,7 +672,10 @@ async def test_redis_old_format_data_loads(redis_server: RedisServer) -> None:
     got = await store.get("acme", old)
     assert got.system_prompt == long_prompt and got.message_count == 4
     assert got.num_bytes == 300 + 2 * turn_bytes
-    assert got.messages[1] == StoredMessage(Role.ASSISTANT, 'a0 "quoted"\n', 1700000001.0, FinishReason.STOP)
+    # The old layout reads as a single branch: ids by position, each message the parent of the next.
+    assert got.messages[1] == StoredMessage(Role.ASSISTANT, 'a0 "quoted"\n', 1700000001.0, FinishReason.STOP,
+                                            id=f"{old}-1", parent_id=f"{old}-0")
+    assert [m.parent_id for m in got.messages] == [None, f"{old}-0", f"{old}-1", f"{old}-2"]
     rows = {c.id: c for c in (await store.list("acme", 10))[0]}
     assert (rows[old].system_prompt, rows[old].system_prompt_truncated) == ("p" * 256, True)
     assert (rows[old].num_bytes, rows[old].message_count) == (300 + 2 * turn_bytes, 4)

@@ -106,3 +106,41 @@ def test_repl_ends_at_end_of_input_and_on_errors_keeps_going() -> None:
     assert r.stderr.count("UNAVAILABLE") == 2, r.stderr  # both questions; /history has no conversation yet
     assert "(no conversation yet)" in r.stdout
 
+
+
+def test_repl_regenerate_switch_and_edit(eoq_server: ServerThread) -> None:
+    script = (
+        "What is the capital of France?\n"
+        "/regen\n"
+        "/branches\n"
+        "/switch 2 1\n"
+        "/edit 1 What is the capital of Germany?\n"
+        "/branches\n"
+        "/switch 9 1\n"
+        "/quit\n"
+    )
+    r = run_eoq("chat", "--address", eoq_server.address, "--max-tokens", "24", "--seed", "3", input=script)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.count("eoq> ") == 3, out  # the question, the regenerated answer, the edited question
+    # After /regen the second answer is shown as alternative 2 of 2; /switch 2 1 goes back to the first.
+    assert re.search(r"2\. eoq \[2/2\]: ", out), out
+    assert re.search(r"2\. eoq \[1/2\]: .*Paris", out), out
+    # The edit is a second first question, with its own answer.
+    assert re.search(r"1\. you \[2/2\]: What is the capital of Germany\?", out), out
+    assert "Berlin" in out
+    assert "(no message 9: the branch has 2 (see /branches))" in out
+
+
+def test_resume_follows_a_detached_answer_after_the_connection_dropped(eoq_server: ServerThread) -> None:
+    channel, stub = sync_stub(eoq_server.address)
+    with channel:
+        call = stub.Chat(pb.ChatRequest(message="Tell me a long story.", detach=True,
+                                        sampling=pb.SamplingParams(max_tokens=150, ignore_eos=True)))
+        first = next(call)
+        call.cancel()  # the client is gone; the answer goes on on the server
+    r = run_eoq("chat", "--address", eoq_server.address, "--resume", first.conversation_id, input="/quit\n")
+    assert r.returncode == 0, r.stderr
+    stored = conversation(eoq_server, first.conversation_id).messages[1]
+    assert stored.finish_reason == pb.FINISH_REASON_LENGTH and not stored.generating
+    assert stored.content.strip() and stored.content.strip() in r.stdout

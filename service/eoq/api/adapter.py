@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from eoq._proto.chat.v1 import chat_pb2 as pb
-from eoq.chat.service import AnswerEvent, Usage
+from eoq.chat.events import AnswerEvent, Usage
+from eoq.chat.conversations import ConversationView
 from eoq.chat.store import Conversation, Role, StoredMessage
 from eoq.engine.types import MAX_STOP_STRINGS, FinishReason, ModelInfo, SamplingParams
 from eoq.config import Settings
@@ -66,9 +67,10 @@ def _timestamp(unix_seconds: float) -> Timestamp:
     return ts
 
 
-def message_to_pb(m: StoredMessage) -> pb.Message:
+def message_to_pb(m: StoredMessage, sibling_ids: tuple[str, ...] = (), generating: bool = False) -> pb.Message:
     return pb.Message(role=ROLE_TO_PB[m.role], content=m.content, finish_reason=FINISH_TO_PB[m.finish_reason],
-                      created_at=_timestamp(m.created_at))
+                      created_at=_timestamp(m.created_at), id=m.id, parent_id=m.parent_id or "",
+                      sibling_ids=sibling_ids, generating=generating)
 
 
 def conversation_to_pb(c: Conversation) -> pb.Conversation:
@@ -81,6 +83,19 @@ def conversation_to_pb(c: Conversation) -> pb.Conversation:
         message_count=c.message_count,
         system_prompt_truncated=c.system_prompt_truncated,  # list rows: a preview (eoq.chat.store.listed)
     )
+
+
+def conversation_view_to_pb(view: ConversationView) -> pb.Conversation:
+    """A conversation with its messages (the active branch or the whole tree): an unfinished answer that no
+    generation is writing any more (its server died) reads as cancelled."""
+    conv = conversation_to_pb(replace(view.conversation, messages=()))
+    conv.active_message_id = view.active_leaf or ""
+    for m in view.conversation.messages:
+        live = m.id == view.generating
+        if m.role is Role.ASSISTANT and m.finish_reason is None and not live:
+            m = replace(m, finish_reason=FinishReason.CANCELLED)
+        conv.messages.append(message_to_pb(m, view.siblings.get(m.id, ()), live))
+    return conv
 
 
 def usage_to_pb(u: Usage) -> pb.Usage:
@@ -96,7 +111,8 @@ def usage_to_pb(u: Usage) -> pb.Usage:
 
 def chat_event_to_pb(e: AnswerEvent) -> pb.ChatEvent:
     event = pb.ChatEvent(conversation_id=e.conversation_id, delta=e.text, token_ids=e.token_ids,
-                         finish_reason=FINISH_TO_PB[e.finish_reason], dropped_turns=e.dropped_turns)
+                         finish_reason=FINISH_TO_PB[e.finish_reason], dropped_turns=e.dropped_turns,
+                         user_message_id=e.user_message_id, message_id=e.message_id, sequence=e.sequence)
     if e.usage is not None:
         event.usage.CopyFrom(usage_to_pb(e.usage))
     return event

@@ -32,15 +32,16 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     # --- drain support ---
     @property
     def num_streaming(self) -> int:
-        return len(self._streams)
+        """Calls streaming an answer, and detached answers still generating here."""
+        return len(self._streams) + self.chat.detached.num_running
 
     async def wait_streams(self, timeout: float) -> bool:
-        """Wait until no answer is streaming (True) or ``timeout`` passes (False)."""
+        """Wait until no answer is streaming or generating (True) or ``timeout`` passes (False)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._streams and loop.time() < deadline:
+        while self.num_streaming and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        return not self._streams
+        return not self.num_streaming
 
     def _tenant(self, context: grpc.aio.ServicerContext, *, write: bool) -> str:
         return self.auth.authenticate(context.invocation_metadata(), write=write)
@@ -64,9 +65,54 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         tenant = self._tenant(context, write=True)
         self._admit()
         sampling = self.policy.sampling_from_pb(request.sampling)
-        events = self.chat.chat(tenant, request.conversation_id, request.message, sampling, request.system_prompt)
+        events = self.chat.chat(tenant, request.conversation_id, request.message, sampling, request.system_prompt,
+                                request.parent_message_id, request.detach)
         async for event in self._stream(events, adapter.chat_event_to_pb):
             yield event
+
+    async def Regenerate(self, request: pb.RegenerateRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatEvent]:
+        tenant = self._tenant(context, write=True)
+        self._admit()
+        sampling = self.policy.sampling_from_pb(request.sampling)
+        events = self.chat.regenerate(tenant, request.conversation_id, request.message_id, sampling, request.detach)
+        async for event in self._stream(events, adapter.chat_event_to_pb):
+            yield event
+
+    async def WatchAnswer(self, request: pb.WatchAnswerRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatEvent]:
+        tenant = self._tenant(context, write=False)
+        _required(request.conversation_id, "conversation_id")
+        _required(request.message_id, "message_id")
+        events = self.chat.detached.watch(tenant, request.conversation_id, request.message_id,
+                                          request.after_sequence)
+        async with aclosing(events) as it:  # a watcher is not an answer: the drain does not wait for it
+            async for event in it:
+                yield adapter.chat_event_to_pb(event)
+
+    async def CancelAnswer(self, request: pb.CancelAnswerRequest,
+                           context: grpc.aio.ServicerContext) -> pb.CancelAnswerResponse:
+        tenant = self._tenant(context, write=True)
+        _required(request.conversation_id, "conversation_id")
+        _required(request.message_id, "message_id")
+        was_running = await self.chat.detached.cancel(tenant, request.conversation_id, request.message_id)
+        return pb.CancelAnswerResponse(was_running=was_running)
+
+    async def SetActiveBranch(self, request: pb.SetActiveBranchRequest,
+                              context: grpc.aio.ServicerContext) -> pb.Conversation:
+        tenant = self._tenant(context, write=True)
+        _required(request.conversation_id, "conversation_id")
+        _required(request.message_id, "message_id")
+        view = await self.chat.conversations.set_active_branch(tenant, request.conversation_id, request.message_id)
+        return adapter.conversation_view_to_pb(view)
+
+    async def DeleteMessage(self, request: pb.DeleteMessageRequest,
+                            context: grpc.aio.ServicerContext) -> pb.DeleteMessageResponse:
+        tenant = self._tenant(context, write=True)
+        _required(request.conversation_id, "conversation_id")
+        _required(request.message_id, "message_id")
+        deleted, leaf = await self.chat.conversations.delete_message(tenant, request.conversation_id, request.message_id)
+        return pb.DeleteMessageResponse(deleted_messages=deleted, active_message_id=leaf or "")
 
     async def Complete(self, request: pb.CompleteRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CompleteEvent]:
@@ -86,9 +132,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def GetConversation(self, request: pb.GetConversationRequest,
                               context: grpc.aio.ServicerContext) -> pb.Conversation:
         tenant = self._tenant(context, write=False)
-        if not request.id:
-            raise InvalidArgument("id is required")
-        return adapter.conversation_to_pb(await self.chat.store.get(tenant, request.id))
+        _required(request.id, "id")
+        return adapter.conversation_view_to_pb(await self.chat.conversations.get(tenant, request.id, request.tree))
 
     async def ListConversations(self, request: pb.ListConversationsRequest,
                                 context: grpc.aio.ServicerContext) -> pb.ListConversationsResponse:
@@ -102,11 +147,15 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def DeleteConversation(self, request: pb.DeleteConversationRequest,
                                  context: grpc.aio.ServicerContext) -> pb.DeleteConversationResponse:
         tenant = self._tenant(context, write=True)
-        if not request.id:
-            raise InvalidArgument("id is required")
+        _required(request.id, "id")
         await self.chat.store.delete(tenant, request.id)
         return pb.DeleteConversationResponse()
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         self._tenant(context, write=False)
         return self.model_info
+
+
+def _required(value: str, name: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{name} is required")

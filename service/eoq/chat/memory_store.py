@@ -36,6 +36,8 @@ from eoq.chat.store import (
     quota_exceeded,
     text_bytes,
 )
+from eoq.chat.answers import AnswerLogSettings, MemoryAnswerLog
+from eoq.chat.tree import with_legacy_ids
 from eoq.errors import InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,10 @@ class _Record:
     messages: list[StoredMessage] = field(default_factory=list)
     num_bytes: int = 0  # text_bytes of the system prompt and every message's content
     last_turn: str | None = None  # the turn token of the last append
+    active_leaf: str | None = None
+    generating: str | None = None  # the id of the answer a detached generation is writing
 
-    def to_conversation(self, conversation_id: str, with_messages: bool) -> Conversation:
+    def to_conversation(self, conversation_id: str, with_messages: bool, locked: bool = False) -> Conversation:
         return Conversation(
             id=conversation_id,
             tenant=self.tenant,
@@ -64,8 +68,11 @@ class _Record:
             created_at=self.created_at,
             updated_at=self.updated_at,
             message_count=len(self.messages),
-            messages=tuple(self.messages) if with_messages else (),
+            messages=with_legacy_ids(conversation_id, self.messages) if with_messages else (),
             num_bytes=self.num_bytes,
+            active_leaf=self.active_leaf,
+            generating=self.generating,
+            locked=locked,
         )
 
 
@@ -81,7 +88,8 @@ class MemoryConversationStore:
     ``limits``: what a conversation and a tenant may hold."""
 
     def __init__(
-        self, ttl_seconds: float, lock_ttl_seconds: float = 30.0, limits: ConversationLimits | None = None
+        self, ttl_seconds: float, lock_ttl_seconds: float = 30.0, limits: ConversationLimits | None = None,
+        answers: AnswerLogSettings | None = None,
     ) -> None:
         if ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds must be > 0, got {ttl_seconds}")
@@ -94,6 +102,7 @@ class MemoryConversationStore:
         self._ids_by_tenant: dict[str, set[str]] = {}
         self._leases: dict[str, _Lease] = {}
         self._next_sweep = 0.0
+        self.answers = MemoryAnswerLog(answers or AnswerLogSettings(lease_seconds=lock_ttl_seconds))
 
     @property
     def limits(self) -> ConversationLimits:
@@ -123,7 +132,7 @@ class MemoryConversationStore:
     async def get(self, tenant: str, conversation_id: str) -> Conversation:
         record = self._live(tenant, conversation_id)
         record.expires_at = time.monotonic() + self._ttl
-        return record.to_conversation(conversation_id, with_messages=True)
+        return record.to_conversation(conversation_id, with_messages=True, locked=self._is_locked(conversation_id))
 
     async def list(self, tenant: str, page_size: int, page_token: str = "") -> tuple[list[Conversation], str]:
         if page_size < 1:
@@ -153,7 +162,7 @@ class MemoryConversationStore:
         self,
         tenant: str,
         conversation_id: str,
-        user: StoredMessage,
+        user: StoredMessage | None,
         assistant: StoredMessage,
         system_prompt: str | None = None,
         *,
@@ -163,29 +172,70 @@ class MemoryConversationStore:
         record = self._live(tenant, conversation_id)
         if turn_token is not None and record.last_turn == turn_token:  # stored already
             return record.to_conversation(conversation_id, with_messages=False)
-        if lease is not None:
-            held = self._leases.get(conversation_id)
-            if held is None or held.token != lease.token or held.expires_at <= time.monotonic():
-                raise LeaseLost(f"conversation {conversation_id}: its lock expired before the answer was stored; "
-                                "ask again")
-        new_bytes = text_bytes(user.content) + text_bytes(assistant.content)
+        self._check_lease(conversation_id, lease)
+        new = (assistant,) if user is None else (user, assistant)
+        new_bytes = sum(text_bytes(m.content) for m in new)
         if system_prompt is not None:
             new_bytes += text_bytes(system_prompt) - text_bytes(record.system_prompt)
-        check_room(record.to_conversation(conversation_id, with_messages=False), self._limits, new_bytes)
-        record.messages += (user, assistant)
+        check_room(record.to_conversation(conversation_id, with_messages=False), self._limits, new_bytes, len(new))
+        record.messages += new
         record.last_turn = turn_token
         record.num_bytes += new_bytes
+        record.active_leaf = assistant.id
+        if assistant.finish_reason is None:
+            record.generating = assistant.id
         if system_prompt is not None:
             record.system_prompt = system_prompt
         record.updated_at = time.time()
         record.expires_at = time.monotonic() + self._ttl
         return record.to_conversation(conversation_id, with_messages=False)
 
+    async def update_answer(self, tenant: str, conversation_id: str, answer: StoredMessage, lease: Lease) -> None:
+        record = self._live(tenant, conversation_id)
+        self._check_lease(conversation_id, lease)
+        if record.generating != answer.id:
+            raise NotFound(f"answer {answer.id} is not being generated in conversation {conversation_id}")
+        i = next(i for i, m in enumerate(record.messages) if m.id == answer.id)
+        record.num_bytes += text_bytes(answer.content) - text_bytes(record.messages[i].content)
+        record.messages[i] = answer
+        if answer.finish_reason is not None:
+            record.generating = None
+        record.updated_at = time.time()
+        record.expires_at = time.monotonic() + self._ttl
+
+    async def set_active_leaf(self, tenant: str, conversation_id: str, leaf_id: str) -> None:
+        record = self._live(tenant, conversation_id)
+        record.active_leaf = leaf_id
+        record.expires_at = time.monotonic() + self._ttl
+
+    async def replace_messages(self, tenant: str, conversation_id: str, messages: tuple[StoredMessage, ...],
+                               active_leaf: str | None, lease: Lease) -> None:
+        record = self._live(tenant, conversation_id)
+        self._check_lease(conversation_id, lease)
+        record.messages = list(messages)
+        record.num_bytes = text_bytes(record.system_prompt) + sum(text_bytes(m.content) for m in messages)
+        record.active_leaf = active_leaf
+        if record.generating not in {m.id for m in messages}:
+            record.generating = None
+        record.updated_at = time.time()
+        record.expires_at = time.monotonic() + self._ttl
+
+    def _check_lease(self, conversation_id: str, lease: Lease | None) -> None:
+        if lease is None:
+            return
+        held = self._leases.get(conversation_id)
+        if held is None or held.token != lease.token or held.expires_at <= time.monotonic():
+            raise LeaseLost(f"conversation {conversation_id}: its lock expired before the answer was stored; "
+                            "ask again")
+
+    def _is_locked(self, conversation_id: str) -> bool:
+        lease = self._leases.get(conversation_id)
+        return lease is not None and lease.expires_at > time.monotonic()
+
     @asynccontextmanager
     async def lock(self, tenant: str, conversation_id: str) -> AsyncIterator[Lease]:
         self._live(tenant, conversation_id)
-        lease = self._leases.get(conversation_id)
-        if lease is not None and lease.expires_at > time.monotonic():
+        if self._is_locked(conversation_id):
             raise ConversationBusy(
                 f"conversation {conversation_id} is busy: another answer is still streaming"
             )

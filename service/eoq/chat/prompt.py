@@ -226,3 +226,16 @@ class PromptBuilder:
         special = set(self.tokenizer.all_special_ids)
         special.update(i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special)
         return frozenset(special)
+
+    def build_messages(self, messages: Sequence[ChatMessage], max_prompt_tokens: int) -> list[int]:
+        """The prompt for a whole conversation the client sends (stateless, as OpenAI's chat completions):
+        ``messages`` rendered as given — system messages where they stand — then the end-of-question marker, so
+        the model answers next. Nothing is dropped: raises ``InvalidArgument`` unless it fits in
+        ``max_prompt_tokens``."""
+        if not any(m.content.strip() for m in messages):
+            raise InvalidArgument("the messages are empty")
+        ids = self.render(None, messages)
+        if len(ids) > max_prompt_tokens:
+            raise InvalidArgument(f"the messages are too long: the prompt is {len(ids)} tokens, and at most "
+                                  f"{max_prompt_tokens} fit (the context window minus max_tokens)")
+        return ids

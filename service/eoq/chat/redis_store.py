@@ -5,9 +5,12 @@ Keys (``P`` is ``key_prefix``, ``ID`` a conversation id, 32 hex digits):
 - ``P:conv:ID`` hash: ``tenant``, ``system_prompt`` (absent = the model's default), ``system_prompt_preview``
   (its first ``SYSTEM_PROMPT_PREVIEW_CHARS`` characters, what ``list`` reads), ``created_at``, ``updated_at``
   (unix seconds, repr floats), ``message_count``, ``num_bytes`` (``text_bytes`` of the system prompt and every
-  message's content), ``last_turn`` (token of the last turn);
-- ``P:conv:ID:messages`` list, oldest first, of JSON objects
-  ``{"role", "content", "created_at", "finish_reason", "token_ids"}``;
+  message's content), ``last_turn`` (token of the last turn), ``active_leaf`` (the id of the active branch's
+  leaf), ``generating`` and ``generating_index`` (the id and list index of the answer a detached generation is
+  writing, while it is);
+- ``P:conv:ID:messages`` list, in creation order (a parent before its children), of JSON objects
+  ``{"id", "parent_id", "role", "content", "created_at", "finish_reason", "token_ids", "token_model"}``
+  (messages stored before the tree have no ``id``/``parent_id``: read as one branch, ``tree.with_legacy_ids``);
 - ``P:conv:ID:lock`` string: the random token of the holder of the conversation's lease;
 - ``P:tenant:TENANT:conversations`` sorted set of ids scored by ``updated_at``, for paging.
 
@@ -28,7 +31,9 @@ from the messages, ``append_turn`` counts and stores them once, ``list`` reads s
 
 Failures: connect and read timeouts are ``timeout_seconds``; a command whose connection broke is retried once,
 at once, which is how a restarted Redis serves the next call; every failure becomes ``StoreUnavailable``,
-whose message names no address and no exception (clients see it); the log line has both.
+whose message names no address and no exception (clients see it); the log line has both. With ``sentinels``
+the client follows the primary they name across failovers, and with ``wait_replicas`` every conversation
+write waits for that many replicas (``WAIT``, at most ``wait_timeout_ms``): see ``eoq.chat.redis_client``.
 """
 
 from __future__ import annotations
@@ -39,13 +44,10 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit, urlunsplit
+from dataclasses import replace
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -70,115 +72,17 @@ from eoq.chat.store import (
     quota_exceeded,
     text_bytes,
 )
+from eoq.chat.answers import AnswerLogSettings
+from eoq.chat import redis_scripts as scripts
+from eoq.chat.redis_answers import RedisAnswerLog
+from eoq.chat.redis_client import connect, waited
+from eoq.chat.tree import with_legacy_ids
 from eoq.engine.types import FinishReason
 from eoq.errors import InternalError, InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
 
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
-
-# KEYS: hash, index. ARGV: tenant, id, created_at, ttl ms, most conversations of the tenant, num_bytes,
-# '1' when a system prompt follows, system prompt, its preview. -> 1 created, 0 the index is at the quota.
-# Finding the hash means an earlier attempt of this same call created it and its reply was lost (ids are new).
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 0 end
-redis.call('HSET', KEYS[1], 'tenant', ARGV[1], 'created_at', ARGV[3], 'updated_at', ARGV[3], 'message_count', 0,
-           'num_bytes', ARGV[6])
-if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'system_prompt', ARGV[8], 'system_prompt_preview', ARGV[9]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return 1
-"""
-
-# A conversation whose messages list was evicted while its hash was not: removed whole (KEYS: hash, messages,
-# index; ARGV[2] the id), so that no reader gets a history that silently lost turns.
-_DROP_IF_TORN = """
-local function torn(num_messages)
-  if num_messages == tonumber(redis.call('HGET', KEYS[1], 'message_count')) then return false end
-  redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('ZREM', KEYS[3], ARGV[2])
-  return true
-end
-"""
-
-# KEYS: hash, messages, index. ARGV: tenant, id, ttl ms. -> false, or {hash fields, messages}
-_GET = _DROP_IF_TORN + """
-if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return false end
-local messages = redis.call('LRANGE', KEYS[2], 0, -1)
-if torn(#messages) then return false end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
-return {redis.call('HGETALL', KEYS[1]), messages}
-"""
-
-# KEYS: hash, messages, index, lock. ARGV: tenant, id, updated_at, ttl ms, user json, assistant json,
-# '1' to replace the system prompt, system prompt, turn token, the turn's text bytes, the new system prompt's
-# bytes, its preview, most messages, most bytes, the lease's token ('' = no lease to check).
-# -> false (gone), {'lost'} (the lock is no longer the lease's: nothing written), {'full', the bytes the turn
-# would add, hash fields} (refused: nothing written but a missing num_bytes), or the hash fields after the turn.
-# A turn whose token is already the last one was stored by an earlier attempt (a retry whose reply was lost, or
-# the final save a cancel raced): not again. The limit check is check_room's rule (eoq.chat.store).
-_APPEND_TURN = _DROP_IF_TORN + """
-if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return false end
-if redis.call('HGET', KEYS[1], 'last_turn') == ARGV[9] then return redis.call('HGETALL', KEYS[1]) end
-if ARGV[15] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[15] then return {'lost'} end
-if torn(redis.call('LLEN', KEYS[2])) then return false end
-local count = tonumber(redis.call('HGET', KEYS[1], 'message_count'))
-local size = tonumber(redis.call('HGET', KEYS[1], 'num_bytes'))
-if not size then  -- written before num_bytes was kept: count it once (the JSON strings decode to UTF-8)
-  size = redis.call('HSTRLEN', KEYS[1], 'system_prompt')
-  for _, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do size = size + #cjson.decode(raw).content end
-  redis.call('HSET', KEYS[1], 'num_bytes', size)
-end
-local added = tonumber(ARGV[10])
-if ARGV[7] == '1' then added = added + tonumber(ARGV[11]) - redis.call('HSTRLEN', KEYS[1], 'system_prompt') end
-if count + 2 > tonumber(ARGV[13]) or size + added > tonumber(ARGV[14]) then
-  return {'full', added, redis.call('HGETALL', KEYS[1])}
-end
-redis.call('HSET', KEYS[1], 'last_turn', ARGV[9])
-redis.call('RPUSH', KEYS[2], ARGV[5], ARGV[6])
-redis.call('HINCRBY', KEYS[1], 'message_count', 2)
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[3], 'num_bytes', size + added)
-if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'system_prompt', ARGV[8], 'system_prompt_preview', ARGV[12]) end
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-return redis.call('HGETALL', KEYS[1])
-"""
-
-# KEYS: hash, messages, index. ARGV: tenant, id. -> 1 deleted, 0 not found
-_DELETE = """
-if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('ZREM', KEYS[3], ARGV[2])
-return 1
-"""
-
-# KEYS: hash, lock. ARGV: tenant, token, lease ms. -> 1 acquired, 0 busy, -1 not found.
-# Finding its own token means an earlier attempt of this same call took the lock and its reply was lost.
-_ACQUIRE = """
-if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return -1 end
-if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 1 end
-if redis.call('GET', KEYS[2]) == ARGV[2] then return 1 end
-return 0
-"""
-
-# KEYS: lock. ARGV: token, lease ms. -> 1 renewed, 0 the lease is no longer ours
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-# KEYS: lock. ARGV: token. -> 1 released, 0 the lease is no longer ours (expired, maybe taken by another)
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 class RedisConversationStore:
     """``ConversationStore`` in Redis (redis-py's asyncio client). ``ttl_seconds``: idle time after which a
@@ -196,6 +100,13 @@ class RedisConversationStore:
         observer: LatencyObserver | None = None,
         key_prefix: str = "eoq",
         limits: ConversationLimits | None = None,
+        answers: AnswerLogSettings | None = None,
+        max_answer_events: int = 100_000,
+        *,
+        sentinels: Sequence[tuple[str, int]] = (),
+        sentinel_master: str | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 500,
     ) -> None:
         if ttl_seconds <= 0 or lock_ttl_seconds <= 0 or timeout_seconds <= 0:
             raise ValueError(
@@ -208,28 +119,42 @@ class RedisConversationStore:
         self._observer = observer
         self._prefix = key_prefix
         self._limits = limits or ConversationLimits()
-        self._redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            # One immediate retry, on a broken connection only (never on a timeout): a pooled connection
-            # that Redis closed when it restarted fails once and the retry reconnects. The scripts make the
-            # retry safe when the first attempt did run: a turn carries a token and is stored once, a lock
-            # attempt recognises its own token.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
-        self._description = f"redis at {_redact(url)}"
-        kwargs = self._redis.connection_pool.connection_kwargs
-        address = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
-        self._where = f"redis at {address}"
-        self._create = self._redis.register_script(_CREATE)
-        self._get = self._redis.register_script(_GET)
-        self._append_turn = self._redis.register_script(_APPEND_TURN)
-        self._delete = self._redis.register_script(_DELETE)
-        self._acquire = self._redis.register_script(_ACQUIRE)
-        self._renew = self._redis.register_script(_RENEW)
-        self._release = self._redis.register_script(_RELEASE)
+        # One client for the store and its answer log, to ``url`` or to the primary the sentinels name (it
+        # follows failovers), with one immediate retry on a broken connection (eoq.chat.redis_client.connect).
+        # The scripts make the retry safe when the first attempt did run: a turn carries a token and is
+        # stored once, a lock attempt recognises its own token.
+        self._connection = connect(url, timeout_seconds, sentinels=sentinels, sentinel_master=sentinel_master)
+        self._redis = self._connection.client
+        self._description = self._connection.description
+        if wait_replicas:
+            self._description += f", each conversation write waiting for {wait_replicas} replica(s) " \
+                                 f"(up to {wait_timeout_ms} ms)"
+        # The live events of detached answers, on the same client (eoq.chat.redis_answers).
+        self.answers = RedisAnswerLog(self._redis, self._call, key_prefix,
+                                      answers or AnswerLogSettings(lease_seconds=lock_ttl_seconds),
+                                      max_events=max_answer_events, block_seconds=min(1.0, timeout_seconds / 2))
+        self._where = self._connection.where
+
+        def short(acknowledged: int) -> None:
+            self._observe("wait", None)  # eoq_redis_errors_total{operation="wait"}
+            logger.warning("redis WAIT: %d of %d replica(s) acknowledged a conversation write within %d ms; it is "
+                           "stored on the primary only", acknowledged, wait_replicas, wait_timeout_ms)
+
+        def write(script: str):
+            # Conversation writes wait for replicas when asked (--redis-wait-replicas); locks and the answer
+            # log's events do not (short-lived, and the log replays from the store).
+            return waited(self._redis.register_script(script), self._redis, wait_replicas, wait_timeout_ms, short)
+
+        self._create = write(scripts.CREATE)
+        self._get = self._redis.register_script(scripts.GET)
+        self._append_turn = write(scripts.APPEND_TURN)
+        self._update_answer = write(scripts.UPDATE_ANSWER)
+        self._set_active_leaf = write(scripts.SET_ACTIVE_LEAF)
+        self._replace_messages = write(scripts.REPLACE_MESSAGES)
+        self._delete = write(scripts.DELETE)
+        self._acquire = self._redis.register_script(scripts.ACQUIRE)
+        self._renew = self._redis.register_script(scripts.RENEW)
+        self._release = self._redis.register_script(scripts.RELEASE)
 
     @property
     def limits(self) -> ConversationLimits:
@@ -277,13 +202,14 @@ class RedisConversationStore:
         check_conversation_id(conversation_id)
         async with self._call("get"):
             found = await self._get(
-                keys=self._keys(tenant, conversation_id), args=[tenant, conversation_id, self._ttl_ms]
+                keys=[*self._keys(tenant, conversation_id), self._lock_key(conversation_id)],
+                args=[tenant, conversation_id, self._ttl_ms],
             )
         if not found:
             raise NotFound(f"conversation {conversation_id} not found")
-        fields, raw_messages = found
-        messages = tuple(_decode_message(raw) for raw in raw_messages)
-        return _decode_conversation(conversation_id, _pairs(fields), messages)
+        fields, raw_messages, locked = found
+        messages = with_legacy_ids(conversation_id, [_decode_message(raw) for raw in raw_messages])
+        return replace(_decode_conversation(conversation_id, _pairs(fields), messages), locked=bool(locked))
 
     async def list(self, tenant: str, page_size: int, page_token: str = "") -> tuple[list[Conversation], str]:
         if page_size < 1:
@@ -376,7 +302,7 @@ class RedisConversationStore:
         self,
         tenant: str,
         conversation_id: str,
-        user: StoredMessage,
+        user: StoredMessage | None,
         assistant: StoredMessage,
         system_prompt: str | None = None,
         *,
@@ -398,6 +324,43 @@ class RedisConversationStore:
             check_room(_decode_conversation(conversation_id, _pairs(state), ()), self._limits, new_bytes)
             raise InternalError("the append script refused a turn that check_room accepts")
         return _decode_conversation(conversation_id, _pairs(fields), ())
+
+    async def update_answer(self, tenant: str, conversation_id: str, answer: StoredMessage, lease: Lease) -> None:
+        check_conversation_id(conversation_id)
+        keys = [*self._keys(tenant, conversation_id), self._lock_key(conversation_id)]
+        args = [tenant, conversation_id, lease.token, answer.id, _encode_message(answer), text_bytes(answer.content),
+                "0" if answer.finish_reason is None else "1", repr(time.time()), self._ttl_ms]
+        async with self._call("update_answer"):
+            done = await self._update_answer(keys=keys, args=args)
+        if done == 0:
+            raise NotFound(f"conversation {conversation_id} not found")
+        if done == -1:
+            raise LeaseLost(f"conversation {conversation_id}: its lock expired while the answer was written")
+        if done == -2:
+            raise NotFound(f"answer {answer.id} is not being generated in conversation {conversation_id}")
+
+    async def set_active_leaf(self, tenant: str, conversation_id: str, leaf_id: str) -> None:
+        check_conversation_id(conversation_id)
+        async with self._call("set_active_leaf"):
+            done = await self._set_active_leaf(keys=[self._conv_key(conversation_id)], args=[tenant, leaf_id])
+        if not done:
+            raise NotFound(f"conversation {conversation_id} not found")
+
+    async def replace_messages(self, tenant: str, conversation_id: str, messages: tuple[StoredMessage, ...],
+                               active_leaf: str | None, lease: Lease) -> None:
+        check_conversation_id(conversation_id)
+        conv = await self.get(tenant, conversation_id)
+        index = next((str(i) for i, m in enumerate(messages) if m.id == conv.generating), "")
+        num_bytes = text_bytes(conv.system_prompt) + sum(text_bytes(m.content) for m in messages)
+        keys = [*self._keys(tenant, conversation_id), self._lock_key(conversation_id)]
+        args = [tenant, conversation_id, lease.token, active_leaf or "", num_bytes, repr(time.time()), self._ttl_ms,
+                index, *(_encode_message(m) for m in messages)]
+        async with self._call("replace_messages"):
+            done = await self._replace_messages(keys=keys, args=args)
+        if done == 0:
+            raise NotFound(f"conversation {conversation_id} not found")
+        if done == -1:
+            raise LeaseLost(f"conversation {conversation_id}: its lock expired before the change was written")
 
     @asynccontextmanager
     async def lock(self, tenant: str, conversation_id: str) -> AsyncIterator[Lease]:
@@ -433,13 +396,13 @@ class RedisConversationStore:
             await self._redis.ping()
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._connection.aclose()
 
     def _turn_args(
         self,
         tenant: str,
         conversation_id: str,
-        user: StoredMessage,
+        user: StoredMessage | None,
         assistant: StoredMessage,
         system_prompt: str | None,
         turn_token: str | None = None,
@@ -453,17 +416,19 @@ class RedisConversationStore:
             conversation_id,
             repr(time.time()),
             self._ttl_ms,
-            _encode_message(user),
+            "" if user is None else _encode_message(user),
             _encode_message(assistant),
             "0" if system_prompt is None else "1",
             system_prompt or "",
             turn_token or secrets.token_hex(16),
-            text_bytes(user.content) + text_bytes(assistant.content),
+            (0 if user is None else text_bytes(user.content)) + text_bytes(assistant.content),
             text_bytes(system_prompt),
             _preview(system_prompt),
             limits.max_messages,
             limits.max_bytes,
             lease.token if lease is not None else "",
+            assistant.id,
+            "1" if assistant.finish_reason is None else "0",
         ]
 
     async def _keep_alive(self, key: str, token: str) -> None:
@@ -523,15 +488,6 @@ def _preview(system_prompt: str | None) -> str:
     return (system_prompt or "")[:SYSTEM_PROMPT_PREVIEW_CHARS]
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{hostport}"))
-
-
 def _pairs(flat: list[str]) -> dict[str, str]:
     """HGETALL as a Lua script returns it, [field, value, ...], as a dict."""
     return dict(zip(flat[::2], flat[1::2]))
@@ -552,6 +508,8 @@ def _decode_conversation(
         updated_at=float(fields["updated_at"]),
         message_count=int(fields["message_count"]),
         messages=messages,
+        active_leaf=fields.get("active_leaf"),
+        generating=fields.get("generating"),
         num_bytes=(
             int(num_bytes) if num_bytes is not None
             else text_bytes(system_prompt) + sum(text_bytes(m.content) for m in messages)
@@ -562,6 +520,8 @@ def _decode_conversation(
 def _encode_message(message: StoredMessage) -> str:
     return json.dumps(
         {
+            "id": message.id or None,
+            "parent_id": message.parent_id,
             "role": message.role.value,
             "content": message.content,
             "created_at": message.created_at,
@@ -583,4 +543,6 @@ def _decode_message(raw: str) -> StoredMessage:
         finish_reason=None if data["finish_reason"] is None else FinishReason(data["finish_reason"]),
         token_ids=None if data["token_ids"] is None else tuple(data["token_ids"]),
         token_model=data.get("token_model"),  # absent in messages stored before it was kept
+        id=data.get("id") or "",  # absent before the tree: with_legacy_ids gives them theirs
+        parent_id=data.get("parent_id"),
     )

@@ -3,8 +3,11 @@
 Invariants every implementation keeps (the contract tests in ``tests/chat/test_store.py`` run against both):
 - a conversation belongs to one tenant; any other tenant gets ``NotFound`` for its id, exactly as for an
   unknown id;
+- messages form a tree (``eoq.chat.tree``): each has an id and a parent, ``get`` returns them all in creation
+  order with the active leaf; messages stored before the tree read as one branch;
 - a turn (the user message and the assistant answer, with its finish reason) is appended atomically: a
-  reader sees both or neither;
+  reader sees both or neither — except a detached answer, appended unfinished and then written as it grows
+  (``update_answer``) while its lock is held;
 - ``lock`` is a lease with an expiry, renewed in the background while held, so a crashed holder never locks a
   conversation forever; a second ``lock`` on a held conversation raises ``ConversationBusy`` at once;
 - every use (get, append) refreshes the conversation's time-to-live;
@@ -33,10 +36,13 @@ import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from eoq.engine.types import FinishReason
 from eoq.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+
+if TYPE_CHECKING:
+    from eoq.chat.answers import AnswerLog
 
 # Called with (operation name, seconds) after each backend operation, and (operation, None) on a failure.
 LatencyObserver = Callable[[str, float | None], None]
@@ -69,6 +75,10 @@ class StoredMessage:
     # tokenizer they belong to (``PromptBuilder.fingerprint``): ids of another model are never reused.
     token_ids: tuple[int, ...] | None = None
     token_model: str | None = None
+    # Its place in the conversation's tree (``eoq.chat.tree``): its id, and its parent's (``None`` for a first
+    # question). Messages stored before the tree get both when they are read (``tree.with_legacy_ids``).
+    id: str = ""
+    parent_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +93,14 @@ class Conversation:
     num_bytes: int = 0  # UTF-8 bytes of the stored text: every message's content and the system prompt
     # Listed conversations: system_prompt holds only its first SYSTEM_PROMPT_PREVIEW_CHARS characters.
     system_prompt_truncated: bool = False
+    # The leaf of the branch clients see and continue, as stored (``tree.active_leaf`` resolves it; None: the
+    # newest branch).
+    active_leaf: str | None = None
+    # The answer a detached generation is writing into the store as it grows (``update_answer``), until it ends;
+    # ``locked``: the conversation's lock is held now. An answer still ``generating`` with no lock held was cut
+    # off by a dead server: it reads as cancelled.
+    generating: str | None = None
+    locked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +154,9 @@ class ConversationStore(Protocol):
         """What a conversation and a tenant may hold here (for ``check_room`` before a model runs)."""
         ...
 
+    # The live events of detached answers, shared as widely as the conversations (``eoq.chat.answers``).
+    answers: AnswerLog
+
     async def create(self, tenant: str, system_prompt: str | None) -> Conversation:
         """A new, empty conversation. Raises ``ResourceExhausted`` when the tenant already holds
         ``max_conversations_per_tenant`` (``quota_exceeded``), ``InvalidArgument`` for a system prompt over
@@ -160,19 +181,42 @@ class ConversationStore(Protocol):
         self,
         tenant: str,
         conversation_id: str,
-        user: StoredMessage,
+        user: StoredMessage | None,
         assistant: StoredMessage,
         system_prompt: str | None = None,
         *,
         turn_token: str | None = None,
         lease: Lease | None = None,
     ) -> Conversation:
-        """Append one turn atomically; when ``system_prompt`` is given it replaces the conversation's in the
-        same write. Returns the updated conversation without messages. Raises ``NotFound`` if the
-        conversation is gone, ``ConversationFull`` (writing nothing) when the turn does not fit its limits
-        (``check_room``). ``turn_token``: the turn's id — a second append with the last turn's token writes
-        nothing (a retry, or a cancel racing the final save, never stores a turn twice). ``lease``: the
-        ``lock`` held for the turn; if it is no longer held, ``LeaseLost`` and nothing is written."""
+        """Append one turn atomically — a question and its answer, or (``user`` None) a new answer to a stored
+        question — and make the answer the active leaf; the messages carry their ids and parents (the caller,
+        holding the lock, has checked the parents exist). An answer with no ``finish_reason`` is one still being
+        generated: it becomes the conversation's ``generating`` answer, completed by ``update_answer``. When
+        ``system_prompt`` is given it replaces the conversation's in the same write. Returns the updated
+        conversation without messages. Raises ``NotFound`` if the conversation is gone, ``ConversationFull``
+        (writing nothing) when the turn does not fit its limits (``check_room``). ``turn_token``: the turn's
+        id — a second append with the last turn's token writes nothing (a retry, or a cancel racing the final
+        save, never stores a turn twice). ``lease``: the ``lock`` held for the turn; if it is no longer held,
+        ``LeaseLost`` and nothing is written."""
+        ...
+
+    async def update_answer(self, tenant: str, conversation_id: str, answer: StoredMessage, lease: Lease) -> None:
+        """Replace the ``generating`` answer (same id) with ``answer``: its text so far, or (with a
+        ``finish_reason``) its final form, which ends ``generating``. Only while ``lease`` holds the lock
+        (``LeaseLost``, nothing written, otherwise); ``NotFound`` if the conversation is gone or the answer is not
+        the one being generated. The growth is not checked against the byte limit: the caller reserved room for
+        the whole answer (``check_room``) before it started."""
+        ...
+
+    async def set_active_leaf(self, tenant: str, conversation_id: str, leaf_id: str) -> None:
+        """Make ``leaf_id`` (a message the caller found in the conversation) the active leaf. ``NotFound`` like
+        ``get``."""
+        ...
+
+    async def replace_messages(self, tenant: str, conversation_id: str, messages: tuple[StoredMessage, ...],
+                               active_leaf: str | None, lease: Lease) -> None:
+        """Replace the whole tree with ``messages`` (a subset of it in the same order, e.g. without a deleted
+        subtree) and its active leaf, atomically, only while ``lease`` holds the lock (``LeaseLost``)."""
         ...
 
     def lock(self, tenant: str, conversation_id: str) -> AbstractAsyncContextManager[Lease]:

@@ -1,0 +1,60 @@
+"""What an answer streams: events with a sequence number, their usage, and their JSON form (the answer log's)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from eoq.engine.types import FinishReason, RequestOutput
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    time_to_first_token_seconds: float
+    total_seconds: float
+    queue_seconds: float
+
+    @classmethod
+    def of(cls, prompt_len: int, out: RequestOutput) -> Usage:
+        t = out.timings
+        return cls(
+            prompt_tokens=prompt_len,
+            completion_tokens=out.num_completion_tokens,
+            cached_prompt_tokens=out.num_cached_tokens,
+            time_to_first_token_seconds=t.ttft_seconds if t else 0.0,
+            total_seconds=t.total_seconds if t else 0.0,
+            queue_seconds=t.queue_seconds if t else 0.0,
+        )
+
+
+@dataclass(slots=True)
+class AnswerEvent:
+    """One streamed piece of an answer; the last has ``finish_reason`` and ``usage``. A Chat or Regenerate
+    answer's events name the question they answer and the answer they write, and are numbered from 1
+    (``sequence``: WatchAnswer resumes after one of them)."""
+
+    conversation_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    dropped_turns: int = 0
+    user_message_id: str = ""
+    message_id: str = ""
+    sequence: int = 0
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["finish_reason"] = None if self.finish_reason is None else self.finish_reason.value
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str) -> AnswerEvent:
+        data = json.loads(raw)
+        reason = data.pop("finish_reason")
+        usage = data.pop("usage")
+        return cls(**data, finish_reason=None if reason is None else FinishReason(reason),
+                   usage=None if usage is None else Usage(**usage))

@@ -23,7 +23,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 STORE_OPERATIONS = ("create", "get", "list", "delete", "append_turn", "lock", "unlock", "renew", "ping")
 RPCS = ("Chat", "Complete", "CreateConversation", "GetConversation", "ListConversations", "DeleteConversation",
-        "GetModelInfo")
+        "GetModelInfo", "Regenerate", "SetActiveBranch", "DeleteMessage", "WatchAnswer", "CancelAnswer")
+# The HTTP API's routes (eoq.api.http.app), counted under the same status-code names as the RPCs.
+HTTP_ROUTES = ("GET /v1/models", "GET /v1/models/{model}", "POST /v1/chat/completions", "POST /v1/completions",
+               "POST /v1/responses", "GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}",
+               "POST /v1/responses/{response_id}/cancel", "GET /v1/conversations", "POST /v1/conversations",
+               "GET /v1/conversations/{conversation_id}", "DELETE /v1/conversations/{conversation_id}",
+               "GET /v1/conversations/{conversation_id}/items", "POST /v1/conversations/{conversation_id}/regenerate",
+               "POST /v1/conversations/{conversation_id}/active")
 
 
 ADMISSION_REJECTIONS = ("server_full", "tenant_limit")  # never a tenant's name: bounded cardinality
@@ -48,8 +55,8 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.batch_tokens = Histogram("eoq_batch_tokens", "Tokens computed per engine step.",
                                       buckets=TOKEN_BUCKETS, registry=r)
-        self.requests = Counter("eoq_requests", "gRPC requests by method and status code.", ["rpc", "code"],
-                                registry=r)
+        self.requests = Counter("eoq_requests", "Requests by gRPC method or HTTP route ('POST /v1/completions') "
+                                "and status code (gRPC's names, for HTTP too).", ["rpc", "code"], registry=r)
         self.prompt_tokens = Counter("eoq_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.generation_tokens = Counter("eoq_generation_tokens", "Generated tokens.", registry=r)
         self.prefix_queries = Counter("eoq_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
@@ -84,7 +91,7 @@ class Metrics:
             self.admission_rejections.labels(reason)
         # Every (method, status code) from the start: rate() over a series needs a sample before its first
         # increment, or the first error of each kind would never be counted.
-        for rpc in RPCS:
+        for rpc in (*RPCS, *HTTP_ROUTES):
             for code in grpc.StatusCode:
                 self.requests.labels(rpc, code.name)
 

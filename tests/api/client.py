@@ -27,7 +27,8 @@ FRANCE = "What is the capital of France?"
 def server_settings(**overrides: object) -> Settings:
     """An in-process server on a free port of 127.0.0.1 with a small KV cache (tests need little)."""
     base: dict[str, object] = {
-        "host": "127.0.0.1", "port": 0, "metrics_port": 0, "kv_cache_memory_gb": 0.5, "cache_dir": model_cache_dir()
+        "host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": 0, "kv_cache_memory_gb": 0.5,
+        "cache_dir": model_cache_dir(),
     }
     return load_settings(**{**base, **overrides})
 

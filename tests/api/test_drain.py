@@ -118,7 +118,8 @@ async def test_sigterm_drains_and_exits_zero(shared_redis: RedisServer, tmp_path
     with log_path.open("w") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "eoq.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(metrics_port), "--redis-url", shared_redis.url, "--kv-cache-memory-gb", "0.5",
+            "--metrics-port", str(metrics_port), "--http-port", "0", "--redis-url", shared_redis.url,
+            "--kv-cache-memory-gb", "0.5",
             "--cache-dir", str(model_cache_dir()), "--grace-period-seconds", "60",
             stdout=log, stderr=subprocess.STDOUT,
         )

@@ -35,7 +35,7 @@ class ServerThread:
         from tests.conftest import model_cache_dir
 
         self.thread.start()
-        settings = load_settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0,
+        settings = load_settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": 0,
                                     "cache_dir": model_cache_dir(), **self.settings})
         self.running = asyncio.run_coroutine_threadsafe(start_server(settings), self.loop).result(timeout)
 

@@ -4,13 +4,14 @@ in-process server, the engine in this process, and the peers, checking the JSON,
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from eoq.cli import main
-from eoq_clients.bench import plan_from_args
-from eoq_clients.workloads import (
+from eoq_clients.bench.cli import plan_from_args
+from eoq_clients.bench.workloads import (
     BenchPlan,
     RequestRecord,
     median_of_runs,
@@ -288,7 +289,7 @@ def test_compare_inprocess_engine_with_the_peers(tmp_path: Path, capsys) -> None
 def test_llamacpp_without_its_package_is_reported_unavailable(monkeypatch) -> None:
     import asyncio
 
-    from eoq_clients import peers
+    from eoq_clients.bench import peers
 
     monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
     target = peers.PeerProcessTarget("llamacpp", "default", Path("/nonexistent"))
@@ -301,7 +302,7 @@ def test_a_peer_killed_by_a_signal_is_named_with_a_hint(tmp_path: Path) -> None:
     import multiprocessing as mp
     import signal
 
-    from eoq_clients import peers
+    from eoq_clients.bench import peers
 
     target = peers.PeerProcessTarget("llamacpp", "default", tmp_path)
     target._proc = mp.get_context("spawn").Process(target=signal.raise_signal, args=(signal.SIGSEGV,))
@@ -318,7 +319,7 @@ def test_process_memory_counts_child_processes() -> None:
     import subprocess
     import sys
 
-    from eoq_clients.targets import read_proc_memory
+    from eoq_clients.bench.targets import read_proc_memory
 
     child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(200 * 2**20); "
                               "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
@@ -334,3 +335,35 @@ def test_process_memory_counts_child_processes() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.fixture(scope="module")
+def http_server_thread() -> Iterator[ServerThread]:
+    server = ServerThread(http_port=free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_grpc_and_http_targets_on_one_server(http_server_thread: ServerThread, tmp_path: Path, capsys) -> None:
+    """The http target speaks OpenAI's API: the same workloads through eoq's HTTP port and its gRPC port."""
+    port = http_server_thread.settings["http_port"]
+    rc = main(["bench", "--address", http_server_thread.address, "--base-url", f"http://127.0.0.1:{port}/v1",
+               "--compare", "server,http", "--quick", "--out", str(tmp_path), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    results, _ = _results(tmp_path)
+    http = results["targets"]["http"]
+    assert http["info"]["model"] == "SmolLM2-135M-Instruct"
+    w = http["workloads"]
+    _assert_conc(w["conc-4"], 4, 16)
+    assert w["single"]["completion_tokens"] == 16
+    by_turn = w["turns"]["by_turn"]
+    prompt = [b["prompt_tokens_p50"] for b in by_turn]
+    assert prompt[0] < prompt[1] < prompt[2], "the client resends the growing conversation"
+    cached = [b["cached_prompt_tokens_p50"] for b in by_turn]
+    assert cached[2] > cached[0], f"the stateless requests hit the prefix cache: {cached}"

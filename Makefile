@@ -34,7 +34,7 @@ $(VENV)/.eoq-installed: pyproject.toml setup.py proto/chat/v1/chat.proto
 
 install-test: $(VENV)/.eoq-test-installed
 
-$(VENV)/.eoq-test-installed: $(VENV)/.eoq-installed
+$(VENV)/.eoq-test-installed: $(VENV)/.eoq-installed .ci/ensure-tools.sh
 	$(PIP) install -e ".[test,bench]"
 	bash .ci/ensure-tools.sh
 	touch $@

@@ -117,6 +117,7 @@ class EoqServer:
             sys.executable, "-m", "eoq.cli", "serve",
             "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
             "--cache-dir", str(model_cache_dir()), "--kv-cache-memory-gb", "0.5", "--grace-period-seconds", "5",
+            "--http-port", "0",
         ]  # fmt: skip
         if redis_url is not None:
             argv += ["--redis-url", redis_url]

@@ -48,7 +48,7 @@ def published(service: dict[str, Any]) -> set[int]:
 
 def test_ports_a_user_opens(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert published(services["eoq"]) == {50051, 9400}
+    assert published(services["eoq"]) == {50051, 8000, 9400}  # gRPC, HTTP (OpenAI API and page), metrics
     assert published(services["prometheus"]) == {9090}
     assert published(services["grafana"]) == {3000}
     assert published(services["redis"]) == set(), "Redis needs no port on the host"

@@ -139,7 +139,8 @@ def test_healthcheck_uses_the_grpc_health_script() -> None:
 
 def test_ports_and_cache_dir() -> None:
     (expose,) = of("EXPOSE")
-    assert set(expose.args.split()) == {"50051", "9400"}
+    assert set(expose.args.split()) == {"50051", "8000", "9400"}
+    assert "EOQ_HTTP_PORT=8000" in " ".join(i.args for i in of("ENV"))
     env = " ".join(i.args for i in of("ENV"))
     assert "EOQ_CACHE_DIR=/var/cache/eoq" in env
     assert any(i.args.startswith("--from=model --chown=10001:10001 /var/cache/eoq") for i in of("COPY"))

@@ -193,7 +193,8 @@ def test_resources_requested_and_limited(variant: str) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_ports_match_the_settings(variant: str) -> None:
     ports = {p["name"]: p["containerPort"] for p in container(deployment(variant))["ports"]}
-    assert ports == {"grpc": int(CONFIG["EOQ_PORT"]), "metrics": int(CONFIG["EOQ_METRICS_PORT"])}
+    assert ports == {"grpc": int(CONFIG["EOQ_PORT"]), "http": int(CONFIG["EOQ_HTTP_PORT"]),
+                     "metrics": int(CONFIG["EOQ_METRICS_PORT"])}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

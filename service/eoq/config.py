@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from eoq.chat.answers import AnswerLogSettings
+from eoq.chat.redis_client import parse_sentinels
 from eoq.chat.store import ConversationLimits
 from eoq.engine.types import DEFAULT_MAX_TOKENS, MAX_STOP_STRINGS, EngineConfig
 from eoq.errors import ConfigError
@@ -108,9 +110,16 @@ class Settings(BaseSettings):
     engine_restart_window_seconds: float = Field(600.0, description="the window of --engine-max-restarts")
 
     # --- server ---
-    host: str = Field("0.0.0.0", description="gRPC bind address")
+    host: str = Field("0.0.0.0", description="bind address of the gRPC and HTTP ports")
     port: int = Field(50051, description="gRPC port")
     metrics_port: int = Field(9400, description="Prometheus /metrics port (0 = off)")
+    http_port: int = Field(
+        8000, description="OpenAI-compatible HTTP API port (0 = off): /v1/chat/completions, /v1/completions, "
+        "/v1/models; the gRPC port's keys, limits and TLS"
+    )
+    max_http_body_bytes: int = Field(
+        1 << 20, description="largest HTTP request body accepted (bytes); larger ones end 413, unread"
+    )
     grace_period_seconds: float = Field(30.0, description="on SIGTERM, how long streaming answers may finish")
     max_connection_age_seconds: float | None = Field(
         None, description="close client connections after this age so they re-resolve (e.g. 300 behind k8s)"
@@ -132,7 +141,37 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="redis://host:port/db; unset = in-process store (not shared)")
     conversation_ttl_seconds: int = Field(7 * 24 * 3600, description="conversations expire after this idle time")
     redis_timeout_seconds: float = Field(2.0, description="Redis connect/operation timeout; past it UNAVAILABLE")
+    redis_sentinels: str | None = Field(
+        None, description="Redis Sentinel addresses, host:port,host:port: conversations live on the primary they "
+        "name --redis-sentinel-master, followed across failovers without a restart (--redis-url, if set, then "
+        "gives only the db, username, password and rediss://)"
+    )
+    redis_sentinel_master: str | None = Field(
+        None, description="the name the sentinels monitor the primary under (sentinel monitor NAME ...); needs "
+        "--redis-sentinels"
+    )
+    redis_wait_replicas: int = Field(
+        0, description="each conversation write waits (Redis WAIT) until this many replicas acknowledged it, or "
+        "--redis-wait-timeout-ms, so that a failover does not lose it; 0 = the primary's acknowledgement only"
+    )
+    redis_wait_timeout_ms: int = Field(
+        500, description="longest wait for --redis-wait-replicas; past it the write stands on the primary alone "
+        "(logged, counted in eoq_redis_errors_total{operation=\"wait\"}); below --redis-timeout-seconds"
+    )
     lock_ttl_seconds: float = Field(30.0, description="expiry of a conversation's busy lock (renewed while held)")
+    max_detached_answers_per_tenant: int = Field(
+        _default_of(AnswerLogSettings, "max_detached_per_tenant"),
+        description="most detached answers one tenant may have generating at once (across replicas sharing "
+        "Redis); past it RESOURCE_EXHAUSTED"
+    )
+    answer_retention_seconds: float = Field(
+        _default_of(AnswerLogSettings, "retention_seconds"),
+        description="how long a detached answer's events stay replayable by WatchAnswer after it ends (then it "
+        "replays whole from the store)"
+    )
+    answer_snapshot_interval_seconds: float = Field(
+        0.25, description="how often a detached answer's text so far is written into the store while it grows"
+    )
 
     # --- limits ---
     max_conversation_messages: int = Field(
@@ -187,7 +226,8 @@ class Settings(BaseSettings):
     @field_validator("max_num_seqs", "max_num_batched_tokens", "max_queue_size", "default_max_tokens",
                      "max_requests_per_tenant", "max_receive_message_bytes", "max_send_message_bytes",
                      "max_message_chars", "max_system_prompt_chars", "max_conversation_bytes",
-                     "max_conversations_per_tenant")
+                     "max_conversations_per_tenant", "max_detached_answers_per_tenant",
+                     "max_http_body_bytes")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
@@ -201,7 +241,7 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 0")
         return v
 
-    @field_validator("port", "metrics_port")
+    @field_validator("port", "metrics_port", "http_port")
     @classmethod
     def _port(cls, v: int) -> int:
         if not 0 <= v <= 65535:
@@ -213,6 +253,27 @@ class Settings(BaseSettings):
     def _room_for_a_turn(cls, v: int) -> int:
         if v < 2:
             raise ValueError("must be >= 2 (a turn is two messages)")
+        return v
+
+    @field_validator("answer_retention_seconds", "answer_snapshot_interval_seconds")
+    @classmethod
+    def _positive_seconds(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0 (seconds)")
+        return v
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_sentinels(v)  # ValueError names the bad entry
+        return v
+
+    @field_validator("redis_wait_replicas")
+    @classmethod
+    def _wait_replicas(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0 (0 = do not wait for replicas)")
         return v
 
     @field_validator("kv_cache_memory_gb")
@@ -232,6 +293,13 @@ class Settings(BaseSettings):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("--tls-cert-file / EOQ_TLS_CERT_FILE and --tls-key-file / EOQ_TLS_KEY_FILE go together: "
                              "set both (TLS) or neither (plaintext)")
+        if (self.redis_sentinels is None) != (self.redis_sentinel_master is None):
+            raise ValueError("--redis-sentinels / EOQ_REDIS_SENTINELS and --redis-sentinel-master / "
+                             "EOQ_REDIS_SENTINEL_MASTER go together: set both (Sentinel) or neither")
+        if self.redis_wait_replicas and not 1 <= self.redis_wait_timeout_ms < self.redis_timeout_seconds * 1000:
+            raise ValueError(f"--redis-wait-timeout-ms / EOQ_REDIS_WAIT_TIMEOUT_MS ({self.redis_wait_timeout_ms}) "
+                             f"must be >= 1 and below --redis-timeout-seconds ({self.redis_timeout_seconds:g} s): a "
+                             "longer WAIT would time the connection out")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("--tls-client-ca-file / EOQ_TLS_CLIENT_CA_FILE (mTLS) needs --tls-cert-file and "
                              "--tls-key-file too")

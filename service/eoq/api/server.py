@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 
 import grpc
@@ -21,10 +22,14 @@ from eoq._proto.chat.v1 import chat_pb2, chat_pb2_grpc
 from eoq.api.adapter import SamplingPolicy, model_info_to_pb
 from eoq.api.auth import ApiKeys
 from eoq.api.errors import ErrorInterceptor
+from eoq.api.http.app import HttpApi
+from eoq.api.http.server import HttpServer, open_http_socket, start_http
 from eoq.api.servicer import ChatServicer
 from eoq.api.tls import is_loopback, server_credentials, transport_name
+from eoq.chat.answers import AnswerLogSettings
 from eoq.chat.memory_store import MemoryConversationStore
 from eoq.chat.prompt import PromptBuilder
+from eoq.chat.redis_client import parse_sentinels
 from eoq.chat.redis_store import RedisConversationStore
 from eoq.chat.service import ChatLimits, ChatService
 from eoq.chat.store import ConversationLimits, ConversationStore
@@ -49,6 +54,25 @@ class RunningServer:
     health: health.aio.HealthServicer
     metrics: Metrics
     settings: Settings
+    http: HttpServer | None = None  # the OpenAI-compatible HTTP API (--http-port)
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
+    @property
+    def num_answering(self) -> int:
+        """Answers in flight on either port: gRPC streams, HTTP requests generating."""
+        return self.servicer.num_streaming + (self.http.api.num_active if self.http is not None else 0)
+
+    async def wait_answers(self, timeout: float) -> bool:
+        """Wait until no answer is in flight on either port (True) or ``timeout`` passes (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        done = await self.servicer.wait_streams(timeout)
+        if self.http is not None:
+            done = await self.http.api.wait_active(max(0.0, deadline - loop.time())) and done
+        return done
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -71,16 +95,21 @@ class RunningServer:
         grace = self.settings.grace_period_seconds if grace is None else grace
         await self.set_serving(False)
         self.servicer.draining = True
-        n = self.servicer.num_streaming
+        if self.http is not None:
+            self.http.api.draining = True  # new HTTP requests: 503 with Retry-After
+        n = self.num_answering
         if n:
             log.info("draining: %d answer(s) streaming; waiting up to %.0f s", n, grace)
-        if not await self.servicer.wait_streams(grace):
+        if not await self.wait_answers(grace):
             log.warning("grace period over: cancelling %d answer(s) (stored as far as they got)",
-                        self.servicer.num_streaming)
+                        self.num_answering)
             # Their streams end with a last event saying CANCELLED, and their turns are stored so.
             self.engine.abort_all()
-            await self.servicer.wait_streams(5.0)
+            await self.wait_answers(5.0)
+            self.servicer.chat.detached.cancel_all()  # still running (a store call hanging): stored as cancelled
         await self.server.stop(1.0)  # whatever is still left is cancelled; its handler stores what it has
+        if self.http is not None:
+            await self.http.stop()
         await self.servicer.wait_streams(5.0)
         await self.engine.shutdown()
         self.servicer.chat.close()
@@ -91,17 +120,25 @@ def make_store(settings: Settings, metrics: Metrics) -> ConversationStore:
     limits = ConversationLimits(max_messages=settings.max_conversation_messages,
                                 max_bytes=settings.max_conversation_bytes,
                                 max_conversations_per_tenant=settings.max_conversations_per_tenant)
-    if settings.redis_url:
+    answers = AnswerLogSettings(max_detached_per_tenant=settings.max_detached_answers_per_tenant,
+                                retention_seconds=settings.answer_retention_seconds,
+                                lease_seconds=settings.lock_ttl_seconds)
+    if settings.redis_url or settings.redis_sentinels:
         return RedisConversationStore(
-            settings.redis_url,
+            settings.redis_url or "",
             ttl_seconds=settings.conversation_ttl_seconds,
             lock_ttl_seconds=settings.lock_ttl_seconds,
             timeout_seconds=settings.redis_timeout_seconds,
             observer=metrics.on_store_operation,
             limits=limits,
+            answers=answers,
+            sentinels=parse_sentinels(settings.redis_sentinels) if settings.redis_sentinels else (),
+            sentinel_master=settings.redis_sentinel_master,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
         )
     return MemoryConversationStore(ttl_seconds=settings.conversation_ttl_seconds,
-                                   lock_ttl_seconds=settings.lock_ttl_seconds, limits=limits)
+                                   lock_ttl_seconds=settings.lock_ttl_seconds, limits=limits, answers=answers)
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -120,8 +157,10 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     return opts
 
 
-async def start_server(settings: Settings, metrics: Metrics | None = None) -> RunningServer:
-    """Load the model, start the engine and the gRPC server; returns once it is SERVING."""
+async def start_server(settings: Settings, metrics: Metrics | None = None,
+                       http_socket: socket.socket | None = None) -> RunningServer:
+    """Load the model, start the engine, the gRPC server and the HTTP API; returns once it is SERVING.
+    ``http_socket``: a bound socket for the HTTP API instead of ``--http-port`` (tests: port 0)."""
     metrics = metrics or Metrics()
     auth = ApiKeys.load(settings.api_keys_file, settings.api_keys)
     if not auth.enabled:
@@ -129,6 +168,8 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
     else:
         log.info("auth on: %d API key(s)", len(auth))
     credentials = server_credentials(settings)  # before the model loads: a bad TLS file stops the start at once
+    # Bound now too (it listens once serving): a port in use stops the start before the model loads.
+    http_sock = http_socket if http_socket is not None else open_http_socket(settings)
     if auth.enabled and credentials is None and not is_loopback(settings.host):
         log.warning("API keys are on but TLS is off on %s: keys would cross the network in clear; set "
                     "--tls-cert-file/--tls-key-file (unless a mesh or proxy in front terminates TLS)", settings.host)
@@ -159,7 +200,9 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
     metrics.model_info.labels(info.name, info.architecture, info.dtype, info.device).set(1)
     limits = ChatLimits(max_message_chars=settings.max_message_chars,
                         max_system_prompt_chars=settings.max_system_prompt_chars)
-    servicer = ChatServicer(ChatService(engine, store, prompts, limits), auth, policy,
+    chat = ChatService(engine, store, prompts, limits,
+                       snapshot_interval_seconds=settings.answer_snapshot_interval_seconds)
+    servicer = ChatServicer(chat, auth, policy,
                             model_info_to_pb(info, policy, prompts.end_of_question_marker))
     server = grpc.aio.server(interceptors=[ErrorInterceptor(SERVICE_NAME, metrics.on_rpc)],
                              options=grpc_options(settings))
@@ -177,11 +220,17 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
     if port == 0:
         raise ConfigError(f"cannot listen on {address} (in use?); change --host/--port")
     await server.start()
-    running = RunningServer(server, port, engine, store, servicer, health_servicer, metrics, settings)
+    http = None
+    if http_sock is not None:
+        api = HttpApi(servicer.chat, auth, policy, info, metrics, settings.max_http_body_bytes)
+        http = await start_http(settings, http_sock, api)
+    running = RunningServer(server, port, engine, store, servicer, health_servicer, metrics, settings, http)
     engine.add_state_listener(running.on_engine_state)
     await running.set_serving(True)
     log.info("serving %s on %s:%d (gRPC, health, reflection; %s)", SERVICE_NAME, settings.host, port,
              transport_name(settings))
+    if http is not None:
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", http.scheme, settings.host, http.port)
     return running
 
 

@@ -36,12 +36,12 @@ from pydantic import Field
 
 from eoq.api.adapter import SamplingPolicy
 from eoq.api.http.errors import InvalidParam
-from eoq.api.http.schemas import _SAMPLING_FIELD, _Strict, _stop_strings
+from eoq.api.http.schemas import _Strict, sampling_params
 from eoq.chat.events import AnswerEvent, Usage
 from eoq.chat.prompt import ChatMessage
 from eoq.chat.store import Conversation, Role, StoredMessage
 from eoq.engine.types import FinishReason, SamplingParams
-from eoq.errors import InvalidArgument, NotFound
+from eoq.errors import NotFound
 
 PREAMBLE = 4  # created, in_progress, output_item.added, content_part.added: sequence numbers 0..3
 
@@ -97,25 +97,8 @@ class _Sampled(_Strict):
     ignore_eos: bool | None = None
 
     def sampling(self, policy: SamplingPolicy) -> SamplingParams:
-        def given(value, default):
-            return default if value is None else value
-
-        params = SamplingParams(
-            temperature=given(self.temperature, policy.default_temperature),
-            top_p=given(self.top_p, policy.default_top_p),
-            top_k=given(self.top_k, policy.default_top_k),
-            repetition_penalty=given(self.repetition_penalty, policy.default_repetition_penalty),
-            max_tokens=given(self.max_output_tokens, policy.default_max_tokens),
-            seed=self.seed,
-            stop=_stop_strings(self.stop),
-            ignore_eos=bool(self.ignore_eos),
-        )
-        try:
-            return params.validate(max_tokens_limit=policy.max_tokens_limit, max_stop_strings=policy.max_stop_strings)
-        except InvalidArgument as e:
-            match = _SAMPLING_FIELD.search(str(e))
-            param = match.group(1) if match else None
-            raise InvalidParam(str(e), "max_output_tokens" if param == "max_tokens" else param) from None
+        """The chat completions' rule (``schemas.sampling_params``), with ``max_output_tokens`` as the limit."""
+        return sampling_params(self, policy, self.max_output_tokens, "max_output_tokens")
 
 
 class ResponseRequest(_Sampled):

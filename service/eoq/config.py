@@ -296,7 +296,7 @@ class Settings(BaseSettings):
         if (self.redis_sentinels is None) != (self.redis_sentinel_master is None):
             raise ValueError("--redis-sentinels / EOQ_REDIS_SENTINELS and --redis-sentinel-master / "
                              "EOQ_REDIS_SENTINEL_MASTER go together: set both (Sentinel) or neither")
-        if self.redis_wait_replicas and not 1 <= self.redis_wait_timeout_ms < self.redis_timeout_seconds * 1000:
+        if not 1 <= self.redis_wait_timeout_ms < self.redis_timeout_seconds * 1000:
             raise ValueError(f"--redis-wait-timeout-ms / EOQ_REDIS_WAIT_TIMEOUT_MS ({self.redis_wait_timeout_ms}) "
                              f"must be >= 1 and below --redis-timeout-seconds ({self.redis_timeout_seconds:g} s): a "
                              "longer WAIT would time the connection out")

@@ -30,7 +30,8 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="package")
 async def server(redis: RedisServer) -> AsyncIterator[RunningServer]:
-    async with serving(redis_url=redis.url, redis_timeout_seconds=0.5, lock_ttl_seconds=LOCK_TTL) as s:
+    async with serving(redis_url=redis.url, redis_timeout_seconds=0.5, redis_wait_timeout_ms=100,
+                       lock_ttl_seconds=LOCK_TTL) as s:
         yield s
 
 

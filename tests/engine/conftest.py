@@ -100,9 +100,11 @@ def generate(core: EngineCore, prompt: list[int], **sampling) -> RequestOutput:
 
 def merge(outs: list[RequestOutput]) -> RequestOutput:
     last = outs[-1]
+    logprobs = None if outs[0].logprobs is None else [lp for o in outs for lp in o.logprobs]
     return RequestOutput(last.request_id, [t for o in outs for t in o.token_ids], "".join(o.text for o in outs),
                          last.finished, last.finish_reason, last.num_prompt_tokens, last.num_completion_tokens,
-                         last.num_cached_tokens, last.timings, last.error)
+                         last.num_cached_tokens, last.timings, last.error, last.error_is_invalid_argument,
+                         last.index, last.last, logprobs, outs[0].prompt_logprobs)
 
 
 __all__ = ["FinishReason", "generate", "make_core", "merge", "run_to_end"]

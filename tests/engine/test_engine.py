@@ -101,8 +101,8 @@ def test_cache_accounting_under_random_aborts(tiny_llama):
                 live.add(rid)
         if live and rng.random() < 0.1:
             rid = rng.choice(sorted(live))
-            out = core.abort_request(rid)
-            assert out is not None and out.finish_reason is FinishReason.CANCELLED
+            (out,) = core.abort_request(rid)
+            assert out.finish_reason is FinishReason.CANCELLED and out.last
             finished[rid] = out.finish_reason
             live.discard(rid)
         result = core.step()

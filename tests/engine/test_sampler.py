@@ -8,10 +8,18 @@ import pytest
 import torch
 
 from eoq.engine.model.ops import CpuKernelOps
-from eoq.engine.sampler import Sampler, SamplingBatch, apply_repetition_penalty, apply_top_k_top_p
+from eoq.engine.sampler import Sampler, SamplingBatch, SamplingRow, apply_repetition_penalty, apply_top_k_top_p
 from eoq.engine.types import SamplingParams
 
 CPU = torch.device("cpu")
+
+
+def batch_of(params: list[SamplingParams], generators=None, outputs=None, end=frozenset()) -> SamplingBatch:
+    """Rows with an empty prompt and ``outputs[i]`` (default none) generated so far."""
+    generators = generators or [None] * len(params)
+    outputs = outputs or [[] for _ in params]
+    return SamplingBatch.build([SamplingRow(p, list(o), 0, end, g) for p, o, g in zip(params, outputs, generators)],
+                               CPU)
 
 
 def test_top_k_keeps_exactly_k():
@@ -60,9 +68,8 @@ def _check_greedy_and_sampled_rows(sampler: Sampler) -> None:
     counts = torch.zeros(3)
     n = 4000
     for _ in range(n):
-        batch = SamplingBatch.build(params, [], [None, None], CPU)
-        out = sampler(logits, batch)
-        assert out[0].item() == 1
+        out = sampler(logits, batch_of(params)).token_ids
+        assert out[0] == 1
         counts[out[1]] += 1
     freq = counts / n
     assert all(math.isclose(f, p, abs_tol=0.03) for f, p in zip(freq.tolist(), probs.tolist()))
@@ -77,7 +84,7 @@ def test_seeded_row_ignores_its_neighbours():
         params = [SamplingParams(temperature=1.0)] * batch_size
         gens = [None] * batch_size
         gens[row] = g
-        return [sampler(logits, SamplingBatch.build(params, [], gens, CPU))[row].item() for _ in range(20)]
+        return [sampler(logits, batch_of(params, gens)).token_ids[row] for _ in range(20)]
 
     assert draw(1, 0) == draw(5, 3) == draw(8, 7)
 
@@ -95,3 +102,42 @@ def test_argmax_kernel_takes_the_first_of_equal_maxima(cpu_kernels_lib, n):
     assert out.dtype == torch.int64
     assert torch.equal(out, x.argmax(dim=-1))
     assert out[2].item() == n // 2 and out[3].item() == 0
+
+
+def test_logit_bias_presence_and_frequency_penalties_follow_openai():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
+    sampler = Sampler(CPU)
+    p = SamplingParams(logprobs=True, logit_bias=((0, 5.0),), presence_penalty=0.5, frequency_penalty=0.25)
+    # output so far: token 2 twice, token 3 once -> 2: 3 - 2*0.25 - 0.5 = 2.0; 3: 0.5 - 0.25 - 0.5 = -0.25
+    res = sampler(logits, batch_of([p], outputs=[[2, 2, 3]]))
+    expected = torch.tensor([[6.0, 2.0, 2.0, -0.25]])
+    assert res.token_ids == [0]
+    assert res.logprobs[0].logprob == pytest.approx(expected.log_softmax(-1)[0, 0].item(), abs=1e-6)
+
+
+def test_min_tokens_masks_the_end_tokens_until_reached():
+    logits = torch.tensor([[0.0, 9.0, 1.0]])  # token 1 = the end token, most likely
+    p = SamplingParams(min_tokens=2)
+    sampler = Sampler(CPU)
+    assert sampler(logits, batch_of([p], outputs=[[2]], end=frozenset({1}))).token_ids == [2]
+    assert sampler(logits, batch_of([p], outputs=[[2, 2]], end=frozenset({1}))).token_ids == [1]
+
+
+def test_logprobs_are_of_the_tempered_distribution_before_top_k_and_sorted():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 40, generator=gen)
+    params = [SamplingParams(logprobs=True, top_logprobs=5),  # greedy: temperature 1
+              SamplingParams(temperature=0.7, top_k=3, logprobs=True, top_logprobs=20, seed=1),
+              SamplingParams(temperature=1.0)]  # asked for nothing
+    res = Sampler(CPU)(logits, batch_of(params, [None, torch.Generator().manual_seed(1), None]))
+    assert res.logprobs[2] is None
+    for row, t, k in ((0, 1.0, 5), (1, 0.7, 20)):
+        lp = res.logprobs[row]
+        ref = (logits[row] / t).log_softmax(-1)
+        assert lp.token_id == res.token_ids[row]
+        assert lp.logprob == pytest.approx(ref[lp.token_id].item(), abs=1e-6)
+        assert [i for i, _ in lp.top] == ref.topk(k).indices.tolist()
+        values = [v for _, v in lp.top]
+        assert values == sorted(values, reverse=True) and len(values) == k
+    assert res.logprobs[0].token_id == res.logprobs[0].top[0][0]  # greedy: the most likely token
+    assert res.logprobs[1].token_id in logits[1].topk(3).indices.tolist()  # top-k still applies to the draw

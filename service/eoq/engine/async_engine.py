@@ -236,7 +236,8 @@ class AsyncEngine:
                 del self._admitted[tenant]
 
     async def generate(self, request: EngineRequest, admitted: bool = False) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs; the last has ``finished=True``. Closing the stream early aborts it.
+        """Stream the request's outputs (of all its ``n`` answers: ``RequestOutput.index``); each answer's last
+        has ``finished=True``, the request's last ``last=True``. Closing the stream early aborts it.
         ``admitted``: the caller holds an ``admission`` for it (else the request takes one, for its tenant, the
         cache salt). Raises ``EngineRestarted`` if the engine dies meanwhile."""
         if not admitted:
@@ -251,6 +252,10 @@ class AsyncEngine:
         vocab = self.info.vocab_size
         if request.prompt_token_ids and not 0 <= min(request.prompt_token_ids) <= max(request.prompt_token_ids) < vocab:
             raise InvalidArgument(f"the prompt holds token ids outside this model's vocabulary (0..{vocab - 1})")
+        named = request.sampling.token_ids_named()
+        if named and max(named) >= vocab:
+            raise InvalidArgument(f"logit_bias / stop_token_ids name token {max(named)}, outside this model's "
+                                  f"vocabulary (0..{vocab - 1})")
         if request.request_id in self._streams:
             raise InvalidArgument(f"duplicate request id {request.request_id!r}")
         if not request.arrival_time:
@@ -273,14 +278,17 @@ class AsyncEngine:
                     itl.append(now - last)
                 if out.token_ids:
                     last = now
-                if out.finished:
-                    finished = True
+                if out.finished:  # one answer (of n) is over; the request is when ``last`` says so
+                    finished = out.last
                     if out.timings is not None and out.timings.finished is not None:
                         self._mean_request_seconds += 0.1 * (out.timings.total_seconds - self._mean_request_seconds)
-                    if self.observer is not None:
+                    if self.observer is not None and out.last:
                         self.observer.on_request_finished(out, itl)
                     if out.error:
-                        raise EngineFailed(out.error)
+                        if not finished:
+                            self._backend.send(Abort(request.request_id))  # its other answers too
+                            finished = True
+                        raise InvalidArgument(out.error) if out.error_is_invalid_argument else EngineFailed(out.error)
                 yield out
                 if finished:
                     return

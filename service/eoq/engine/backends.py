@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from eoq.engine.types import EngineConfig, EngineRequest, EngineStepResult, ModelInfo, RequestOutput
+from eoq.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,8 @@ def run_engine_loop(core, receive: Callable[[bool], list], emit: Callable[[Engin
         aborted = []
         for cmd in commands:
             if isinstance(cmd, Stop):
-                for rid in list(core.requests):
-                    out = core.abort_request(rid)
-                    if out is not None:
-                        aborted.append(out)
+                for rid in core.request_ids():
+                    aborted += core.abort_request(rid)
                 if aborted:
                     emit(EngineStepResult(aborted, core.snapshot_stats()))
                 return
@@ -69,11 +68,11 @@ def run_engine_loop(core, receive: Callable[[bool], list], emit: Callable[[Engin
                     core.add_request(cmd.request)
                 except Exception as e:  # never lose a request silently
                     log.exception("could not add request %s", cmd.request.request_id)
-                    aborted.append(RequestOutput(cmd.request.request_id, [], "", finished=True, error=str(e)))
+                    aborted.append(RequestOutput(cmd.request.request_id, [], "", finished=True, error=str(e),
+                                                 error_is_invalid_argument=isinstance(e, InvalidArgument),
+                                                 last=True))
             elif isinstance(cmd, Abort):
-                out = core.abort_request(cmd.request_id)
-                if out is not None:
-                    aborted.append(out)
+                aborted += core.abort_request(cmd.request_id)
         if aborted:
             emit(EngineStepResult(aborted, core.snapshot_stats()))
         if core.has_work():

@@ -33,6 +33,10 @@ def root_hash(cache_salt: str) -> BlockHash:
     return hashlib.blake2b(b"eoq-prefix:" + cache_salt.encode(), digest_size=16).digest()
 
 
+class NoFreeBlock(RuntimeError):
+    pass
+
+
 @dataclass(slots=True)
 class Block:
     block_id: int
@@ -143,6 +147,27 @@ class BlockManager:
         for _ in range(need):
             seq.block_ids.append(self._take_free_block())
         return True
+
+    def fork(self, parent, child) -> tuple[int, int] | None:
+        """Give ``child`` (holding no blocks) ``parent``'s computed tokens: its full blocks shared (reference
+        count + 1, their hashes too), its last, partial block copied into a block of the child's own (the child
+        writes its next token there). Returns (source, destination) of the block whose KV the caller must copy,
+        None when there is none (the tokens end on a block boundary). Raises ``NoFreeBlock`` when the copy has
+        no block to go to (nothing changed)."""
+        bs = self.block_size
+        n = parent.num_computed_tokens
+        full, partial = divmod(n, bs)
+        if partial and not self._free:
+            raise NoFreeBlock("no free block for the forked answer's last block")
+        for b in parent.block_ids[:full]:
+            self.blocks[b].ref_count += 1
+            child.block_ids.append(b)
+        child.block_hashes[:] = parent.block_hashes[:full]
+        if not partial:
+            return None
+        dst = self._take_free_block()
+        child.block_ids.append(dst)
+        return parent.block_ids[full], dst
 
     def _take_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)

@@ -20,6 +20,7 @@ from eoq.engine.model.loader import build_model, read_state_dict
 from eoq.engine.model.ops import TorchOps, select_ops
 from eoq.engine.runner import ModelRunner
 from eoq.engine.scheduler import Scheduler
+from eoq.engine.structured import GrammarCompiler
 from eoq.engine.types import EngineConfig, ModelInfo
 from eoq.errors import ConfigError
 
@@ -87,7 +88,8 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
     blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
     scheduler = Scheduler(blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
     runner = ModelRunner(model, num_blocks, cfg.block_size, device, dtype, cfg.seed, graphs, cfg.max_num_seqs)
-    core = EngineCore(runner, scheduler, tokenizer, frozenset(eos))
+    grammars = GrammarCompiler(tokenizer, model.vocab_size, cfg.grammar_cache_mb)  # xgrammar loads on first use
+    core = EngineCore(runner, scheduler, tokenizer, frozenset(eos), grammars, cfg.max_grammar_compile_seconds)
     info = ModelInfo(
         name=cfg.model_name,
         architecture=model.architecture,

@@ -15,19 +15,28 @@ import torch
 from eoq.engine.cuda_graphs import DecodeGraphs
 from eoq.engine.model.attention import AttentionMetadata, PrefillChunk
 from eoq.engine.model.base import DecoderModel
-from eoq.engine.sampler import Sampler, SamplingBatch
+from eoq.engine.sampler import Sampler, SamplingBatch, SamplingRow
 from eoq.engine.scheduler import SchedulerOutput
 from eoq.engine.sequence import Sequence
 from eoq.engine.step_inputs import DecodeInputs, StepInputs
+from eoq.engine.types import TokenLogprob
 
 log = logging.getLogger(__name__)
 
 
 class SampledToken(NamedTuple):
-    """A token a step sampled, with the sequence it extends."""
+    """A token a step sampled, with the sequence it extends — or, with ``fork`` > 0, the first token of that
+    sequence's request's answer number ``fork``, sampled from the same logits (``n`` answers, one prefill)."""
 
     seq: Sequence
     token_id: int
+    logprob: TokenLogprob | None = None
+    fork: int = 0
+
+
+def fork_seed(seed: int, index: int) -> int:
+    """Answer ``index``'s seed, derived from the request's: answers differ, and the same seed reproduces them."""
+    return (seed + index * 0x9E3779B97F4A7C15) % 2**64
 
 
 class ModelRunner:
@@ -71,17 +80,28 @@ class ModelRunner:
                                 step.logits_indices)  # (S, V)
         if not sampling:
             return []
-        batch = SamplingBatch.build(
-            [s.sampling for s in sampling],
-            [s.token_ids for s in sampling] if any(s.sampling.repetition_penalty != 1.0 for s in sampling) else [],
-            [self._generator(s) for s in sampling],
-            self.device,
-        )
-        return [SampledToken(s, t) for s, t in zip(sampling, self.sampler(logits, batch).tolist())]
+        rows: list[SamplingRow] = []
+        owners: list[tuple[Sequence, int]] = []  # each row's sequence and fork index
+        for s in sampling:
+            for fork in range(s.num_forks + 1):  # num_forks > 0 only on the step that ends a prompt of n answers
+                key = s.request_id if fork == 0 else f"{s.request_id}#{fork}"
+                rows.append(SamplingRow(s.sampling, s.token_ids, s.num_prompt_tokens, s.end_token_ids,
+                                        self._generator(key, s, fork), s.matcher))
+                owners.append((s, fork))
+        if len(rows) > len(sampling):
+            logits = logits[torch.tensor([i for i, s in enumerate(sampling) for _ in range(s.num_forks + 1)],
+                                         device=logits.device)]
+        result = self.sampler(logits, SamplingBatch.build(rows, self.device))
+        return [SampledToken(s, t, lp, fork)
+                for (s, fork), t, lp in zip(owners, result.token_ids, result.logprobs)]
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (its generator) once the request has ended."""
         self._generators.pop(request_id, None)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one KV block's contents (every layer, K and V): a forked answer's own copy of a partial block."""
+        self.kv_cache[:, :, :, dst].copy_(self.kv_cache[:, :, :, src])
 
     def _run_graph(self, out: SchedulerOutput, inputs: DecodeInputs | None) -> torch.Tensor | None:
         """The logits of a decode-only step replayed from a graph, or None when the step has prefill chunks or a
@@ -97,15 +117,17 @@ class ModelRunner:
             self.graphs = None
             return None
 
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
+    def _generator(self, key: str, seq: Sequence, fork: int) -> torch.Generator | None:
+        """The generator of the answer keyed ``key`` (a seeded request's; answer ``i`` > 0 of it is seeded
+        ``fork_seed(seed, i)``). Forked answers' generators are made here and kept under their own keys."""
         seed = seq.sampling.seed
         if seed is None or seq.sampling.is_greedy:
             return None
-        g = self._generators.get(seq.request_id)
+        g = self._generators.get(key)
         if g is None:
             g = torch.Generator(device=self.device)
-            g.manual_seed(seed)
-            self._generators[seq.request_id] = g
+            g.manual_seed(fork_seed(seed, seq.answer_index + fork))
+            self._generators[key] = g
         return g
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:

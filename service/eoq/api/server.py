@@ -201,7 +201,8 @@ async def start_server(settings: Settings, metrics: Metrics | None = None,
     limits = ChatLimits(max_message_chars=settings.max_message_chars,
                         max_system_prompt_chars=settings.max_system_prompt_chars)
     chat = ChatService(engine, store, prompts, limits,
-                       snapshot_interval_seconds=settings.answer_snapshot_interval_seconds)
+                       snapshot_interval_seconds=settings.answer_snapshot_interval_seconds,
+                       max_grammar_compile_seconds=settings.max_grammar_compile_seconds)
     servicer = ChatServicer(chat, auth, policy,
                             model_info_to_pb(info, policy, prompts.end_of_question_marker))
     server = grpc.aio.server(interceptors=[ErrorInterceptor(SERVICE_NAME, metrics.on_rpc)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -60,6 +61,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         finally:
             self._streams.discard(task)
 
+    async def _converter(self, to_pb, sampling):
+        """``to_pb`` for this request's events: with the token texts when it asked for logprobs."""
+        if not sampling.logprobs:
+            return to_pb
+        texts = await self.chat.token_texts()
+        return functools.partial(to_pb, token_text=texts.__getitem__)
+
     # --- RPCs ---
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatEvent]:
         tenant = self._tenant(context, write=True)
@@ -67,7 +75,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         sampling = self.policy.sampling_from_pb(request.sampling)
         events = self.chat.chat(tenant, request.conversation_id, request.message, sampling, request.system_prompt,
                                 request.parent_message_id, request.detach)
-        async for event in self._stream(events, adapter.chat_event_to_pb):
+        async for event in self._stream(events, await self._converter(adapter.chat_event_to_pb, sampling)):
             yield event
 
     async def Regenerate(self, request: pb.RegenerateRequest,
@@ -76,7 +84,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self._admit()
         sampling = self.policy.sampling_from_pb(request.sampling)
         events = self.chat.regenerate(tenant, request.conversation_id, request.message_id, sampling, request.detach)
-        async for event in self._stream(events, adapter.chat_event_to_pb):
+        async for event in self._stream(events, await self._converter(adapter.chat_event_to_pb, sampling)):
             yield event
 
     async def WatchAnswer(self, request: pb.WatchAnswerRequest,
@@ -120,7 +128,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self._admit()
         sampling = self.policy.sampling_from_pb(request.sampling)
         events = self.chat.complete(request.prompt, sampling, tenant)
-        async for event in self._stream(events, adapter.complete_event_to_pb):
+        async for event in self._stream(events, await self._converter(adapter.complete_event_to_pb, sampling)):
             yield event
 
     async def CreateConversation(self, request: pb.CreateConversationRequest,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from eoq.engine.types import FinishReason, RequestOutput
+from eoq.engine.types import FinishReason, RequestOutput, TokenLogprob
 
 
 @dataclass(slots=True)
@@ -18,11 +18,12 @@ class Usage:
     queue_seconds: float
 
     @classmethod
-    def of(cls, prompt_len: int, out: RequestOutput) -> Usage:
+    def of(cls, prompt_len: int, out: RequestOutput, completion_tokens: int | None = None) -> Usage:
+        """``out``: the request's last output; ``completion_tokens``: of all its answers (default: ``out``'s)."""
         t = out.timings
         return cls(
             prompt_tokens=prompt_len,
-            completion_tokens=out.num_completion_tokens,
+            completion_tokens=out.num_completion_tokens if completion_tokens is None else completion_tokens,
             cached_prompt_tokens=out.num_cached_tokens,
             time_to_first_token_seconds=t.ttft_seconds if t else 0.0,
             total_seconds=t.total_seconds if t else 0.0,
@@ -34,7 +35,11 @@ class Usage:
 class AnswerEvent:
     """One streamed piece of an answer; the last has ``finish_reason`` and ``usage``. A Chat or Regenerate
     answer's events name the question they answer and the answer they write, and are numbered from 1
-    (``sequence``: WatchAnswer resumes after one of them)."""
+    (``sequence``: WatchAnswer resumes after one of them).
+
+    A request for ``n`` answers streams them interleaved, each event naming its answer (``index``): each answer's
+    last event has its ``finish_reason``, with ``more`` set while other answers go on; the stream's last event
+    has ``usage`` (the prompt counted once, the completion tokens of all answers)."""
 
     conversation_id: str
     text: str
@@ -45,6 +50,13 @@ class AnswerEvent:
     user_message_id: str = ""
     message_id: str = ""
     sequence: int = 0
+    index: int = 0
+    more: bool = False  # finish_reason ends this answer; other answers of the request still stream
+    logprobs: list[TokenLogprob] | None = None  # aligned with token_ids, when asked for
+
+    @property
+    def ends_stream(self) -> bool:
+        return self.finish_reason is not None and not self.more
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -56,5 +68,8 @@ class AnswerEvent:
         data = json.loads(raw)
         reason = data.pop("finish_reason")
         usage = data.pop("usage")
+        if data.get("logprobs") is not None:
+            data["logprobs"] = [TokenLogprob(d["token_id"], d["logprob"], tuple(map(tuple, d["top"])))
+                                for d in data["logprobs"]]
         return cls(**data, finish_reason=None if reason is None else FinishReason(reason),
                    usage=None if usage is None else Usage(**usage))

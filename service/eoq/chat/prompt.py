@@ -82,6 +82,14 @@ class PromptBuilder:
         self.fingerprint = self._fingerprint()  # of the tokenizer: which stored token ids are this model's
 
     # --- public ---
+    def token_texts(self, vocab_size: int) -> list[str]:
+        """Each token id's own text (what logprobs show beside the id), special tokens included; ids past the
+        tokenizer's (padding rows of the model's vocabulary) are ''."""
+        n = min(vocab_size, len(self.tokenizer))
+        texts = self.tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
+        return texts + [""] * (vocab_size - n)
+
     def build_chat(self, system_prompt: str | None, history: Sequence[Turn], question: str,
                    max_prompt_tokens: int) -> BuiltPrompt:
         """The prompt for ``question`` after ``history``; the oldest turns are dropped (never the system prompt)

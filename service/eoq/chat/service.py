@@ -37,6 +37,7 @@ from eoq.chat.store import (
     text_bytes,
 )
 from eoq.engine.async_engine import AsyncEngine
+from eoq.engine.structured import grammar_of
 from eoq.engine.types import EngineRequest, FinishReason, SamplingParams
 from eoq.errors import InvalidArgument
 
@@ -104,7 +105,8 @@ class ChatService:
     loop: a big message or a long history never stalls other streams or the health check."""
 
     def __init__(self, engine: AsyncEngine, store: ConversationStore, prompts: PromptBuilder,
-                 limits: ChatLimits, snapshot_interval_seconds: float = 0.25) -> None:
+                 limits: ChatLimits, snapshot_interval_seconds: float = 0.25,
+                 max_grammar_compile_seconds: float = 10.0) -> None:
         self.engine = engine
         self.store = store
         self.prompts = prompts
@@ -116,14 +118,24 @@ class ChatService:
         self.snapshot_interval_seconds = snapshot_interval_seconds
         # One thread: the tokenizer is not shared across threads (see PromptBuilder).
         self._prompt_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eoq-prompts")
+        self._grammar_checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eoq-grammar-check")
+        self.max_grammar_compile_seconds = max_grammar_compile_seconds
+        self._token_texts: list[str] | None = None
         self.detached = DetachedAnswers(self)
         self.conversations = Conversations(store, limits)
 
     async def _off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._prompt_worker, functools.partial(fn, *args))
 
+    async def token_texts(self) -> list[str]:
+        """Every token id's text (``PromptBuilder.token_texts``), built once on first use, off the loop."""
+        if self._token_texts is None:
+            self._token_texts = await self._off_loop(self.prompts.token_texts, self.vocab_size)
+        return self._token_texts
+
     def close(self) -> None:
         self._prompt_worker.shutdown(wait=False, cancel_futures=True)
+        self._grammar_checks.shutdown(wait=False, cancel_futures=True)
 
     def _with_defaults(self, sampling: SamplingParams) -> SamplingParams:
         if self.prompts.default_stop:
@@ -218,6 +230,10 @@ class ChatService:
             conv = await self.conversations.settle(conv, lease)
             path, user, question, question_id = self._plan(conv, ask)
             sampling = ask.sampling
+            if sampling.n > 1 and ask.detach:
+                raise InvalidArgument("n > 1 cannot be detached: ask for one detached answer at a time "
+                                      "(Regenerate adds another)")
+            await self.check_constraint(sampling)
             system = ask.system_prompt or conv.system_prompt
             # Room for the question, the answer (about 4 bytes a token at most) and a new system prompt: refused
             # now rather than after the answer, which could then not be stored.
@@ -238,28 +254,42 @@ class ChatService:
             await sink.begin(placeholder)
             request = EngineRequest(self.engine.new_request_id("chat"), prompt.token_ids, sampling,
                                     cache_salt=ask.tenant)
-            texts: list[str] = []
-            ids: list[int] = []
+            # n answers: siblings under the question, the first one the active branch (see _store_answers).
+            answers = [placeholder] + [replace(placeholder, id=tree.new_message_id(conv.id))
+                                       for _ in range(sampling.n - 1)]
+            texts: list[list[str]] = [[] for _ in answers]
+            ids: list[list[int]] = [[] for _ in answers]
+            reasons: list[FinishReason | None] = [None] * len(answers)
+            completion = [0] * len(answers)
             sequence = 0
             saved = False
 
-            def event(text: str, token_ids: list[int]) -> AnswerEvent:
+            def event(text: str, token_ids: list[int], index: int = 0) -> AnswerEvent:
                 nonlocal sequence
                 sequence += 1
-                return AnswerEvent(conv.id, text, token_ids, user_message_id=question_id, message_id=placeholder.id,
-                                   sequence=sequence, dropped_turns=prompt.dropped_turns if sequence == 1 else 0)
+                return AnswerEvent(conv.id, text, token_ids, user_message_id=question_id,
+                                   message_id=answers[index].id, sequence=sequence, index=index,
+                                   dropped_turns=prompt.dropped_turns if sequence == 1 else 0)
+
+            def finals(default: FinishReason | None = None) -> list[StoredMessage]:
+                return [self._final(a, texts[i], ids[i], reasons[i] or default) for i, a in enumerate(answers)]
 
             try:
                 async with aclosing(self.engine.generate(request, admitted=True)) as stream:
                     async for out in stream:
-                        texts.append(out.text)
-                        ids.extend(out.token_ids)
-                        e = event(out.text, out.token_ids)
+                        i = out.index
+                        texts[i].append(out.text)
+                        ids[i].extend(out.token_ids)
+                        e = event(out.text, out.token_ids, i)
+                        e.logprobs = out.logprobs
                         if out.finished:
-                            e.finish_reason = out.finish_reason
-                            e.usage = Usage.of(len(prompt.token_ids), out)
+                            reasons[i] = e.finish_reason = out.finish_reason
+                            completion[i] = out.num_completion_tokens
+                            e.more = not out.last
+                        if out.last:
+                            e.usage = Usage.of(len(prompt.token_ids), out, sum(completion))
                             # Stored before the last event goes out: a client that saw the end knows it is kept.
-                            await sink.end(self._final(placeholder, texts, ids, out.finish_reason), e)
+                            await self._store_answers(sink, write, finals(FinishReason.CANCELLED), e)
                             saved = True
                         else:
                             sink.add(e)
@@ -271,11 +301,23 @@ class ChatService:
                 gone = isinstance(e, (asyncio.CancelledError, GeneratorExit))
                 if not saved and (gone or ask.detach):
                     try:
-                        await asyncio.shield(sink.end(self._final(placeholder, texts, ids, FinishReason.CANCELLED),
-                                                      event("", [])))
+                        await asyncio.shield(self._store_answers(sink, write, finals(FinishReason.CANCELLED),
+                                                                 event("", [])))
                     except Exception:
                         log.exception("could not store the cut-off answer of conversation %s", conv.id)
                 raise
+
+    async def _store_answers(self, sink, write: TurnWrite, finals: list[StoredMessage], last: AnswerEvent) -> None:
+        """The first answer through its sink (with the question, atomically); the others (``n`` > 1, attached
+        only) appended after it as its siblings, and the first made the active branch again."""
+        if len(finals) == 1:
+            await sink.end(finals[0], last)
+            return
+        await sink.end(finals[0], replace(last, message_id=finals[0].id, index=0))
+        for answer in finals[1:]:
+            await self.store.append_turn(write.tenant, write.conversation_id, None, answer,
+                                         turn_token=secrets.token_hex(16), lease=write.lease)
+        await self.store.set_active_leaf(write.tenant, write.conversation_id, finals[0].id)
 
     def _final(self, placeholder: StoredMessage, texts: list[str], ids: list[int],
                reason: FinishReason) -> StoredMessage:
@@ -318,12 +360,31 @@ class ChatService:
         (``build(*args)``), the engine's answer streamed; the last event has the finish reason and the usage."""
         with self.engine.admission(tenant):
             sampling = self._with_defaults(sampling)
+            await self.check_constraint(sampling)
             token_ids = await self._off_loop(build, *args)
             request = EngineRequest(self.engine.new_request_id(kind), token_ids, sampling, cache_salt=tenant)
+            completion = [0] * sampling.n
             async with aclosing(self.engine.generate(request, admitted=True)) as stream:
                 async for out in stream:
-                    event = AnswerEvent("", out.text, out.token_ids)
+                    event = AnswerEvent("", out.text, out.token_ids, index=out.index, logprobs=out.logprobs)
                     if out.finished:
                         event.finish_reason = out.finish_reason
-                        event.usage = Usage.of(len(token_ids), out)
+                        completion[out.index] = out.num_completion_tokens
+                        event.more = not out.last
+                    if out.last:
+                        event.usage = Usage.of(len(token_ids), out, sum(completion))
                     yield event
+
+    async def check_constraint(self, sampling: SamplingParams) -> None:
+        """A structured-output constraint that would not compile is refused here, before the engine, with what
+        is wrong (``InvalidArgument``); its grammar is built off the event loop, within the compile limit."""
+        if sampling.constraint is None:
+            return
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._grammar_checks, grammar_of, sampling.constraint)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.max_grammar_compile_seconds)
+        except TimeoutError:
+            raise InvalidArgument(f"the {sampling.constraint.kind.value} constraint took over "
+                                  f"{self.max_grammar_compile_seconds:g} s to build "
+                                  "(--max-grammar-compile-seconds): simplify it") from None

@@ -48,13 +48,7 @@ async def refusal(raw, body: object, path: str = "/v1/chat/completions", status:
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
     ({"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
     ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
-    ({"n": 2}, "n", "unsupported_value"),
-    ({"logprobs": True}, "logprobs", "unsupported_parameter"),
-    ({"top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_value"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty", "unsupported_parameter"),
-    ({"presence_penalty": -1.0}, "presence_penalty", "unsupported_parameter"),
-    ({"logit_bias": {"50256": -100}}, "logit_bias", "unsupported_parameter"),
+    ({"structured_outputs": {"xml": "<a/>"}}, "structured_outputs.xml", "unsupported_parameter"),
     ({"audio": {"voice": "alloy"}}, "audio", "unsupported_parameter"),
     ({"modalities": ["text", "audio"]}, "modalities", "unsupported_value"),
 ])
@@ -82,6 +76,25 @@ async def test_unsupported_features_are_refused_naming_the_field(raw, model, fie
     ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage", "invalid_type"),
     ({"top_k": -1}, "top_k", "invalid_value"),
     ({"repetition_penalty": 0.0}, "repetition_penalty", "invalid_value"),
+    # output control (issue 17): each bad value names its field
+    ({"n": 0}, "n", "invalid_value"),
+    ({"n": 9}, "n", "invalid_value"),  # above --max-n
+    ({"logprobs": "yes"}, "logprobs", "invalid_type"),
+    ({"top_logprobs": 3}, "top_logprobs", "invalid_value"),  # without logprobs
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty", "invalid_value"),
+    ({"presence_penalty": -3.0}, "presence_penalty", "invalid_value"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"5": 150}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"999999": 1}}, None, "invalid_value"),  # outside the vocabulary: checked by the engine
+    ({"min_tokens": 600, "max_tokens": 10}, "min_tokens", "invalid_value"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "invalid_value"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema", "invalid_value"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+     None, "invalid_value"),  # xgrammar's reason, at the door
+    ({"structured_outputs": {"regex": "a(b"}}, None, "invalid_value"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "invalid_value"),
     ({"messages": []}, "messages", "invalid_value"),
     ({"messages": "hi"}, "messages", "invalid_type"),
     ({"messages": [{"content": "hi"}]}, "messages[0].role", "missing_required_parameter"),
@@ -113,7 +126,7 @@ async def test_missing_fields_bad_json_and_bodies_that_are_no_object(raw, model)
         error = await refusal(raw, {"model": model, "prompt": prompt}, "/v1/completions")
         assert (error["param"], error["code"]) == ("prompt", code)
     for fields, param in (({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"best_of": 2}, "best_of"),
-                          ({"logprobs": 2}, "logprobs"), ({"n": 3}, "n")):
+                          ({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs"), ({"n": 30}, "n")):
         error = await refusal(raw, {"model": model, "prompt": "Hi", **fields}, "/v1/completions")
         assert error["param"] == param
 

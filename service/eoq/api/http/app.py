@@ -206,50 +206,65 @@ class HttpApi:
                                 f"`{self.model}`")
         return json_response(self._model_object())
 
+    async def _token_text(self, sampling):
+        """The id -> text lookup for logprobs (None when the request asked for none)."""
+        return (await self.chat.token_texts()).__getitem__ if sampling.logprobs else None
+
     async def chat_completions(self, request: Request, tenant: str, request_id: str, label: str) -> Response:
         req = await self._parse(request, schemas.ChatCompletionRequest)
         messages = req.chat_messages()
         sampling = req.sampling(self.policy)
+        token_text = await self._token_text(sampling)
         events = self.chat.complete_messages(tenant, messages, sampling)
         id_, created = f"chatcmpl-{request_id}", int(time.time())
         if not req.stream:
-            text, last = await self._collect(request, events)
-            return json_response(schemas.chat_completion(id_, created, self.model, text, last))
+            choices = await self._collect_all(request, events)
+            return json_response(schemas.chat_completion(id_, created, self.model, choices, token_text))
 
-        def chunk(delta, finish=None, usage=None):
-            return sse.event(schemas.chat_chunk(id_, created, self.model, delta, finish, usage, req.include_usage))
+        def chunk(delta, finish=None, usage=None, index=0, logprobs=None):
+            return sse.event(schemas.chat_chunk(id_, created, self.model, delta, finish, usage, req.include_usage,
+                                                index, logprobs))
 
         def render(e: AnswerEvent) -> list[bytes]:
-            out = [chunk({"content": e.text})] if e.text else []
+            lp = schemas.chat_logprobs(e.logprobs, token_text) if e.logprobs else None
+            out = [chunk({"content": e.text}, index=e.index, logprobs=lp)] if e.text or lp else []
             if e.finish_reason is not None:
-                out.append(chunk({}, schemas.finish_reason(e)))
-                if req.include_usage:
+                out.append(chunk({}, schemas.finish_reason(e), index=e.index))
+                if req.include_usage and e.usage is not None:
                     out.append(chunk(None, usage=e.usage))
             return out
 
-        return await self._stream(request, label, request_id, events, [chunk({"role": "assistant", "content": ""})],
-                                  render)
+        head = [chunk({"role": "assistant", "content": ""}, index=i) for i in range(sampling.n)]
+        return await self._stream(request, label, request_id, events, head, render)
 
     async def completions(self, request: Request, tenant: str, request_id: str, label: str) -> Response:
         req = await self._parse(request, schemas.CompletionRequest)
         prompt = req.prompt_text()
         sampling = req.sampling(self.policy)
+        token_text = await self._token_text(sampling)
         events = self.chat.complete(prompt, sampling, tenant)
         id_, created = f"cmpl-{request_id}", int(time.time())
         if not req.stream:
-            text, last = await self._collect(request, events)
-            return json_response(schemas.text_completion(id_, created, self.model, text, schemas.finish_reason(last),
-                                                         last.usage, True))
+            c = await self._collect_all(request, events)
+            choices = [schemas.text_choice(i, text, c.finish_reason(i), None if c.logprobs[i] is None
+                                           else schemas.completion_logprobs(c.logprobs[i], token_text))
+                       for i, text in enumerate(c.texts)]
+            return json_response(schemas.text_completion(id_, created, self.model, choices, c.last.usage, True))
+        offsets = [0] * sampling.n  # text_offset of each answer's next token
 
-        def chunk(text, finish=None, usage=None):
-            return sse.event(schemas.text_completion(id_, created, self.model, text, finish, usage,
+        def chunk(choice, usage=None):
+            return sse.event(schemas.text_completion(id_, created, self.model, choice and [choice], usage,
                                                      req.include_usage))
 
         def render(e: AnswerEvent) -> list[bytes]:
-            out = [chunk(e.text)] if e.text else []
+            out = []
+            if e.text or e.logprobs:
+                lp = schemas.completion_logprobs(e.logprobs, token_text, offsets[e.index]) if e.logprobs else None
+                offsets[e.index] += len(e.text)
+                out.append(chunk(schemas.text_choice(e.index, e.text, None, lp)))
             if e.finish_reason is not None:
-                out.append(chunk("", schemas.finish_reason(e)))
-                if req.include_usage:
+                out.append(chunk(schemas.text_choice(e.index, "", schemas.finish_reason(e))))
+                if req.include_usage and e.usage is not None:
                     out.append(chunk(None, usage=e.usage))
             return out
 
@@ -280,10 +295,27 @@ class HttpApi:
                 raise Unavailable(CUT_SHORT)
             return "".join(texts), last
 
+        return await self._while_active(request, collect())
+
+    async def _collect_all(self, request: Request, events: AsyncIterator[AnswerEvent]) -> schemas.Choices:
+        """Every answer of a request for ``n`` (``_collect``'s rules: a cut-short one is a 503)."""
+
+        async def collect() -> schemas.Choices:
+            async with aclosing(events) as it:
+                gathered = [e async for e in it]
+            if not gathered or any(e.finish_reason is FinishReason.CANCELLED for e in gathered):
+                raise Unavailable(CUT_SHORT)
+            return schemas.Choices(gathered)
+
+        return await self._while_active(request, collect())
+
+    async def _while_active(self, request: Request, work):
+        """``work``, counted as an active answer (the drain waits for it), cancelled if the client leaves."""
+
         token = object()
         self._active.add(token)
         try:
-            return await unless_disconnected(request, collect())
+            return await unless_disconnected(request, work)
         finally:
             self._active.discard(token)
 
@@ -313,7 +345,7 @@ class HttpApi:
                         raise Unavailable(CUT_SHORT)
                     for part in render(e):
                         yield part
-                    if e.finish_reason is not None:
+                    if e.ends_stream:
                         break
                     e = await anext(it)
                 if done:

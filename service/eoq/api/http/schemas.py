@@ -3,9 +3,11 @@
 Requests are parsed with pydantic in strict mode (a string is no number, 1.5 is no integer), as OpenAI's API is
 strict. Fields this server ignores because they change nothing it does (``user``, ``metadata``, ``store``,
 ``service_tier``, ``parallel_tool_calls``...) are accepted and ignored, like any unknown field; fields it
-cannot honour (tools, several choices, log probabilities, JSON mode, penalties...) are refused with a 400
-naming the field in ``param`` — never silently dropped. Extensions beyond OpenAI's fields, as vLLM takes them:
-``top_k``, ``repetition_penalty``, ``ignore_eos``.
+cannot honour (tools, audio, ``echo``...) are refused with a 400 naming the field in ``param`` — never silently
+dropped. Output control as OpenAI has it: ``n``, ``logprobs`` / ``top_logprobs``, ``presence_penalty``,
+``frequency_penalty``, ``logit_bias``, ``response_format`` (``json_schema``, ``json_object``). Extensions beyond
+OpenAI's fields, as vLLM takes them: ``top_k``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``,
+``stop_token_ids``, and ``structured_outputs`` (one of ``json``, ``regex``, ``choice``, ``grammar``).
 
 Sampling fields a request leaves out take the server's defaults (``--default-temperature`` etc.: greedy unless
 configured otherwise, where OpenAI's default temperature is 1); the values are then checked by the same
@@ -14,6 +16,7 @@ configured otherwise, where OpenAI's default temperature is 1); the values are t
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -23,7 +26,7 @@ from eoq.api.adapter import SamplingPolicy
 from eoq.api.http.errors import InvalidParam
 from eoq.chat.events import AnswerEvent, Usage
 from eoq.chat.prompt import ChatMessage
-from eoq.engine.types import FinishReason, SamplingParams
+from eoq.engine.types import Constraint, ConstraintKind, FinishReason, SamplingParams, TokenLogprob
 from eoq.errors import InvalidArgument
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -54,30 +57,79 @@ class _Sampling(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     stop: Any = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1)
     logprobs: Any = None
-    logit_bias: Any = None
+    logit_bias: dict[str, float] | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    response_format: Any = None
     # Extensions (as vLLM has them); the gRPC API's fields of the same names.
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    stop_token_ids: list[int] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def _refuse_unsupported(self) -> None:
-        if self.n not in (None, 1):
-            raise InvalidParam(f"n must be 1: this server returns one choice per request, got {self.n}", "n",
-                               "unsupported_value")
-        if self.logit_bias:
-            raise InvalidParam("logit_bias is not supported", "logit_bias", "unsupported_parameter")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise InvalidParam(f"{name} is not supported (repetition_penalty is: a multiplicative penalty, "
-                                   "1 = off)", name, "unsupported_parameter")
+        return None
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise InvalidParam(f"logit_bias: the key {key!r} is not a token id", "logit_bias", "invalid_value")
+            pairs.append((int(key), bias))
+        return tuple(sorted(pairs))
+
+    def constraint(self) -> Constraint | None:
+        """``response_format`` (OpenAI's ``json_schema`` / ``json_object`` / ``text``) or ``structured_outputs``
+        (vLLM's: ``json``, ``regex``, ``choice``, ``grammar``); one of them at most."""
+        rf, so = self.response_format, self.structured_outputs
+        c = None
+        if rf is not None:
+            kind = rf.get("type") if isinstance(rf, dict) else None
+            if kind == "json_schema":
+                spec = rf.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if not isinstance(schema, dict):
+                    raise InvalidParam("response_format.json_schema.schema must be a JSON Schema object",
+                                       "response_format.json_schema.schema", "invalid_value")
+                c = Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))
+            elif kind == "json_object":
+                c = Constraint(ConstraintKind.JSON_OBJECT)
+            elif kind != "text":
+                raise InvalidParam("response_format.type must be text, json_object or json_schema",
+                                   "response_format.type", "invalid_value")
+        if so:
+            if c is not None:
+                raise InvalidParam("send response_format or structured_outputs, not both", "structured_outputs")
+            if len(so) != 1:
+                raise InvalidParam("structured_outputs takes one of json, regex, choice, grammar",
+                                   "structured_outputs", "invalid_value")
+            (key, value), = so.items()
+            param = f"structured_outputs.{key}"
+            if key == "json":
+                if not isinstance(value, (dict, str)):
+                    raise InvalidParam("structured_outputs.json must be a JSON Schema (object or its text)", param,
+                                       "invalid_type")
+                c = Constraint(ConstraintKind.JSON_SCHEMA, value if isinstance(value, str) else json.dumps(value))
+            elif key in ("regex", "grammar"):
+                if not isinstance(value, str):
+                    raise InvalidParam(f"{param} must be a string", param, "invalid_type")
+                c = Constraint(ConstraintKind(key), value)
+            elif key == "choice":
+                if not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+                    raise InvalidParam(f"{param} must be an array of strings", param, "invalid_type")
+                c = Constraint(ConstraintKind.CHOICE, choices=tuple(value))
+            else:
+                raise InvalidParam(f"structured_outputs.{key} is not supported (json, regex, choice, grammar)",
+                                   param, "unsupported_parameter")
+        return c
 
 
 class ChatCompletionRequest(_Sampling):
@@ -88,18 +140,17 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
     web_search_options: Any = None
 
     def check(self) -> None:
-        self._refuse_unsupported()
-        if self.logprobs:
-            raise InvalidParam("logprobs is not supported", "logprobs", "unsupported_parameter")
-        if self.top_logprobs:
-            raise InvalidParam("top_logprobs is not supported", "top_logprobs", "unsupported_parameter")
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
+            raise InvalidParam("Invalid type for 'logprobs': expected a boolean", "logprobs", "invalid_type")
+        if self.top_logprobs is not None and not (isinstance(self.top_logprobs, int)
+                                                  and not isinstance(self.top_logprobs, bool)):
+            raise InvalidParam("Invalid type for 'top_logprobs': expected an integer", "top_logprobs", "invalid_type")
         for name in ("tools", "functions", "audio", "prediction", "web_search_options"):
             if getattr(self, name):
                 raise InvalidParam(f"{name} is not supported by this server", name, "unsupported_parameter")
@@ -108,10 +159,6 @@ class ChatCompletionRequest(_Sampling):
         if self.function_call not in (None, "none"):
             raise InvalidParam("function_call is not supported (no functions)", "function_call",
                                "unsupported_parameter")
-        rf = self.response_format
-        if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-            raise InvalidParam("response_format: only {\"type\": \"text\"} is supported", "response_format",
-                               "unsupported_value")
         if self.modalities is not None and self.modalities != ["text"]:
             raise InvalidParam("modalities: only [\"text\"] is supported", "modalities", "unsupported_value")
         if (self.max_tokens is not None and self.max_completion_tokens is not None
@@ -141,7 +188,8 @@ class ChatCompletionRequest(_Sampling):
 
     def sampling(self, policy: SamplingPolicy) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return sampling_params(self, policy, max_tokens, self.max_tokens_param)
+        return sampling_params(self, policy, max_tokens, self.max_tokens_param, bool(self.logprobs),
+                               self.top_logprobs or 0)
 
 
 class CompletionRequest(_Sampling):
@@ -151,15 +199,16 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
 
     def check(self) -> None:
-        self._refuse_unsupported()
-        if self.logprobs is not None and self.logprobs != 0:
-            raise InvalidParam("logprobs is not supported", "logprobs", "unsupported_parameter")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)):
+            raise InvalidParam("Invalid type for 'logprobs': expected an integer (how many top tokens)", "logprobs",
+                               "invalid_type")
         if self.echo:
             raise InvalidParam("echo is not supported", "echo", "unsupported_parameter")
         if self.suffix:
             raise InvalidParam("suffix is not supported", "suffix", "unsupported_parameter")
-        if self.best_of not in (None, 1):
-            raise InvalidParam(f"best_of must be 1, got {self.best_of}", "best_of", "unsupported_value")
+        if self.best_of not in (None, 1, self.n):
+            raise InvalidParam(f"best_of must equal n ({self.n or 1}): answers are not ranked, got {self.best_of}",
+                               "best_of", "unsupported_value")
 
     def prompt_text(self) -> str:
         p = self.prompt
@@ -178,7 +227,9 @@ class CompletionRequest(_Sampling):
         raise InvalidParam("Invalid type for 'prompt': expected a string", "prompt", "invalid_type")
 
     def sampling(self, policy: SamplingPolicy) -> SamplingParams:
-        return sampling_params(self, policy, self.max_tokens, "max_tokens")
+        # OpenAI's legacy logprobs: the number of top tokens per position (0 = the sampled token's only)
+        return sampling_params(self, policy, self.max_tokens, "max_tokens", self.logprobs is not None,
+                               self.logprobs or 0)
 
 
 def _text_content(content: Any, param: str) -> str:
@@ -215,16 +266,21 @@ def _stop_strings(stop: Any) -> tuple[str, ...]:
     raise InvalidParam("Invalid type for 'stop': expected a string or an array of strings", "stop", "invalid_type")
 
 
-_SAMPLING_FIELD = re.compile(r"\b(temperature|top_p|top_k|repetition_penalty|max_tokens|seed|stop)\b")
+_SAMPLING_FIELD = re.compile(r"\b(temperature|top_p|top_k|repetition_penalty|max_tokens|seed|stop_token_ids|stop|n|"
+                             r"top_logprobs|logprobs|presence_penalty|frequency_penalty|logit_bias|min_tokens|"
+                             r"choice)\b")
 
 
-def sampling_params(req: _Sampling, policy: SamplingPolicy, max_tokens: int | None,
-                    max_tokens_param: str) -> SamplingParams:
+def sampling_params(req: _Strict, policy: SamplingPolicy, max_tokens: int | None, max_tokens_param: str,
+                    logprobs: bool = False, top_logprobs: int = 0) -> SamplingParams:
     """The request's sampling, the server's defaults for what it leaves out, checked by the gRPC API's rules
     (``SamplingParams.validate`` with the policy's limits); a refusal names the field in ``param``."""
 
     def given(value, default):
         return default if value is None else value
+
+    def opt(name: str, default):  # output-control fields: the Responses request has none of them
+        return given(getattr(req, name, None), default)
 
     params = SamplingParams(
         temperature=given(req.temperature, policy.default_temperature),
@@ -235,12 +291,25 @@ def sampling_params(req: _Sampling, policy: SamplingPolicy, max_tokens: int | No
         seed=req.seed,
         stop=_stop_strings(req.stop),
         ignore_eos=bool(req.ignore_eos),
+        n=opt("n", 1),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        presence_penalty=opt("presence_penalty", 0.0),
+        frequency_penalty=opt("frequency_penalty", 0.0),
+        logit_bias=req.logit_bias_pairs() if isinstance(req, _Sampling) else (),
+        min_tokens=opt("min_tokens", 0),
+        stop_token_ids=tuple(opt("stop_token_ids", ())),
+        constraint=req.constraint() if isinstance(req, _Sampling) else None,
     )
     try:
-        return params.validate(max_tokens_limit=policy.max_tokens_limit, max_stop_strings=policy.max_stop_strings)
+        return policy.validate(params)
     except InvalidArgument as e:
         match = _SAMPLING_FIELD.search(str(e))
         param = match.group(1) if match else None
+        if param == "choice":
+            param = "structured_outputs.choice"
+        elif param == "top_logprobs" and isinstance(req, CompletionRequest):
+            param = "logprobs"
         raise InvalidParam(str(e), max_tokens_param if param == "max_tokens" else param) from None
 
 
@@ -285,42 +354,105 @@ def finish_reason(e: AnswerEvent) -> str:
     return FINISH[e.finish_reason]
 
 
-def chat_completion(id_: str, created: int, model: str, text: str, last: AnswerEvent) -> dict:
+LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for -inf (a token the distribution excluded): JSON has no -inf
+
+
+def _lp(v: float) -> float:
+    return max(v, LOGPROB_FLOOR)
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs(logprobs: list[TokenLogprob], token_text) -> dict:
+    """``choices[].logprobs`` of chat completions: ``{"content": [...]}``."""
+    content = []
+    for lp in logprobs:
+        text = token_text(lp.token_id)
+        content.append({"token": text, "logprob": _lp(lp.logprob), "bytes": _bytes(text),
+                        "top_logprobs": [{"token": token_text(t), "logprob": _lp(v), "bytes": _bytes(token_text(t))}
+                                         for t, v in lp.top]})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], token_text, offset: int = 0) -> dict:
+    """``choices[].logprobs`` of (legacy) completions: tokens, their logprobs, the top ones, text offsets."""
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in logprobs:
+        text = token_text(lp.token_id)
+        tokens.append(text)
+        values.append(_lp(lp.logprob))
+        tops.append({token_text(t): _lp(v) for t, v in lp.top} if lp.top else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+class Choices:
+    """A whole answer set (``n`` answers) gathered from its events, for the non-streamed responses."""
+
+    def __init__(self, events: list[AnswerEvent]) -> None:
+        n = max(e.index for e in events) + 1
+        self.texts = [""] * n
+        self.logprobs: list[list[TokenLogprob] | None] = [None] * n
+        self.finish: list[FinishReason | None] = [None] * n
+        for e in events:
+            self.texts[e.index] += e.text
+            if e.logprobs is not None:
+                self.logprobs[e.index] = (self.logprobs[e.index] or []) + e.logprobs
+            if e.finish_reason is not None:
+                self.finish[e.index] = e.finish_reason
+        self.last = events[-1]
+
+    def finish_reason(self, i: int) -> str:
+        return FINISH.get(self.finish[i], "stop")
+
+
+def chat_completion(id_: str, created: int, model: str, choices: Choices, token_text=None) -> dict:
     return {
         "id": id_,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                     "logprobs": None, "finish_reason": finish_reason(last)}],
-        "usage": usage_object(last.usage),
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                     "logprobs": (None if choices.logprobs[i] is None
+                                  else chat_logprobs(choices.logprobs[i], token_text)),
+                     "finish_reason": choices.finish_reason(i)} for i, text in enumerate(choices.texts)],
+        "usage": usage_object(choices.last.usage),
     }
 
 
 def chat_chunk(id_: str, created: int, model: str, delta: dict | None, finish: str | None = None,
-               usage: Usage | None = None, with_usage: bool = False) -> dict:
+               usage: Usage | None = None, with_usage: bool = False, index: int = 0,
+               logprobs: dict | None = None) -> dict:
     chunk = {
         "id": id_,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [] if delta is None else [{"index": index, "delta": delta, "logprobs": logprobs,
+                                              "finish_reason": finish}],
     }
     if with_usage:  # stream_options.include_usage: null on every chunk but the last, as OpenAI streams it
         chunk["usage"] = usage_object(usage) if usage is not None else None
     return chunk
 
 
-def text_completion(id_: str, created: int, model: str, text: str | None, finish: str | None = None,
-                    usage: Usage | None = None, with_usage: bool = False) -> dict:
-    """A completion (``text`` the whole answer) or one chunk of its stream (``text=None``: the usage chunk)."""
+def text_completion(id_: str, created: int, model: str, choices: list[dict] | None, usage: Usage | None = None,
+                    with_usage: bool = False) -> dict:
+    """A completion or one chunk of its stream: ``choices`` from ``text_choice`` (None: the usage chunk)."""
     obj = {
         "id": id_,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": choices or [],
     }
     if with_usage:
         obj["usage"] = usage_object(usage) if usage is not None else None
     return obj
+
+
+def text_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}

@@ -210,12 +210,23 @@ class HttpApi:
         """The id -> text lookup for logprobs (None when the request asked for none)."""
         return (await self.chat.token_texts()).__getitem__ if sampling.logprobs else None
 
+    async def _without_end_logprobs(self, events: AsyncIterator[AnswerEvent], sampling) -> AsyncIterator[
+            AnswerEvent]:
+        """``events`` without the logprob of the token that ended each answer (OpenAI lists only the answer's
+        tokens)."""
+        ends = self.chat.end_token_ids | set(sampling.stop_token_ids)
+        async with aclosing(events) as it:
+            async for e in it:
+                if e.finish_reason is not None and e.logprobs:
+                    e.logprobs = [lp for lp in e.logprobs if lp.token_id not in ends]
+                yield e
+
     async def chat_completions(self, request: Request, tenant: str, request_id: str, label: str) -> Response:
         req = await self._parse(request, schemas.ChatCompletionRequest)
         messages = req.chat_messages()
         sampling = req.sampling(self.policy)
         token_text = await self._token_text(sampling)
-        events = self.chat.complete_messages(tenant, messages, sampling)
+        events = self._without_end_logprobs(self.chat.complete_messages(tenant, messages, sampling), sampling)
         id_, created = f"chatcmpl-{request_id}", int(time.time())
         if not req.stream:
             choices = await self._collect_all(request, events)
@@ -242,7 +253,7 @@ class HttpApi:
         prompt = req.prompt_text()
         sampling = req.sampling(self.policy)
         token_text = await self._token_text(sampling)
-        events = self.chat.complete(prompt, sampling, tenant)
+        events = self._without_end_logprobs(self.chat.complete(prompt, sampling, tenant), sampling)
         id_, created = f"cmpl-{request_id}", int(time.time())
         if not req.stream:
             c = await self._collect_all(request, events)

@@ -9,5 +9,6 @@ COMMANDS = {
     "chat": "eoq_clients.chat",
     "bench": "eoq_clients.bench.cli",
     "bench-trees": "eoq_clients.bench.trees",
+    "bench-output": "eoq_clients.bench.output_control",
     "soak": "eoq_clients.soak",
 }

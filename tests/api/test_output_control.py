@@ -159,3 +159,18 @@ async def test_n_answers_cannot_be_detached(stub) -> None:
     error = await rpc_error(collect(stub.Chat(pb.ChatRequest(message=FRANCE, detach=True,
                                                              sampling=sampling(8, n=2)))))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "detached" in error.details()
+
+
+async def test_prompt_logprobs_on_complete_and_refused_on_chat(stub, server: RunningServer) -> None:
+    answer = await complete(stub, "The capital of France is", max_tokens=4, prompt_logprobs=True, top_logprobs=2)
+    first = answer.events[0]
+    tok = server.servicer.chat.prompts.tokenizer
+    prompt_ids = tok.encode("The capital of France is", add_special_tokens=True)
+    assert [lp.token_id for lp in first.prompt_logprobs] == prompt_ids[1:]
+    assert all(lp.logprob <= 0 and len(lp.top) == 2 for lp in first.prompt_logprobs)
+    assert all(lp.token == tok.decode([lp.token_id]) for lp in first.prompt_logprobs)
+    assert not any(e.prompt_logprobs for e in answer.events[1:])
+    assert answer.last.usage.cached_prompt_tokens == 0
+    error = await rpc_error(collect(stub.Chat(pb.ChatRequest(message=FRANCE, sampling=sampling(
+        4, prompt_logprobs=True)))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt_logprobs" in error.details()

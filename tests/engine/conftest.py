@@ -104,7 +104,8 @@ def merge(outs: list[RequestOutput]) -> RequestOutput:
     return RequestOutput(last.request_id, [t for o in outs for t in o.token_ids], "".join(o.text for o in outs),
                          last.finished, last.finish_reason, last.num_prompt_tokens, last.num_completion_tokens,
                          last.num_cached_tokens, last.timings, last.error, last.error_is_invalid_argument,
-                         last.index, last.last, logprobs)
+                         last.index, last.last, logprobs,
+                         next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None))
 
 
 __all__ = ["FinishReason", "generate", "make_core", "merge", "run_to_end"]

@@ -205,3 +205,19 @@ def test_bad_constraints_are_refused_at_the_door_with_the_reason(constraint, wor
     with pytest.raises(InvalidArgument, match=words) as e:
         grammar_of(constraint)
     assert "/project/" not in str(e.value)  # xgrammar's source location is stripped
+
+
+def test_prompt_logprobs_equal_transformers_across_chunks_and_skip_the_prefix_cache(tiny_llama):
+    checkpoint, hf = tiny_llama
+    core = make_core(checkpoint, kv_cache_memory_gb=0.004, max_num_batched_tokens=16)  # a 50-token prompt: 4 chunks
+    prompt = prompt_ids(50, seed=12)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].float().log_softmax(-1)  # (P, V)
+    for attempt in range(2):  # the second time the prompt's blocks are cached: still computed, all of them
+        out = generate(core, prompt, max_tokens=3, ignore_eos=True, prompt_logprobs=True, top_logprobs=2)
+        assert [lp.token_id for lp in out.prompt_logprobs] == prompt[1:]
+        for pos, lp in enumerate(out.prompt_logprobs, start=1):
+            assert lp.logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
+            assert [t for t, _ in lp.top] == ref[pos - 1].topk(2).indices.tolist()
+        assert out.num_cached_tokens == 0
+    assert generate(core, prompt, max_tokens=3, ignore_eos=True).num_cached_tokens == 48  # others still hit

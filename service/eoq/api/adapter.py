@@ -76,6 +76,7 @@ class SamplingPolicy:
             n=p.n or 1,
             logprobs=p.logprobs,
             top_logprobs=p.top_logprobs,
+            prompt_logprobs=p.prompt_logprobs,
             presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty,
             logit_bias=tuple(sorted(p.logit_bias.items())),
@@ -167,7 +168,8 @@ def chat_event_to_pb(e: AnswerEvent, token_text=str) -> pb.ChatEvent:
 
 def complete_event_to_pb(e: AnswerEvent, token_text=str) -> pb.CompleteEvent:
     event = pb.CompleteEvent(delta=e.text, token_ids=e.token_ids, finish_reason=FINISH_TO_PB[e.finish_reason],
-                             answer_index=e.index, logprobs=logprobs_to_pb(e.logprobs, token_text))
+                             answer_index=e.index, logprobs=logprobs_to_pb(e.logprobs, token_text),
+                             prompt_logprobs=logprobs_to_pb(e.prompt_logprobs, token_text))
     if e.usage is not None:
         event.usage.CopyFrom(usage_to_pb(e.usage))
     return event

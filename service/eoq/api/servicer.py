@@ -63,7 +63,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def _converter(self, to_pb, sampling):
         """``to_pb`` for this request's events: with the token texts when it asked for logprobs."""
-        if not sampling.logprobs:
+        if not (sampling.logprobs or sampling.prompt_logprobs):
             return to_pb
         texts = await self.chat.token_texts()
         return functools.partial(to_pb, token_text=texts.__getitem__)

@@ -53,6 +53,7 @@ class AnswerEvent:
     index: int = 0
     more: bool = False  # finish_reason ends this answer; other answers of the request still stream
     logprobs: list[TokenLogprob] | None = None  # aligned with token_ids, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # Complete with prompt_logprobs: on the first event
 
     @property
     def ends_stream(self) -> bool:
@@ -68,8 +69,9 @@ class AnswerEvent:
         data = json.loads(raw)
         reason = data.pop("finish_reason")
         usage = data.pop("usage")
-        if data.get("logprobs") is not None:
-            data["logprobs"] = [TokenLogprob(d["token_id"], d["logprob"], tuple(map(tuple, d["top"])))
-                                for d in data["logprobs"]]
+        for key in ("logprobs", "prompt_logprobs"):
+            if data.get(key) is not None:
+                data[key] = [TokenLogprob(d["token_id"], d["logprob"], tuple(map(tuple, d["top"])))
+                             for d in data[key]]
         return cls(**data, finish_reason=None if reason is None else FinishReason(reason),
                    usage=None if usage is None else Usage(**usage))

@@ -233,6 +233,8 @@ class ChatService:
             if sampling.n > 1 and ask.detach:
                 raise InvalidArgument("n > 1 cannot be detached: ask for one detached answer at a time "
                                       "(Regenerate adds another)")
+            if sampling.prompt_logprobs:
+                raise InvalidArgument("prompt_logprobs is for Complete: a Chat prompt is the rendered conversation")
             await self.check_constraint(sampling)
             system = ask.system_prompt or conv.system_prompt
             # Room for the question, the answer (about 4 bytes a token at most) and a new system prompt: refused
@@ -366,7 +368,8 @@ class ChatService:
             completion = [0] * sampling.n
             async with aclosing(self.engine.generate(request, admitted=True)) as stream:
                 async for out in stream:
-                    event = AnswerEvent("", out.text, out.token_ids, index=out.index, logprobs=out.logprobs)
+                    event = AnswerEvent("", out.text, out.token_ids, index=out.index, logprobs=out.logprobs,
+                                        prompt_logprobs=out.prompt_logprobs)
                     if out.finished:
                         event.finish_reason = out.finish_reason
                         completion[out.index] = out.num_completion_tokens

@@ -151,12 +151,15 @@ class EngineCore:
         sampled: list[SampledToken] = []
         if not sched.is_empty:
             try:
-                sampled = self.runner.execute(sched)
+                sampled, prompt_logprobs = self.runner.execute(sched)
             except Exception as e:  # a failed step fails its requests; a run of them, the engine (async_engine)
                 log.exception("engine step failed; failing its %d requests", sched.num_seqs)
                 self.num_failed_steps += 1
                 return EngineStepResult(outputs + self._fail(sched, e), self._stats(sched, 0))
             self.num_failed_steps = 0
+            for seq, first, values in prompt_logprobs:
+                if len(seq.prompt_logprobs) + 1 == first:  # in order (a recompute repeats none)
+                    seq.prompt_logprobs.extend(values)
             self.scheduler.update_computed(sched)
             outputs += self._postprocess(sched, sampled, t0)
         return EngineStepResult(outputs, self._stats(sched, len(sampled)))
@@ -217,6 +220,8 @@ class EngineCore:
         )
         if seq.sampling.logprobs:
             out.logprobs, seq.logprobs[: len(ids)] = seq.logprobs[: len(ids)], []
+        if seq.prompt_logprobs is not None and len(seq.prompt_logprobs) == seq.num_prompt_tokens - 1:
+            out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None  # once, on the first output
         return out
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None,

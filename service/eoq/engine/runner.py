@@ -34,6 +34,13 @@ class SampledToken(NamedTuple):
     fork: int = 0
 
 
+class StepOutput(NamedTuple):
+    """What one step produced: the sampled tokens, and prompt logprobs (sequence, first position, values)."""
+
+    sampled: list[SampledToken]
+    prompt_logprobs: list[tuple[Sequence, int, list[TokenLogprob]]]
+
+
 def fork_seed(seed: int, index: int) -> int:
     """Answer ``index``'s seed, derived from the request's: answers differ, and the same seed reproduces them."""
     return (seed + index * 0x9E3779B97F4A7C15) % 2**64
@@ -67,19 +74,23 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[SampledToken]:
-        """Run one step. Returns each sampling sequence with its sampled token."""
+    def execute(self, out: SchedulerOutput) -> StepOutput:
+        """Run one step: each sampling sequence with its sampled token, and the prompt logprobs computed."""
         decodes = DecodeInputs.of(out.decodes, self.block_size) if out.decodes else None
         logits = self._run_graph(out, decodes)
+        prompt_logprobs = []
         if logits is not None:
             sampling = list(out.decodes)
         else:
             step = self._prepare(out, decodes)
             sampling = step.sampling
             logits = self.model(step.input_ids, step.positions, self.kv_caches, step.meta,
-                                step.logits_indices)  # (S, V)
+                                step.logits_indices)  # (S + R, V)
+            if step.prompt_rows:
+                prompt_logprobs = self._prompt_logprobs(logits[len(sampling) :], step.prompt_rows)
+                logits = logits[: len(sampling)]
         if not sampling:
-            return []
+            return StepOutput([], prompt_logprobs)
         rows: list[SamplingRow] = []
         owners: list[tuple[Sequence, int]] = []  # each row's sequence and fork index
         for s in sampling:
@@ -92,8 +103,29 @@ class ModelRunner:
             logits = logits[torch.tensor([i for i, s in enumerate(sampling) for _ in range(s.num_forks + 1)],
                                          device=logits.device)]
         result = self.sampler(logits, SamplingBatch.build(rows, self.device))
-        return [SampledToken(s, t, lp, fork)
-                for (s, fork), t, lp in zip(owners, result.token_ids, result.logprobs)]
+        return StepOutput([SampledToken(s, t, lp, fork)
+                           for (s, fork), t, lp in zip(owners, result.token_ids, result.logprobs)], prompt_logprobs)
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int, int]]):
+        """The log-probabilities (the model's distribution, temperature 1) of the prompt tokens each row predicts,
+        with each sequence's ``top_logprobs`` most likely alternatives."""
+        lp = logits.float().log_softmax(dim=-1)  # (R, V)
+        out = []
+        r = 0
+        for seq, first, count in rows:
+            block = lp[r : r + count]  # (count, V)
+            targets = torch.tensor(seq.token_ids[first : first + count], device=lp.device)
+            picked = block.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+            k = seq.sampling.top_logprobs
+            if k:
+                vals, ids = block.topk(k, dim=-1)
+                tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+            else:
+                tops = [()] * count
+            out.append((seq, first, [TokenLogprob(t, p, top) for t, p, top in zip(targets.tolist(), picked, tops)]))
+            r += count
+        return out
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (its generator) once the request has ended."""
@@ -157,6 +189,8 @@ class ModelRunner:
             sampling.extend(out.decodes)
 
         chunks: list[PrefillChunk] = []
+        prompt_rows: list[tuple[Sequence, int, int]] = []
+        prompt_indices: list[int] = []
         for c in out.prefills:
             seq, n = c.seq, c.num_new_tokens
             start = seq.num_computed_tokens
@@ -175,12 +209,19 @@ class ModelRunner:
             if c.samples:
                 logits_indices.append(q0 + n - 1)
                 sampling.append(seq)
+            if seq.prompt_logprobs is not None:  # rows predicting prompt tokens start+1 .. (not yet computed)
+                first = max(start + 1, len(seq.prompt_logprobs) + 1)
+                last = min(start + n, seq.num_prompt_tokens - 1)
+                if last >= first:
+                    prompt_rows.append((seq, first, last - first + 1))
+                    prompt_indices.extend(range(q0 + first - 1 - start, q0 + last - start))
 
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=dev), decode, chunks)
         return StepInputs(
             torch.tensor(ids, dtype=torch.int64, device=dev),
             torch.tensor(pos, dtype=torch.int64, device=dev),
             meta,
-            torch.tensor(logits_indices, dtype=torch.int64, device=dev),
+            torch.tensor(logits_indices + prompt_indices, dtype=torch.int64, device=dev),
             sampling,
+            prompt_rows,
         )

@@ -149,7 +149,8 @@ class Scheduler:
         inflight = self._inflight_hashes() if self.blocks.enable_prefix_caching else set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.peek()
-            hits, num_hit = self.blocks.get_computed_blocks(seq)
+            # A prompt whose logprobs are asked for is computed in full (cached blocks have no logits).
+            hits, num_hit = ([], 0) if seq.sampling.prompt_logprobs else self.blocks.get_computed_blocks(seq)
             if len(hits) < len(seq.block_hashes) and seq.block_hashes[len(hits)] in inflight:
                 break  # a running sequence is computing this prefix now: take it from the cache next step
             n = min(seq.num_tokens - num_hit, budget)

@@ -31,6 +31,7 @@ class Sequence:
         "matcher",
         "num_forks",
         "output_id",
+        "prompt_logprobs",
         "block_ids",
         "cache_salt",
         "finish_reason",
@@ -57,6 +58,8 @@ class Sequence:
         self.num_forks = request.sampling.n - 1 if answer_index == 0 else 0
         self.matcher = None  # structured output: the answer's place in its grammar (eoq.engine.structured)
         self.logprobs: list = []  # TokenLogprob of tokens pushed but not yet sent (aligned with the text's tokens)
+        # prompt_logprobs: TokenLogprob of prompt tokens 1.. computed so far; None once sent (or not asked)
+        self.prompt_logprobs: list | None = [] if request.sampling.prompt_logprobs and answer_index == 0 else None
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0

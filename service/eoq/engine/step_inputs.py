@@ -4,7 +4,7 @@ eager step and a CUDA graph's both start from them) and ``StepInputs`` (an eager
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,5 +56,7 @@ class StepInputs:
     input_ids: torch.Tensor  # (T,) int64
     positions: torch.Tensor  # (T,) int64
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # (S,) int64
+    logits_indices: torch.Tensor  # (S + R,) int64: the sampling rows, then the prompt-logprob rows
     sampling: list[Sequence]  # (S,)
+    # prompt_logprobs: (sequence, first prompt position predicted, how many) for the R rows after the S
+    prompt_rows: list[tuple[Sequence, int, int]] = field(default_factory=list)

@@ -85,6 +85,9 @@ class SamplingParams:
     n: int = 1  # answers to sample from the one prompt (prefilled once; its KV blocks shared)
     logprobs: bool = False  # each generated token's log-probability
     top_logprobs: int = 0  # and the most likely tokens at its position (0..MAX_TOP_LOGPROBS); needs logprobs
+    # The prompt tokens' log-probabilities too (under the model's own distribution, temperature 1; with
+    # top_logprobs alternatives). Such a prompt is computed in full: it skips the prefix cache.
+    prompt_logprobs: bool = False
     presence_penalty: float = 0.0  # subtracted once from the logit of every token already in the answer
     frequency_penalty: float = 0.0  # subtracted per occurrence in the answer
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
@@ -136,8 +139,8 @@ class SamplingParams:
             raise InvalidArgument(f"n must be in [1, {max_n}] (--max-n), got {self.n}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
-        if self.top_logprobs and not self.logprobs:
-            raise InvalidArgument("top_logprobs needs logprobs to be set")
+        if self.top_logprobs and not (self.logprobs or self.prompt_logprobs):
+            raise InvalidArgument("top_logprobs needs logprobs (or prompt_logprobs) to be set")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not (math.isfinite(v) and -MAX_ABS_PENALTY <= v <= MAX_ABS_PENALTY):
@@ -230,6 +233,8 @@ class RequestOutput:
     index: int = 0  # which of the request's ``n`` answers this output belongs to
     last: bool = False  # the request's last output: every answer has finished (``finished`` is per answer)
     logprobs: list[TokenLogprob] | None = None  # aligned with token_ids, when the request asked for them
+    # With prompt_logprobs, on the request's first output: prompt tokens 1.. (the first has no context)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)

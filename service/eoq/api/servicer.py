@@ -94,9 +94,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         _required(request.message_id, "message_id")
         events = self.chat.detached.watch(tenant, request.conversation_id, request.message_id,
                                           request.after_sequence)
+        convert = adapter.chat_event_to_pb
         async with aclosing(events) as it:  # a watcher is not an answer: the drain does not wait for it
             async for event in it:
-                yield adapter.chat_event_to_pb(event)
+                if event.logprobs and convert is adapter.chat_event_to_pb:  # the answer asked for logprobs
+                    convert = functools.partial(convert, token_text=(await self.chat.token_texts()).__getitem__)
+                yield convert(event)
 
     async def CancelAnswer(self, request: pb.CancelAnswerRequest,
                            context: grpc.aio.ServicerContext) -> pb.CancelAnswerResponse:

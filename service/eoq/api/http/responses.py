@@ -36,7 +36,7 @@ from pydantic import Field
 
 from eoq.api.adapter import SamplingPolicy
 from eoq.api.http.errors import InvalidParam
-from eoq.api.http.schemas import _Strict, sampling_params
+from eoq.api.http.schemas import SamplingFields, _Strict, sampling_params
 from eoq.chat.events import AnswerEvent, Usage
 from eoq.chat.prompt import ChatMessage
 from eoq.chat.store import Conversation, Role, StoredMessage
@@ -81,20 +81,11 @@ def conversation_of(conv: str) -> str:
 
 
 # --- requests ---
-class _Sampled(_Strict):
+class _Sampled(SamplingFields):
     """The sampling fields of a Responses request (and of eoq's regenerate)."""
 
-    model: str
-    stream: bool | None = None
     background: bool | None = None
     max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    stop: Any = None
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = None
 
     def sampling(self, policy: SamplingPolicy) -> SamplingParams:
         """The chat completions' rule (``schemas.sampling_params``), with ``max_output_tokens`` as the limit."""

@@ -48,25 +48,31 @@ class Message(_Strict):
     function_call: Any = None
 
 
-class _Sampling(_Strict):
+class SamplingFields(_Strict):
+    """The sampling fields every generating request has (chat completions, completions, Responses)."""
+
     model: str
     stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     stop: Any = None
+    # Extensions (as vLLM has them); the gRPC API's fields of the same names.
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+
+
+class _Sampling(SamplingFields):
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1)
     logprobs: Any = None
     logit_bias: dict[str, float] | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     response_format: Any = None
-    # Extensions (as vLLM has them); the gRPC API's fields of the same names.
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = None
+    # Extensions, as vLLM has them
     min_tokens: int | None = Field(None, ge=0)
     stop_token_ids: list[int] | None = None
     structured_outputs: dict[str, Any] | None = None

@@ -44,7 +44,7 @@ from eoq_clients.bench.workloads import (
 )
 from eoq_clients.common import TransportSecurity, add_connection_flags
 
-TARGETS = ("server", "inprocess", "transformers", "llamacpp", "http", "http-peer")
+TARGETS = ("server", "inprocess", "transformers", "llamacpp", "http", "http-peer", "llama-server")
 WARMUP_QUESTION = "Say hello."  # not in the measured list, so it leaves no measured prompt in a prefix cache
 SCHEMA = "eoq-bench/1"
 EXAMPLES = """examples:
@@ -97,6 +97,8 @@ def add_parser(sub) -> None:
     p.add_argument("--base-url", default="http://localhost:8000/v1",
                    help="http target: an OpenAI-compatible API (default: eoq's own HTTP port on localhost)")
     p.add_argument("--peer-base-url", help="http-peer target: another OpenAI-compatible API (llama-server, vLLM)")
+    p.add_argument("--llama-server", metavar="PATH", help="llama-server target: the llama-server binary to start "
+                   "(on the default model's GGUF, --parallel = the highest --concurrency, --cont-batching)")
     p.add_argument("--openai-model", help="http targets: the model to ask for (default: the first /v1/models lists)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -154,6 +156,14 @@ def make_target(name: str, args: argparse.Namespace, local: Callable[[], LocalMo
         if not url:
             raise ValueError("the http-peer target needs --peer-base-url")
         return OpenAITarget(url, args.api_key, args.openai_model, label=name)
+    if name == "llama-server":
+        from eoq_clients.bench.openai_target import LlamaServerTarget
+
+        if not args.llama_server:
+            raise ValueError("the llama-server target needs --llama-server PATH (a built llama-server binary)")
+        levels = [int(c) for c in _csv(args.concurrency)] if args.concurrency else [32]
+        return LlamaServerTarget(args.llama_server, str(_gguf_file(args.model)), args.llamacpp_threads,
+                                 max(levels + [1]))
     raise ValueError(name)
 
 

@@ -117,3 +117,53 @@ class OpenAITarget(Target):
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+class LlamaServerTarget(OpenAITarget):
+    """llama.cpp's ``llama-server`` started from ``binary`` on the same GGUF file as eoq's default model, with
+    continuous batching and ``parallel`` slots (the highest concurrency of the run), ``threads`` threads and
+    ``ctx_per_slot`` tokens of context per slot, on a free port of 127.0.0.1; stopped at close. Measured through
+    its OpenAI endpoint like any ``http`` target."""
+
+    def __init__(self, binary: str, gguf: str, threads: int, parallel: int, ctx_per_slot: int = 2048) -> None:
+        super().__init__("http://127.0.0.1:0/v1", label="llama-server")
+        self.binary, self.gguf = binary, gguf
+        self.threads, self.parallel, self.ctx_per_slot = threads, parallel, ctx_per_slot
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> TargetInfo:
+        import socket
+
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self._proc = await asyncio.create_subprocess_exec(
+            self.binary, "-m", self.gguf, "-t", str(self.threads), "--parallel", str(self.parallel),
+            "--cont-batching", "-c", str(self.parallel * self.ctx_per_slot), "--host", "127.0.0.1", "--port",
+            str(port), "--no-webui", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        async with httpx.AsyncClient() as client:
+            while True:
+                if self._proc.returncode is not None:
+                    raise ConnectionError(f"llama-server exited with {self._proc.returncode} while starting")
+                try:
+                    if (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ConnectionError("llama-server did not become healthy within 120 s")
+                await asyncio.sleep(0.25)
+        info = await super().start()
+        info.description = (f"llama.cpp llama-server ({self.binary}), -t {self.threads} --parallel {self.parallel} "
+                            f"--cont-batching, same GGUF, over its OpenAI endpoint")
+        return info
+
+    async def close(self) -> None:
+        await super().close()
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.terminate()
+            await self._proc.wait()

@@ -60,6 +60,24 @@ def select_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+ACTIVATION_QUANTIZATION = ("auto", "int8", "off")
+
+
+def select_int8_activations(setting: str, device: torch.device, dtype: torch.dtype, cpu_fast_bf16: bool) -> bool:
+    """Whether the low-bit weight copies' matmuls quantize their activations to int8 (``--activation-quantization``).
+
+    'auto' = on a CPU without fast bfloat16 running float32 (there the integer dot products do several times less
+    work per weight than float32's FMAs; bfloat16 machines keep their path); 'int8' = on any CPU; 'off' = never
+    (float32 stays exact to the checkpoint's values). Only weights with a low-bit copy are affected: without one
+    (a checkpoint that is not low-bit, no CPU kernels) nothing changes. ``cpu_fast_bf16``: ``cpu_has_fast_bf16()``,
+    passed in so the decision can be tested for every CPU kind."""
+    if setting not in ACTIVATION_QUANTIZATION:
+        raise ConfigError(f"--activation-quantization {setting!r}: use auto, int8 or off")
+    if device.type != "cpu" or setting == "off":
+        return False
+    return setting == "int8" or (dtype == torch.float32 and not cpu_fast_bf16)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

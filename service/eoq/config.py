@@ -66,8 +66,9 @@ class Settings(BaseSettings):
     activation_quantization: Literal["auto", "int8", "off"] = Field(
         _engine_default("activation_quantization"),
         description="the low-bit weight copies' matmuls (CPU) with activations quantized to int8 per block of 32 "
-        "and integer dot products (lossy, several times less work): auto = where the CPU has no fast bfloat16 "
-        "(eoq runs float32 there); int8 = on any CPU; off = float32 activations (exact to the checkpoint's values)",
+        "and integer dot products (lossy, several times less work): auto = decode steps where the CPU has no fast "
+        "bfloat16 (eoq runs float32 there), prompts in float32; int8 = every step, on any CPU; off = float32 "
+        "activations (exact to the checkpoint's values)",
     )
     cpu_kernels: bool = Field(
         _engine_default("cpu_kernels"),

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from eoq.engine.device import select_int8_activations
 from eoq.engine.model.kernels.bindings import CpuKernels
 from eoq.engine.model.kernels.formats import pack_int4_x8_panels, pack_int8_x8_panels
-from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, INT8_MAX_TOKENS, Linear, LMHead
+from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, INT8_MAX_TOKENS, Int8Activations, Linear, LMHead
 from eoq.errors import ConfigError
 
 from .conftest import cpu_flags
@@ -180,13 +180,31 @@ def test_linear_runs_every_step_of_an_exact_copy_with_int8_activations(cpu_kerne
     with torch.no_grad():
         lin.weight.copy_(weight)
     assert lin.quantize("auto") == "int4"
-    lin.prepare(torch.float32, max_tokens=4, kernels=cpu_kernels_lib, int8_activations=True)
+    lin.prepare(torch.float32, max_tokens=4, kernels=cpu_kernels_lib, int8_activations=Int8Activations.ALL_STEPS)
     assert lin.lowbit_panels is not None and lin.lowbit_panels.int8_activations
     parts = weight.abs() + 0.05  # a loose |step q| + |min|: |min| <= 0.05
     for rows in (1, 4, 5, 70):  # the row kernel, then the panels
         assert lin.runs_int8_activations(rows)
         x = _activations(gen, rows, in_f)
         _check(lin(x), x, weight, parts, f"{rows} rows")
+
+
+def test_small_steps_only_leave_the_big_steps_exact(cpu_kernels_lib) -> None:
+    """``SMALL_STEPS`` (what auto takes): int8 in the row kernels, float32 panels for bigger steps."""
+    gen = torch.Generator().manual_seed(14)
+    out_f, in_f = 48, 128
+    weight = _on_int4_grid(gen, out_f, in_f)
+    lin = Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    assert lin.quantize("auto") == "int4"
+    lin.prepare(torch.float32, max_tokens=4, kernels=cpu_kernels_lib, int8_activations=Int8Activations.SMALL_STEPS)
+    assert lin.runs_int8_activations(4) and not lin.runs_int8_activations(5)
+    assert not lin.lowbit_panels.int8_activations
+    small, big = _activations(gen, 4, in_f), _activations(gen, 9, in_f)
+    exact = F.linear(small.double(), weight.double())
+    assert (lin(small).double() - exact).abs().max().item() > 1e-4 * exact.abs().max().item()  # really int8
+    torch.testing.assert_close(lin(big).double(), F.linear(big.double(), weight.double()), atol=1e-4, rtol=1e-5)
 
 
 def test_an_int8_activation_lm_head_recomputes_its_best_logits_exactly(cpu_kernels_lib) -> None:
@@ -198,7 +216,7 @@ def test_an_int8_activation_lm_head_recomputes_its_best_logits_exactly(cpu_kerne
     with torch.no_grad():
         head.weight.copy_(weight)
     assert head.quantize("auto") == "int8"
-    head.prepare(torch.float32, max_tokens=4, kernels=cpu_kernels_lib, int8_activations=True)
+    head.prepare(torch.float32, max_tokens=4, kernels=cpu_kernels_lib, int8_activations=Int8Activations.ALL_STEPS)
     for rows in (1, INT8_MAX_TOKENS, 9):  # the 8-bit row kernel, then the panels
         x = _activations(gen, rows, in_f)
         ref = F.linear(x.double(), weight.double())
@@ -209,19 +227,20 @@ def test_an_int8_activation_lm_head_recomputes_its_best_logits_exactly(cpu_kerne
 
 
 FAST_BF16, NO_BF16 = True, False
+OFF, SMALL, ALL = Int8Activations.OFF, Int8Activations.SMALL_STEPS, Int8Activations.ALL_STEPS
 
 
 @pytest.mark.parametrize("setting, device, dtype, fast_bf16, expected", [
-    ("auto", "cpu", torch.float32, NO_BF16, True),  # AVX2-only, AVX-512 without BF16: eoq runs float32 there
-    ("auto", "cpu", torch.float32, FAST_BF16, False),  # --dtype float32 on a bf16 machine: its path unchanged
-    ("auto", "cpu", torch.bfloat16, FAST_BF16, False),  # a bf16 machine as served
-    ("auto", "cpu", torch.bfloat16, NO_BF16, False),  # bfloat16 asked for on an AVX2 machine
-    ("auto", "cuda", torch.float32, NO_BF16, False),
-    ("int8", "cpu", torch.bfloat16, FAST_BF16, True),
-    ("int8", "cpu", torch.float32, NO_BF16, True),
-    ("int8", "cuda", torch.bfloat16, NO_BF16, False),  # the low-bit kernels are CPU-only
-    ("off", "cpu", torch.float32, NO_BF16, False),
-    ("off", "cpu", torch.bfloat16, FAST_BF16, False),
+    ("auto", "cpu", torch.float32, NO_BF16, SMALL),  # AVX2-only, AVX-512 without BF16: eoq runs float32 there
+    ("auto", "cpu", torch.float32, FAST_BF16, OFF),  # --dtype float32 on a bf16 machine: its path unchanged
+    ("auto", "cpu", torch.bfloat16, FAST_BF16, OFF),  # a bf16 machine as served
+    ("auto", "cpu", torch.bfloat16, NO_BF16, OFF),  # bfloat16 asked for on an AVX2 machine
+    ("auto", "cuda", torch.float32, NO_BF16, OFF),
+    ("int8", "cpu", torch.bfloat16, FAST_BF16, ALL),
+    ("int8", "cpu", torch.float32, NO_BF16, ALL),
+    ("int8", "cuda", torch.bfloat16, NO_BF16, OFF),  # the low-bit kernels are CPU-only
+    ("off", "cpu", torch.float32, NO_BF16, OFF),
+    ("off", "cpu", torch.bfloat16, FAST_BF16, OFF),
 ])
 def test_activation_quantization_for_each_cpu_kind(setting, device, dtype, fast_bf16, expected) -> None:
     assert select_int8_activations(setting, torch.device(device), dtype, fast_bf16) is expected

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from eoq.engine.model.attention import AttentionMetadata
-from eoq.engine.model.linear import Linear
+from eoq.engine.model.linear import Int8Activations, Linear
 from eoq.engine.model.norms import Norm
 from eoq.engine.model.ops import TORCH_OPS, TorchOps
 
@@ -65,7 +65,7 @@ class DecoderModel(nn.Module):
             lin.quantize(mode)
 
     def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, ops: TorchOps = TORCH_OPS,
-                int8_activations: bool = False) -> None:
+                int8_activations: Int8Activations = Int8Activations.OFF) -> None:
         """Called once after the weights are loaded and moved, with the ops chosen at load (``ops.select_ops``):
         picks the matmul kernels, tells the norms which dtype the matmuls take and hands them the ops.
         ``int8_activations``: the low-bit copies' matmuls take int8 activations (``Linear.prepare``)."""

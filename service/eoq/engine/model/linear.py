@@ -23,13 +23,18 @@ By default a copy is made only of weights that already lie on such a grid (the c
 holds the checkpoint's own values; ``int4`` rounds every weight to 4 bits (lossy; then only the small steps use
 it).
 
-With ``int8_activations`` (``prepare``; chosen at load by ``device.select_int8_activations``) the low-bit copies'
-matmuls quantize their input to int8 per row and block of 32 and sum each group's products in integers
-(``csrc/x8_rows.cpp``, ``csrc/x8_gemm.cpp``, as llama.cpp does on CPUs): several times less arithmetic per weight
-than float32's FMAs where there is no fast bfloat16, at a small loss (the activations keep 8 bits per block).
+With int8 activations (``prepare``'s ``Int8Activations``; chosen at load by ``device.select_int8_activations``)
+the low-bit copies' matmuls quantize their input to int8 per row and block of 32 and sum each group's products in
+integers (``csrc/x8_rows.cpp``, ``csrc/x8_gemm.cpp``, as llama.cpp does on CPUs): several times less arithmetic
+per weight than float32's FMAs where there is no fast bfloat16, at a small loss (the activations keep 8 bits per
+block). ``SMALL_STEPS`` takes them for the row kernels only (decode steps): a prompt's own positions, whose first
+tokens carry the largest activations, then keep float32 ones, and the default model's greedy tokens stayed
+float32's (int8 prompts too flipped its near-tie France answer); ``ALL_STEPS`` takes them for the panels too.
 """
 
 from __future__ import annotations
+
+import enum
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +59,14 @@ INT8_MAX_TOKENS = 2  # the 8-bit kernel is compute-bound beyond: bf16 wins from 
 LOGIT_CANDIDATES = 8
 
 
+class Int8Activations(enum.Enum):
+    """Which steps of a low-bit copy take int8 activations."""
+
+    OFF = "off"  # none: float32 activations (exact to the copy's values)
+    SMALL_STEPS = "small steps"  # the row kernels' steps (decode); bigger steps (prompts) float32
+    ALL_STEPS = "all steps"  # the panels' too
+
+
 def _onednn_packing_available() -> bool:
     """Whether oneDNN can pack a bfloat16 weight here: it refuses on CPUs without AVX-512 (BW/VL/DQ) or
     AVX-NE-CONVERT, where bfloat16 runs through F.linear."""
@@ -69,7 +82,7 @@ class Linear(nn.Module):
     - ``int4``, ``int8``: low-bit copies (``LowBitRows``, by ``quantize``) run by the row kernels for steps of up to
       ``int4_max_tokens`` / ``int8_max_tokens`` rows (-1: none);
     - ``lowbit_panels``: an exact low-bit copy in panels (``LowBitPanels``) running every bigger step (laid out for
-      int8 activations where ``int8_activations``);
+      int8 activations where ``int8_big_steps``);
     - ``float32_panels``: a float32 weight in panels for eoq's float32 GEMM;
     - ``onednn_weight``: a bfloat16 weight re-laid out for oneDNN (unless ``pack_for_onednn`` is turned off)."""
 
@@ -90,7 +103,9 @@ class Linear(nn.Module):
         self.lowbit_panels: LowBitPanels | None = None
         self.pack_for_onednn = True  # a bfloat16 weight is re-laid out for oneDNN (dropping the plain one)
         self._exact_copy = False  # the low-bit copy holds the weight's own values (made by quantize, auto)
-        self.int8_activations = False  # the low-bit copies' matmuls take int8 activations (set by prepare)
+        # Whether the low-bit copy's row kernels / panels take int8 activations (set by prepare).
+        self.int8_small_steps = False
+        self.int8_big_steps = False
         self._kernels: CpuKernels | None = None
 
     def quantize(self, mode: str) -> str | None:
@@ -169,20 +184,22 @@ class Linear(nn.Module):
         return sum(c.nbytes() for c in (self.int4, self.int8, self.lowbit_panels) if c is not None)
 
     def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None,
-                int8_activations: bool = False) -> None:
+                int8_activations: Int8Activations = Int8Activations.OFF) -> None:
         """Pick the fastest matmul for the weight's device and dtype (call after weights are loaded; once).
 
         ``max_tokens``: steps of at most this many rows run the low-bit copy's row kernel, if a copy was made (it
         needs eoq's CPU ``kernels``: without them it is dropped). In float32 an exact copy also runs the bigger
-        steps, in panels, and the weight itself is dropped. ``int8_activations``: every matmul of a low-bit copy
-        quantizes its input to int8 (lossy; the float32 weight's own steps, if kept, stay float32)."""
+        steps, in panels, and the weight itself is dropped. ``int8_activations``: which of a low-bit copy's steps
+        quantize their input to int8 (lossy; the float32 weight's own steps, if kept, stay float32)."""
         usable = kernels is not None and kernels.supports(self.weight.device, dtype)
         if not usable:
             self.int4 = self.int8 = None
         elif self.lowbit_panels is None and self.weight.numel() and (
                 dtype == torch.float32 or (dtype == torch.bfloat16 and not _onednn_packing_available())):
-            self.lowbit_panels = self._pack_exact_copy(int8_activations)
-        self.int8_activations = usable and int8_activations and (self.int4 is not None or self.int8 is not None)
+            self.lowbit_panels = self._pack_exact_copy(int8_activations is Int8Activations.ALL_STEPS)
+        has_copy = usable and (self.int4 is not None or self.int8 is not None)
+        self.int8_small_steps = has_copy and int8_activations is not Int8Activations.OFF
+        self.int8_big_steps = bool(self.lowbit_panels is not None and self.lowbit_panels.int8_activations)
         self._kernels = kernels if usable else None
         if self.int4 is not None:
             self.int4_max_tokens = max_tokens
@@ -210,14 +227,15 @@ class Linear(nn.Module):
 
     def runs_int8_activations(self, rows: int) -> bool:
         """Whether a step of ``rows`` rows quantizes its input to int8 (a low-bit copy's kernel, int8 activations)."""
-        return self.int8_activations and (rows <= max(self.int4_max_tokens, self.int8_max_tokens)
-                                          or self.lowbit_panels is not None)
+        if rows <= max(self.int4_max_tokens, self.int8_max_tokens):
+            return self.int8_small_steps
+        return self.int8_big_steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in_features)
         if x.shape[0] <= self.int4_max_tokens:
-            y = self._kernels.int4_matmul(x, self.int4.values, self.int4.scales, self.int8_activations)
+            y = self._kernels.int4_matmul(x, self.int4.values, self.int4.scales, self.int8_small_steps)
         elif x.shape[0] <= self.int8_max_tokens:
-            y = self._kernels.int8_matmul(x, self.int8.values, self.int8.scales, self.int8_activations)
+            y = self._kernels.int8_matmul(x, self.int8.values, self.int8.scales, self.int8_small_steps)
         elif self.lowbit_panels is not None:  # float32 arithmetic: a bfloat16 step's rows are widened
             y = self._kernels.gemm_lowbit(x.float(), self.lowbit_panels, self.out_features).to(x.dtype)
         elif self.float32_panels is not None:
@@ -242,7 +260,7 @@ class LMHead(Linear):
       float32's (the true largest logit is within one bfloat16 step of the rounded largest), at ~0.1 ms a row
       of the default model's 49152 on a CPU; the rest keep the matmul's rounding, far below any temperature's
       effect. Shapes are static (CUDA graphs can hold it);
-    - with int8 activations (a low-bit copy, ``int8_activations``) the same recomputation, from the copy's own
+    - with int8 activations (a low-bit copy's, ``runs_int8_activations``) the same recomputation, from the copy's own
       values: the greedy token is then the float32 matmul's with the copy whenever that one is among the int8
       path's ``LOGIT_CANDIDATES`` best.
     The head keeps its 16-bit weight for that: a tied head's is the embedding's (no copy), so it may also be
@@ -260,7 +278,7 @@ class LMHead(Linear):
         self.tied = True
 
     def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None,
-                int8_activations: bool = False) -> None:
+                int8_activations: Int8Activations = Int8Activations.OFF) -> None:
         if dtype != torch.float32 and self.weight.numel():
             self.recompute_weight = self.weight.data
             self.pack_for_onednn = self.tied

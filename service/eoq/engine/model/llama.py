@@ -16,7 +16,7 @@ from eoq.engine.model.attention import AttentionMetadata, paged_attention
 from eoq.engine.model.base import DecoderModel, KVSpec, copy_into, take
 from eoq.engine.model.decode_attention import PagedKernel
 from eoq.engine.model.kernels.bindings import LlamaLayersInt4, LlamaShape
-from eoq.engine.model.linear import Linear, LMHead
+from eoq.engine.model.linear import Int8Activations, Linear, LMHead
 from eoq.engine.model.norms import RMSNorm
 from eoq.engine.model.ops import TORCH_OPS, KernelRope, TorchOps, TorchRope
 from eoq.errors import ConfigError
@@ -121,7 +121,7 @@ class LlamaDecoder(DecoderModel):
         self.register_buffer("sin_table", sin, persistent=False)  # (P, hd)
 
     def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, ops: TorchOps = TORCH_OPS,
-                int8_activations: bool = False) -> None:
+                int8_activations: Int8Activations = Int8Activations.OFF) -> None:
         super().prepare(dtype, quantized_max_tokens, ops, int8_activations)
         for layer in self.layers:
             layer.ops = ops
@@ -169,7 +169,7 @@ class LlamaDecoder(DecoderModel):
                      o_s=la.o_proj.int4.scales, gate_up_q=la.gate_up.int4.values, gate_up_s=la.gate_up.int4.scales,
                      down_q=la.down.int4.values, down_s=la.down.int4.scales, k_cache=k, v_cache=v)
                 for la, (k, v) in zip(self.layers, kv_caches)
-            ], shape, int8_activations=first.qkv.int8_activations)
+            ], shape, int8_activations=first.qkv.int8_small_steps)
         return layers
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:

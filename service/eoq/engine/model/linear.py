@@ -27,9 +27,9 @@ With int8 activations (``prepare``'s ``Int8Activations``; chosen at load by ``de
 the low-bit copies' matmuls quantize their input to int8 per row and block of 32 and sum each group's products in
 integers (``csrc/x8_rows.cpp``, ``csrc/x8_gemm.cpp``, as llama.cpp does on CPUs): several times less arithmetic
 per weight than float32's FMAs where there is no fast bfloat16, at a small loss (the activations keep 8 bits per
-block). ``SMALL_STEPS`` takes them for the row kernels only (decode steps): a prompt's own positions, whose first
-tokens carry the largest activations, then keep float32 ones, and the default model's greedy tokens stayed
-float32's (int8 prompts too flipped its near-tie France answer); ``ALL_STEPS`` takes them for the panels too.
+block). ``SMALL_STEPS`` takes them for the row kernels only (decode steps), so a prompt's positions and the
+first answer token are float32's (int8 prompts flipped the default model's near-tie France answer);
+``ALL_STEPS`` takes them for the panels too.
 """
 
 from __future__ import annotations

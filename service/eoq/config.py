@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         description="steps of at most this many tokens use the low-bit row kernels (8-bit: at most 2); in float32 "
         "bigger steps run exact copies in panels (0 = no copies)"
     )
+    activation_quantization: Literal["auto", "int8", "off"] = Field(
+        _engine_default("activation_quantization"),
+        description="the low-bit weight copies' matmuls (CPU) with activations quantized to int8 per block of 32 "
+        "and integer dot products (lossy, several times less work): auto = decode steps where the CPU has no fast "
+        "bfloat16 (eoq runs float32 there), prompts in float32; int8 = every step, on any CPU; off = float32 "
+        "activations (exact to the checkpoint's values)",
+    )
     cpu_kernels: bool = Field(
         _engine_default("cpu_kernels"),
         description="on a CPU, eoq's C++ kernels (decode attention over the paged cache, the float32 GEMM, the "

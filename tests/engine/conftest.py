@@ -73,8 +73,11 @@ def tiny_gpt2(tmp_path_factory, tokenizer_dir):
 
 
 def make_core(checkpoint: Path, **overrides) -> EngineCore:
+    """An engine core in float32 with float32 activations (``activation_quantization="off"``: on a CPU without fast
+    bfloat16 ``auto`` would take int8 ones for low-bit weights, and these tests compare float32 exactly); tests of
+    int8 activations ask for them."""
     cfg = dict(checkpoint=checkpoint, model_name=checkpoint.name, dtype="float32", kv_cache_memory_gb=0.002,
-               max_num_seqs=32, max_num_batched_tokens=256)
+               max_num_seqs=32, max_num_batched_tokens=256, activation_quantization="off")
     cfg.update(overrides)
     core, _ = build_engine_core(EngineConfig(**cfg))
     return core

@@ -138,7 +138,9 @@ def test_default_model_answers_paris(default_checkpoint):
     from eoq.chat.prompt import ChatMessage, PromptBuilder
     from eoq.engine.model.checkpoint import load_tokenizer
 
-    core = make_core(default_checkpoint.path, dtype="auto", kv_cache_memory_gb=0.25, max_model_len=2048)
+    # As served: auto takes bfloat16 or, on a CPU without fast bfloat16, float32 with int8 activations in decode steps.
+    core = make_core(default_checkpoint.path, dtype="auto", activation_quantization="auto", kv_cache_memory_gb=0.25,
+                     max_model_len=2048)
     prompts = PromptBuilder(load_tokenizer(default_checkpoint.path))
     prompt = prompts.render(None, [ChatMessage("user", "What is the capital of France?")])
     out = generate(core, prompt, max_tokens=48)

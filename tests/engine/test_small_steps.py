@@ -8,13 +8,15 @@ import torch
 
 from eoq.engine.types import EngineRequest, SamplingParams
 
-from .conftest import make_core, merge, run_to_end, save_checkpoint, tiny_llama_config
+from .conftest import _kernel_builds, make_core, merge, run_to_end, save_checkpoint, tiny_llama_config
 from .test_fidelity import prompt_ids
 
 
-def int4_core(checkpoint, dtype: str):
-    """An engine whose every projection has a 4-bit copy (rounded): steps of up to 4 tokens run on them."""
-    return make_core(checkpoint, dtype=dtype, quantized_weights="int4", quantized_max_tokens=4)
+def int4_core(checkpoint, dtype: str, activations: str = "off"):
+    """An engine whose every projection has a 4-bit copy (rounded): steps of up to 4 tokens run on them, with
+    float32 activations or (``activations="int8"``) int8 ones."""
+    return make_core(checkpoint, dtype=dtype, quantized_weights="int4", quantized_max_tokens=4,
+                     activation_quantization=activations)
 
 
 def decode_step_inputs(core, lengths: list[int]):
@@ -29,13 +31,15 @@ def decode_step_inputs(core, lengths: list[int]):
     return step.input_ids, step.positions, step.meta, step.logits_indices
 
 
+@pytest.mark.parametrize("activations", ["off", "int8"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("lengths", [[7], [40, 3], [18, 33, 5, 61]], ids=["1", "2", "4"])
-def test_one_call_gives_the_layer_by_layer_logits(tiny_llama, dtype, lengths):
+def test_one_call_gives_the_layer_by_layer_logits(tiny_llama, dtype, lengths, activations):
     checkpoint, _ = tiny_llama
-    core = int4_core(checkpoint, dtype)
+    core = int4_core(checkpoint, dtype, activations)
     model, runner = core.runner.model, core.runner
     assert model.small_step_tokens == 4
+    assert model.layers[0].qkv.int8_small_steps == (activations == "int8")
     ids, pos, meta, rows = decode_step_inputs(core, lengths)
     calls = []
     fused = model.ops.kernels.llama_layers_int4
@@ -45,6 +49,23 @@ def test_one_call_gives_the_layer_by_layer_logits(tiny_llama, dtype, lengths):
         model.small_step_tokens = 0
         layer_by_layer = model(ids, pos, runner.kv_caches, meta, rows)  # rewrites the same K/V into the cache
     assert len(calls) == 1
+    assert torch.equal(one_call, layer_by_layer)
+
+
+@pytest.mark.parametrize("march", _kernel_builds())
+def test_one_call_gives_the_layer_by_layer_logits_with_int8_activations_on_each_branch(tiny_llama, march):
+    """Int8 activations on each ISA branch this machine runs (VNNI, AVX2's vpmaddubsw, the generic vectors): the
+    one call quantizes and multiplies exactly as the layers do."""
+    checkpoint, _ = tiny_llama
+    core = make_core(checkpoint, quantized_weights="int4", quantized_max_tokens=4, activation_quantization="int8",
+                     kernel_march=march)
+    model, runner = core.runner.model, core.runner
+    assert model.small_step_tokens == 4 and model.layers[0].down.int8_small_steps
+    ids, pos, meta, rows = decode_step_inputs(core, [18, 33, 5, 61])
+    with torch.inference_mode():
+        one_call = model(ids, pos, runner.kv_caches, meta, rows)
+        model.small_step_tokens = 0
+        layer_by_layer = model(ids, pos, runner.kv_caches, meta, rows)
     assert torch.equal(one_call, layer_by_layer)
 
 

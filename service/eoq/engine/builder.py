@@ -12,7 +12,14 @@ from transformers import PreTrainedTokenizerBase
 from eoq.config import default_cache_dir
 from eoq.engine.block_manager import BlockManager
 from eoq.engine.core import EngineCore
-from eoq.engine.device import dtype_name, select_device, select_dtype, tune_cpu_allocator
+from eoq.engine.device import (
+    cpu_has_fast_bf16,
+    dtype_name,
+    select_device,
+    select_dtype,
+    select_int8_activations,
+    tune_cpu_allocator,
+)
 from eoq.engine.model.checkpoint import context_length, load_config, load_tokenizer
 from eoq.engine.model.kernels import load_cpu_kernels
 from eoq.engine.model.kernels.bindings import CpuKernels
@@ -67,8 +74,9 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
         model_len = cfg.max_model_len
     state = read_state_dict(cfg.checkpoint)
     ops = _ops(cfg, device, dtype)  # torch's ops or eoq's CPU kernels: chosen here, once
+    int8_activations = select_int8_activations(cfg.activation_quantization, device, dtype, cpu_has_fast_bf16())
     model = build_model(config, model_len, device, dtype, state, cfg.quantized_weights,
-                        cfg.quantized_max_tokens, ops)
+                        cfg.quantized_max_tokens, ops, int8_activations)
     del state
 
     bytes_per_token = model.kv_spec.bytes_per_token(dtype)

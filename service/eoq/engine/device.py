@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from eoq.engine.model.linear import Int8Activations
 from eoq.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,28 @@ def select_dtype(setting: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+ACTIVATION_QUANTIZATION = ("auto", "int8", "off")
+
+
+def select_int8_activations(setting: str, device: torch.device, dtype: torch.dtype,
+                            cpu_fast_bf16: bool) -> Int8Activations:
+    """Which steps of the low-bit weight copies quantize their activations to int8 (``--activation-quantization``).
+
+    'auto' = the small (decode) steps on a CPU without fast bfloat16 running float32 (there the integer dot
+    products do several times less work per weight than float32's FMAs; bfloat16 machines keep their path); a
+    prompt's own steps stay float32 (int8 there flipped the default model's near-tie France answer); 'int8' = every
+    step, on any CPU; 'off' = none (float32 stays exact to the checkpoint's values). Only weights with a low-bit
+    copy are affected: without one (a checkpoint that is not low-bit, no CPU kernels) nothing changes.
+    ``cpu_fast_bf16``: ``cpu_has_fast_bf16()``, passed in so the decision can be tested for every CPU kind."""
+    if setting not in ACTIVATION_QUANTIZATION:
+        raise ConfigError(f"--activation-quantization {setting!r}: use auto, int8 or off")
+    if device.type != "cpu" or setting == "off":
+        return Int8Activations.OFF
+    if setting == "int8":
+        return Int8Activations.ALL_STEPS
+    return Int8Activations.SMALL_STEPS if dtype == torch.float32 and not cpu_fast_bf16 else Int8Activations.OFF
 
 
 def dtype_name(dtype: torch.dtype) -> str:

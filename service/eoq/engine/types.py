@@ -280,6 +280,8 @@ class EngineConfig:
     seed: int = 0
     quantized_weights: str = "auto"  # auto | int4 | never (see model.base.DecoderModel.quantize)
     quantized_max_tokens: int = 4
+    # auto | int8 | off: int8 activations for the low-bit copies' matmuls (see device.select_int8_activations)
+    activation_quantization: str = "auto"
     cpu_kernels: bool = True  # CPU: eoq's C++ kernels (model.kernels), built on first use
     kernel_cache_dir: Path | None = None  # where built kernels are kept (default: <eoq cache>/kernels)
     # -march of those kernels: this CPU's, or an older level (x86-64-v3 = AVX2) to run that branch (tests)

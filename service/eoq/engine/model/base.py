@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from eoq.engine.model.attention import AttentionMetadata
-from eoq.engine.model.linear import Linear
+from eoq.engine.model.linear import Int8Activations, Linear
 from eoq.engine.model.norms import Norm
 from eoq.engine.model.ops import TORCH_OPS, TorchOps
 
@@ -64,12 +64,14 @@ class DecoderModel(nn.Module):
         for lin in self.linears():
             lin.quantize(mode)
 
-    def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, ops: TorchOps = TORCH_OPS) -> None:
+    def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, ops: TorchOps = TORCH_OPS,
+                int8_activations: Int8Activations = Int8Activations.OFF) -> None:
         """Called once after the weights are loaded and moved, with the ops chosen at load (``ops.select_ops``):
-        picks the matmul kernels, tells the norms which dtype the matmuls take and hands them the ops."""
+        picks the matmul kernels, tells the norms which dtype the matmuls take and hands them the ops.
+        ``int8_activations``: the low-bit copies' matmuls take int8 activations (``Linear.prepare``)."""
         self.ops = ops
         for lin in self.linears():
-            lin.prepare(dtype, quantized_max_tokens, ops.kernels)
+            lin.prepare(dtype, quantized_max_tokens, ops.kernels, int8_activations)
         for m in self.modules():
             if isinstance(m, Norm):
                 m.prepare(dtype, ops)

@@ -22,9 +22,19 @@ weight is then not kept, and a step streams an eighth of the bytes.
 By default a copy is made only of weights that already lie on such a grid (the checkpoint is low-bit), so it
 holds the checkpoint's own values; ``int4`` rounds every weight to 4 bits (lossy; then only the small steps use
 it).
+
+With int8 activations (``prepare``'s ``Int8Activations``; chosen at load by ``device.select_int8_activations``)
+the low-bit copies' matmuls quantize their input to int8 per row and block of 32 and sum each group's products in
+integers (``csrc/x8_rows.cpp``, ``csrc/x8_gemm.cpp``, as llama.cpp does on CPUs): several times less arithmetic
+per weight than float32's FMAs where there is no fast bfloat16, at a small loss (the activations keep 8 bits per
+block). ``SMALL_STEPS`` takes them for the row kernels only (decode steps), so a prompt's positions and the
+first answer token are float32's (int8 prompts flipped the default model's near-tie France answer);
+``ALL_STEPS`` takes them for the panels too.
 """
 
 from __future__ import annotations
+
+import enum
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +46,9 @@ from eoq.engine.model.kernels.formats import (
     LowBitRows,
     pack_gemm_weight,
     pack_int4_panels,
+    pack_int4_x8_panels,
     pack_int8_panels,
+    pack_int8_x8_panels,
 )
 
 INT4_GROUP = 32  # input features that share one step and minimum (Q4_1's block)
@@ -45,6 +57,14 @@ INT8_GROUP = 32  # input features that share one scale (Q8_0's block)
 INT8_MAX_TOKENS = 2  # the 8-bit kernel is compute-bound beyond: bf16 wins from 3-4 tokens (measured, LM head)
 # Logits of a 16-bit matmul recomputed in float32 per row (LMHead): the largest ones, where the greedy choice is.
 LOGIT_CANDIDATES = 8
+
+
+class Int8Activations(enum.Enum):
+    """Which steps of a low-bit copy take int8 activations."""
+
+    OFF = "off"  # none: float32 activations (exact to the copy's values)
+    SMALL_STEPS = "small steps"  # the row kernels' steps (decode); bigger steps (prompts) float32
+    ALL_STEPS = "all steps"  # the panels' too
 
 
 def _onednn_packing_available() -> bool:
@@ -61,7 +81,8 @@ class Linear(nn.Module):
     is None where there is none, and ``weight`` is empty once a re-laid-out copy replaced it (``prepare``):
     - ``int4``, ``int8``: low-bit copies (``LowBitRows``, by ``quantize``) run by the row kernels for steps of up to
       ``int4_max_tokens`` / ``int8_max_tokens`` rows (-1: none);
-    - ``lowbit_panels``: an exact low-bit copy in panels (``LowBitPanels``) running every bigger step;
+    - ``lowbit_panels``: an exact low-bit copy in panels (``LowBitPanels``) running every bigger step (laid out for
+      int8 activations where ``int8_big_steps``);
     - ``float32_panels``: a float32 weight in panels for eoq's float32 GEMM;
     - ``onednn_weight``: a bfloat16 weight re-laid out for oneDNN (unless ``pack_for_onednn`` is turned off)."""
 
@@ -82,6 +103,9 @@ class Linear(nn.Module):
         self.lowbit_panels: LowBitPanels | None = None
         self.pack_for_onednn = True  # a bfloat16 weight is re-laid out for oneDNN (dropping the plain one)
         self._exact_copy = False  # the low-bit copy holds the weight's own values (made by quantize, auto)
+        # Whether the low-bit copy's row kernels / panels take int8 activations (set by prepare).
+        self.int8_small_steps = False
+        self.int8_big_steps = False
         self._kernels: CpuKernels | None = None
 
     def quantize(self, mode: str) -> str | None:
@@ -141,33 +165,41 @@ class Linear(nn.Module):
         self._exact_copy = only_if_exact
         return True
 
-    def _pack_exact_copy(self) -> LowBitPanels | None:
-        """The exact low-bit copy re-laid out in panels (``formats.pack_int4_panels`` / ``pack_int8_panels``)."""
+    def _pack_exact_copy(self, int8_activations: bool) -> LowBitPanels | None:
+        """The exact low-bit copy re-laid out in panels (``formats.pack_int4_panels`` / ``pack_int8_panels``, or
+        their ``_x8`` layouts for int8 activations)."""
         if not self._exact_copy:
             return None
         if self.int4 is not None:
             nibbles = self.int4.values
             q = torch.cat([nibbles & 0xF, nibbles >> 4], -1).view(self.out_features, self.in_features)
-            return pack_int4_panels(q, self.int4.scales[..., 0], self.int4.scales[..., 1])
+            pack = pack_int4_x8_panels if int8_activations else pack_int4_panels
+            return pack(q, self.int4.scales[..., 0], self.int4.scales[..., 1])
         if self.int8 is not None:
-            return pack_int8_panels(self.int8.values, self.int8.scales)
+            pack = pack_int8_x8_panels if int8_activations else pack_int8_panels
+            return pack(self.int8.values, self.int8.scales)
         return None
 
     def quantized_bytes(self) -> int:
         return sum(c.nbytes() for c in (self.int4, self.int8, self.lowbit_panels) if c is not None)
 
-    def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
+    def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None,
+                int8_activations: Int8Activations = Int8Activations.OFF) -> None:
         """Pick the fastest matmul for the weight's device and dtype (call after weights are loaded; once).
 
         ``max_tokens``: steps of at most this many rows run the low-bit copy's row kernel, if a copy was made (it
         needs eoq's CPU ``kernels``: without them it is dropped). In float32 an exact copy also runs the bigger
-        steps, in panels, and the weight itself is dropped."""
+        steps, in panels, and the weight itself is dropped. ``int8_activations``: which of a low-bit copy's steps
+        quantize their input to int8 (lossy; the float32 weight's own steps, if kept, stay float32)."""
         usable = kernels is not None and kernels.supports(self.weight.device, dtype)
         if not usable:
             self.int4 = self.int8 = None
         elif self.lowbit_panels is None and self.weight.numel() and (
                 dtype == torch.float32 or (dtype == torch.bfloat16 and not _onednn_packing_available())):
-            self.lowbit_panels = self._pack_exact_copy()
+            self.lowbit_panels = self._pack_exact_copy(int8_activations is Int8Activations.ALL_STEPS)
+        has_copy = usable and (self.int4 is not None or self.int8 is not None)
+        self.int8_small_steps = has_copy and int8_activations is not Int8Activations.OFF
+        self.int8_big_steps = bool(self.lowbit_panels is not None and self.lowbit_panels.int8_activations)
         self._kernels = kernels if usable else None
         if self.int4 is not None:
             self.int4_max_tokens = max_tokens
@@ -193,11 +225,17 @@ class Linear(nn.Module):
         return (rows <= max(self.int4_max_tokens, self.int8_max_tokens) or self.lowbit_panels is not None
                 or self.float32_panels is not None)
 
+    def runs_int8_activations(self, rows: int) -> bool:
+        """Whether a step of ``rows`` rows quantizes its input to int8 (a low-bit copy's kernel, int8 activations)."""
+        if rows <= max(self.int4_max_tokens, self.int8_max_tokens):
+            return self.int8_small_steps
+        return self.int8_big_steps
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in_features)
         if x.shape[0] <= self.int4_max_tokens:
-            y = self._kernels.int4_matmul(x, self.int4.values, self.int4.scales)
+            y = self._kernels.int4_matmul(x, self.int4.values, self.int4.scales, self.int8_small_steps)
         elif x.shape[0] <= self.int8_max_tokens:
-            y = self._kernels.int8_matmul(x, self.int8.values, self.int8.scales)
+            y = self._kernels.int8_matmul(x, self.int8.values, self.int8.scales, self.int8_small_steps)
         elif self.lowbit_panels is not None:  # float32 arithmetic: a bfloat16 step's rows are widened
             y = self._kernels.gemm_lowbit(x.float(), self.lowbit_panels, self.out_features).to(x.dtype)
         elif self.float32_panels is not None:
@@ -221,7 +259,10 @@ class LMHead(Linear):
       logits are recomputed in float32 from the float32 input and the weight's rows: the greedy token then is
       float32's (the true largest logit is within one bfloat16 step of the rounded largest), at ~0.1 ms a row
       of the default model's 49152 on a CPU; the rest keep the matmul's rounding, far below any temperature's
-      effect. Shapes are static (CUDA graphs can hold it).
+      effect. Shapes are static (CUDA graphs can hold it);
+    - with int8 activations (a low-bit copy's, ``runs_int8_activations``) the same recomputation, from the copy's own
+      values: the greedy token is then the float32 matmul's with the copy whenever that one is among the int8
+      path's ``LOGIT_CANDIDATES`` best.
     The head keeps its 16-bit weight for that: a tied head's is the embedding's (no copy), so it may also be
     packed for oneDNN; an untied one is not packed (that would hold the weight twice) and runs F.linear."""
 
@@ -236,22 +277,30 @@ class LMHead(Linear):
         self.weight = embedding.weight
         self.tied = True
 
-    def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None) -> None:
+    def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None,
+                int8_activations: Int8Activations = Int8Activations.OFF) -> None:
         if dtype != torch.float32 and self.weight.numel():
             self.recompute_weight = self.weight.data
             self.pack_for_onednn = self.tied
         self._dtype = dtype
-        super().prepare(dtype, max_tokens, kernels)
+        super().prepare(dtype, max_tokens, kernels, int8_activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S, in) float32 -> (S, out) float32
         x = x.float()
+        if self.runs_int8_activations(x.shape[0]):  # the low-bit copy's own values, int8 activations
+            copy = self.int4 if self.int4 is not None else self.int8
+            return self._recompute_best(super().forward(x).float(), x, copy.rows)
         if self._dtype == torch.float32 or self.runs_float32(x.shape[0]):
             return super().forward(x).float()
         logits = super().forward(x.to(self._dtype)).float()  # (S, out), rounded to the 16-bit dtype
+        return self._recompute_best(logits, x, lambda index: self.recompute_weight[index].float())
+
+    def _recompute_best(self, logits: torch.Tensor, x: torch.Tensor, weight_rows) -> torch.Tensor:
+        """``logits`` (S, out) with each row's ``LOGIT_CANDIDATES`` largest recomputed in float32 from x (S, in) and
+        ``weight_rows(index)`` (the weight's rows ``index`` as float32, (*index.shape, in))."""
         k = min(LOGIT_CANDIDATES, logits.shape[1])
         candidates = logits.topk(k, dim=-1).indices  # (S, k)
-        rows = self.recompute_weight[candidates].float()  # (S, k, in)
-        exact = torch.bmm(rows, x.unsqueeze(-1)).squeeze(-1)  # (S, k, in) @ (S, in, 1)
+        exact = torch.bmm(weight_rows(candidates), x.unsqueeze(-1)).squeeze(-1)  # (S, k, in) @ (S, in, 1)
         if self.bias is not None:
             exact += self.bias.float()[candidates]
         return logits.scatter_(1, candidates, exact)

@@ -16,7 +16,7 @@ from eoq.engine.model.attention import AttentionMetadata, paged_attention
 from eoq.engine.model.base import DecoderModel, KVSpec, copy_into, take
 from eoq.engine.model.decode_attention import PagedKernel
 from eoq.engine.model.kernels.bindings import LlamaLayersInt4, LlamaShape
-from eoq.engine.model.linear import Linear, LMHead
+from eoq.engine.model.linear import Int8Activations, Linear, LMHead
 from eoq.engine.model.norms import RMSNorm
 from eoq.engine.model.ops import TORCH_OPS, KernelRope, TorchOps, TorchRope
 from eoq.errors import ConfigError
@@ -120,12 +120,14 @@ class LlamaDecoder(DecoderModel):
         self.register_buffer("cos_table", emb.cos() * scaling, persistent=False)  # (P, hd)
         self.register_buffer("sin_table", sin, persistent=False)  # (P, hd)
 
-    def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, ops: TorchOps = TORCH_OPS) -> None:
-        super().prepare(dtype, quantized_max_tokens, ops)
+    def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, ops: TorchOps = TORCH_OPS,
+                int8_activations: Int8Activations = Int8Activations.OFF) -> None:
+        super().prepare(dtype, quantized_max_tokens, ops, int8_activations)
         for layer in self.layers:
             layer.ops = ops
         # Decode steps of up to this many tokens run every layer in one call of eoq's CPU kernels
-        # (csrc/llama_small.cpp) when every projection has a 4-bit copy for them and no bias.
+        # (csrc/llama_small.cpp) when every projection has a 4-bit copy for them and no bias (with int8
+        # activations where the projections take them: all or none, as prepare set them).
         projections = [p for la in self.layers for p in (la.qkv, la.o_proj, la.gate_up, la.down)]
         self.small_step_tokens = 0
         self._small_layers = None
@@ -167,7 +169,7 @@ class LlamaDecoder(DecoderModel):
                      o_s=la.o_proj.int4.scales, gate_up_q=la.gate_up.int4.values, gate_up_s=la.gate_up.int4.scales,
                      down_q=la.down.int4.values, down_s=la.down.int4.scales, k_cache=k, v_cache=v)
                 for la, (k, v) in zip(self.layers, kv_caches)
-            ], shape)
+            ], shape, int8_activations=first.qkv.int8_small_steps)
         return layers
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 from eoq.engine.model.base import DecoderModel
 from eoq.engine.model.checkpoint import SUPPORTED_MODEL_TYPES
 from eoq.engine.model.gpt2 import GPT2Decoder
+from eoq.engine.model.linear import Int8Activations
 from eoq.engine.model.llama import LlamaDecoder
 from eoq.engine.model.ops import TORCH_OPS, TorchOps
 from eoq.errors import ConfigError
@@ -40,9 +41,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def build_model(config: PretrainedConfig, max_positions: int, device: torch.device, dtype: torch.dtype,
                 state: dict[str, torch.Tensor], quantized_weights: str = "never", quantized_max_tokens: int = 4,
-                ops: TorchOps = TORCH_OPS) -> DecoderModel:
+                ops: TorchOps = TORCH_OPS,
+                int8_activations: Int8Activations = Int8Activations.OFF) -> DecoderModel:
     """``quantized_weights`` (auto / int4 / never) and ``quantized_max_tokens``: see ``DecoderModel.quantize``;
-    ``ops``: torch's or eoq's CPU kernels (``ops.select_ops``)."""
+    ``ops``: torch's or eoq's CPU kernels (``ops.select_ops``); ``int8_activations``: the low-bit copies' matmuls
+    take int8 activations (``device.select_int8_activations``)."""
     model = FAMILIES[SUPPORTED_MODEL_TYPES[config.model_type]](config, max_positions)
     model.load_hf_state_dict(dict(state))
     quantize = quantized_weights != "never" and quantized_max_tokens > 0
@@ -55,7 +58,7 @@ def build_model(config: PretrainedConfig, max_positions: int, device: torch.devi
     model.to(device=device, dtype=dtype)
     model.restore_float32(keep, device)
     model.eval()
-    model.prepare(dtype, quantized_max_tokens, ops)
+    model.prepare(dtype, quantized_max_tokens, ops, int8_activations)
     if quantize:
         _log_quantized(model, quantized_weights, quantized_max_tokens, dtype)
     return model
@@ -70,8 +73,12 @@ def _log_quantized(model: DecoderModel, mode: str, max_tokens: int, dtype: torch
                  "missing); every matmul runs in %s", mode, dtype)
         return
     panels = sum(lin.lowbit_panels is not None for lin in linears)
-    log.info("quantized weights (%s): %s copies of %d matmuls (%d MiB), used by steps of <= %d tokens%s", mode,
+    int8 = sum(lin.int8_small_steps for lin in linears)
+    int8_big = sum(lin.int8_big_steps for lin in linears)
+    log.info("quantized weights (%s): %s copies of %d matmuls (%d MiB), used by steps of <= %d tokens%s%s", mode,
              " and ".join(f"{n} {k}" for k, n in kinds.items() if n), len(linears),
              sum(lin.quantized_bytes() for lin in linears) >> 20, max_tokens,
              f"; {panels} of them exact, running every bigger step too in place of their float32 weights"
-             if panels else "")
+             if panels else "",
+             f"; int8 activations in {'every step' if int8_big else f'steps of <= {max_tokens} tokens'} (integer "
+             f"dot products: {model.ops.kernels.int8_dot_isa})" if int8 else "; float32 activations")

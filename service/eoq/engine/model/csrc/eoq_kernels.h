@@ -52,6 +52,13 @@ int eoq_int4_matmul(int dtype, const void* x, const uint8_t* q, const float* sca
 int eoq_int8_matmul(int dtype, const void* x, const int8_t* q, const float* scales, void* y, int64_t rows,
                     int64_t in_f, int64_t out_f);
 
+// The same with int8 activations (x8_rows.cpp; lossy): each row of x quantized per block of 32 inputs (q in -127..127
+// with a float32 scale d = max |x| / 127), each group's products summed in int32 and scaled in float32.
+int eoq_int4_matmul_x8(int dtype, const void* x, const uint8_t* q, const float* scales, void* y, int64_t rows,
+                       int64_t in_f, int64_t out_f);
+int eoq_int8_matmul_x8(int dtype, const void* x, const int8_t* q, const float* scales, void* y, int64_t rows,
+                       int64_t in_f, int64_t out_f);
+
 // y = x W^T in float32 for any number of rows, W packed in panels of 16 outputs (gemm.cpp; the formats:
 // eoq/engine/model/kernels/formats.py). x (rows, k), y (rows, n). float32: packed (ceil(n / 16), k, 16), 64-byte
 // aligned.
@@ -60,6 +67,14 @@ int eoq_gemm_f32(const float* x, const float* packed, float* y, int64_t rows, in
 int eoq_gemm_q4(const float* x, const uint8_t* q, const float* scales, float* y, int64_t rows, int64_t n, int64_t k);
 // 8-bit: q int8 (ceil(n / 16), k, 16), scales float32 (ceil(n / 16), k / 32, 16); k a multiple of 32.
 int eoq_gemm_q8(const float* x, const int8_t* q, const float* scales, float* y, int64_t rows, int64_t n, int64_t k);
+
+// The same as eoq_gemm_q4 / eoq_gemm_q8 with int8 activations (x8_gemm.cpp; lossy, as eoq_int4_matmul_x8), W in
+// panels laid out for integer dot products (eoq/engine/model/kernels/formats.py). 4-bit: q uint8 (ceil(n / 16),
+// k / 8, 16, 4), scales as eoq_gemm_q4's; 8-bit: q int8 (ceil(n / 16), k / 4, 16, 4), scales as eoq_gemm_q8's.
+int eoq_gemm_q4_x8(const float* x, const uint8_t* q, const float* scales, float* y, int64_t rows, int64_t n,
+                   int64_t k);
+int eoq_gemm_q8_x8(const float* x, const int8_t* q, const float* scales, float* y, int64_t rows, int64_t n,
+                   int64_t k);
 
 // The index of each row's first largest value (argmax.cpp): x float32 (rows, n), out int64 (rows).
 int eoq_argmax(const float* x, int64_t* out, int64_t rows, int64_t n);
@@ -91,14 +106,18 @@ typedef struct EoqLlamaShape {
 // and the caches in dtype. x (tokens, hidden) float32: the residual stream (the embeddings), updated in place;
 // pending (tokens, hidden): on return the last layer's MLP output, not yet added to x (the final norm adds it);
 // every decoding token's position, slot, block table row (table_width blocks) and context length, as the kernels
-// above take them. Returns 0, or the first failing kernel's code.
+// above take them; int8_activations: 1 runs the projections by eoq_int4_matmul_x8, 0 by eoq_int4_matmul. Returns
+// 0, or the first failing kernel's code.
 int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_layers, EoqLlamaShape s, float* x,
                           void* pending, const float* cos_table, const float* sin_table,
                           const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
-                          const int64_t* context_lens, int64_t table_width, int64_t tokens);
+                          const int64_t* context_lens, int64_t table_width, int64_t tokens, int int8_activations);
 
 // Which of simd.h's branches this build took: "avx512", "avx2" or "generic" (isa.cpp).
 const char* eoq_simd_isa(void);
+// Which integer dot product the int8-activation kernels use (simd_int8.h): "avx512-vnni", "avx-vnni", "avx2"
+// (vpmaddubsw) or "generic" (isa.cpp).
+const char* eoq_int8_dot_isa(void);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -2,7 +2,7 @@
 //
 // At one token a step each kernel's work is a few microseconds, and so is the cost of calling it from Python
 // (ctypes, the output tensor, the dispatch): nine calls a layer, 270 a step for the default model, cost as much
-// as a third of the step. This runs the same kernels in the same order — the add + RMSNorm, the 4-bit row
+// as a third of the step. This runs the same kernels (with float32 or int8 activations, as the caller says) in the same order — the add + RMSNorm, the 4-bit row
 // kernel for the fused q/k/v projection, RoPE with the cache writes, decode attention over the paged cache, the
 // output projection, the add + RMSNorm, the 4-bit gate/up projection, SwiGLU and the 4-bit down projection —
 // from C++, with the step's intermediates in one buffer kept between calls. Same operations, same results.
@@ -17,8 +17,10 @@ extern "C" {  // the entry point declared in eoq_kernels.h, calling the others t
 int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_layers, EoqLlamaShape s, float* x,
                           void* pending, const float* cos_table, const float* sin_table,
                           const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
-                          const int64_t* context_lens, int64_t table_width, int64_t tokens) {
+                          const int64_t* context_lens, int64_t table_width, int64_t tokens, int int8_activations) {
     if (dtype != 0 && dtype != 1) return 2;
+    // The projections' row kernel: float32 activations, or int8 ones (x8_rows.cpp); the same signature.
+    auto* const matmul = int8_activations ? eoq_int4_matmul_x8 : eoq_int4_matmul;
     const int64_t elem = dtype == 0 ? 4 : 2, T = tokens, hd = s.head_dim;
     const int64_t qkv_f = (s.num_heads + 2 * s.num_kv_heads) * hd, qk_f = (s.num_heads + s.num_kv_heads) * hd;
     const int64_t attn_f = s.num_heads * hd;
@@ -42,7 +44,7 @@ int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_la
     for (int64_t l = 0; l < num_layers && rc == 0; ++l) {
         const EoqLlamaLayer& L = layers[l];
         rc = eoq_add_rms_norm(dtype, x, l > 0 ? pending : nullptr, L.input_norm, normed, T, s.hidden, s.eps);
-        if (!rc) rc = eoq_int4_matmul(dtype, normed, L.qkv_q, L.qkv_s, qkv, T, s.hidden, qkv_f);
+        if (!rc) rc = matmul(dtype, normed, L.qkv_q, L.qkv_s, qkv, T, s.hidden, qkv_f);
         if (!rc)
             rc = eoq_rope_and_store(dtype, qkv, cos_table, sin_table, positions, slots, qk, L.k_cache, L.v_cache, T,
                                     s.num_heads, s.num_kv_heads, hd, cache_slots);
@@ -50,11 +52,11 @@ int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_la
             rc = eoq_paged_decode_attention(dtype, qk, qk_f, L.k_cache, L.v_cache, block_tables, context_lens, attn,
                                             T, s.num_heads, s.num_kv_heads, hd, s.block_size, s.num_blocks,
                                             table_width, s.scale);
-        if (!rc) rc = eoq_int4_matmul(dtype, attn, L.o_q, L.o_s, o, T, attn_f, s.hidden);
+        if (!rc) rc = matmul(dtype, attn, L.o_q, L.o_s, o, T, attn_f, s.hidden);
         if (!rc) rc = eoq_add_rms_norm(dtype, x, o, L.post_norm, normed, T, s.hidden, s.eps);
-        if (!rc) rc = eoq_int4_matmul(dtype, normed, L.gate_up_q, L.gate_up_s, gate_up, T, s.hidden, 2 * s.inter);
+        if (!rc) rc = matmul(dtype, normed, L.gate_up_q, L.gate_up_s, gate_up, T, s.hidden, 2 * s.inter);
         if (!rc) rc = eoq_silu_mul(dtype, gate_up, act, T, s.inter);
-        if (!rc) rc = eoq_int4_matmul(dtype, act, L.down_q, L.down_s, pending, T, s.inter, s.hidden);
+        if (!rc) rc = matmul(dtype, act, L.down_q, L.down_s, pending, T, s.inter, s.hidden);
     }
     return rc;
 }

@@ -36,14 +36,16 @@ class LlamaLayerWeights(ctypes.Structure):
 
 @dataclass(frozen=True, slots=True)
 class LlamaLayersInt4:
-    """A decoder's layers as ``CpuKernels.llama_layers_int4`` takes them. It holds addresses only: the model's
-    tensors and the KV cache it names must outlive it."""
+    """A decoder's layers as ``CpuKernels.llama_layers_int4`` takes them, with whether their projections run with
+    int8 activations. It holds addresses only: the model's tensors and the KV cache it names must outlive it."""
 
     array: ctypes.Array
     shape: LlamaShape
+    int8_activations: bool = False
 
     @classmethod
-    def of(cls, layers: list[dict[str, torch.Tensor]], shape: LlamaShape) -> LlamaLayersInt4:
+    def of(cls, layers: list[dict[str, torch.Tensor]], shape: LlamaShape,
+           int8_activations: bool = False) -> LlamaLayersInt4:
         """``layers``: per layer the tensors named as ``LlamaLayerWeights``' fields, each contiguous."""
         array = (LlamaLayerWeights * len(layers))()
         for entry, tensors in zip(array, layers):
@@ -51,7 +53,7 @@ class LlamaLayersInt4:
                 if not t.is_contiguous():
                     raise ValueError(f"{name} is not contiguous")
                 setattr(entry, name, t.data_ptr())
-        return cls(array, shape)
+        return cls(array, shape, int8_activations)
 
 
 _int, _ptr, _i64, _f32 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -64,12 +66,17 @@ SIGNATURES: dict[str, tuple[type, list[type]]] = {
     "eoq_silu_mul": (_int, [_int, _ptr, _ptr, _i64, _i64]),
     "eoq_int4_matmul": (_int, [_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
     "eoq_int8_matmul": (_int, [_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
+    "eoq_int4_matmul_x8": (_int, [_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
+    "eoq_int8_matmul_x8": (_int, [_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
     "eoq_gemm_f32": (_int, [_ptr, _ptr, _ptr, _i64, _i64, _i64]),
     "eoq_gemm_q4": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
     "eoq_gemm_q8": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
+    "eoq_gemm_q4_x8": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
+    "eoq_gemm_q8_x8": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
     "eoq_argmax": (_int, [_ptr, _ptr, _i64, _i64]),
-    "eoq_llama_layers_int4": (_int, [_int, _ptr, _i64, LlamaShape] + [_ptr] * 8 + [_i64] * 2),
+    "eoq_llama_layers_int4": (_int, [_int, _ptr, _i64, LlamaShape] + [_ptr] * 8 + [_i64] * 2 + [_int]),
     "eoq_simd_isa": (ctypes.c_char_p, []),
+    "eoq_int8_dot_isa": (ctypes.c_char_p, []),
 }
 
 
@@ -94,18 +101,23 @@ class CpuKernels:
         for name, (restype, argtypes) in SIGNATURES.items():
             fn = self.functions[name] = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
-        checked = {name: _checked(name, fn) for name, fn in self.functions.items() if name != "eoq_simd_isa"}
+        checked = {name: _checked(name, fn) for name, fn in self.functions.items()
+                   if fn.restype is not ctypes.c_char_p}
         self._norm = checked["eoq_add_rms_norm"]
         self._rope = checked["eoq_rope_and_store"]
         self._decode = checked["eoq_paged_decode_attention"]
         self._silu_mul = checked["eoq_silu_mul"]
-        self._int4 = checked["eoq_int4_matmul"]
-        self._int8 = checked["eoq_int8_matmul"]
+        # The row kernels and the low-bit panel kernels by int8_activations (False: float32 activations).
+        self._int4 = {False: checked["eoq_int4_matmul"], True: checked["eoq_int4_matmul_x8"]}
+        self._int8 = {False: checked["eoq_int8_matmul"], True: checked["eoq_int8_matmul_x8"]}
         self._gemm = checked["eoq_gemm_f32"]
-        self._gemm_lowbit = {4: checked["eoq_gemm_q4"], 8: checked["eoq_gemm_q8"]}
+        self._gemm_lowbit = {(4, False): checked["eoq_gemm_q4"], (8, False): checked["eoq_gemm_q8"],
+                             (4, True): checked["eoq_gemm_q4_x8"], (8, True): checked["eoq_gemm_q8_x8"]}
         self._argmax = checked["eoq_argmax"]
         self._llama_int4 = checked["eoq_llama_layers_int4"]
         self.isa: str = self.functions["eoq_simd_isa"]().decode()  # the vectors the kernels use: avx512, avx2, generic
+        # the int8-activation kernels' integer dot product: avx512-vnni, avx-vnni, avx2 (vpmaddubsw), generic
+        self.int8_dot_isa: str = self.functions["eoq_int8_dot_isa"]().decode()
 
     @staticmethod
     def supports(device: torch.device, dtype: torch.dtype) -> bool:
@@ -146,25 +158,28 @@ class CpuKernels:
         self._silu_mul(_DTYPES[gate_up.dtype], gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
         return out
 
-    def int8_matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    def int8_matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                    int8_activations: bool = False) -> torch.Tensor:
         """x (rows <= 8, in) @ W^T with W int8 (out, in) in groups of 32 inputs, each with a float32 scale
-        (``scales`` (out, in / 32)); returned in x's dtype (``csrc/lowbit_rows.cpp``)."""
+        (``scales`` (out, in / 32)); returned in x's dtype (``csrc/lowbit_rows.cpp``). ``int8_activations``: x
+        quantized to int8 per block of 32, integer dot products (``csrc/x8_rows.cpp``; lossy)."""
         x = x.contiguous()
         rows, in_f = x.shape
         out = torch.empty(rows, weight.shape[0], dtype=x.dtype)
-        self._int8(_DTYPES[x.dtype], x.data_ptr(), weight.data_ptr(), scales.data_ptr(), out.data_ptr(), rows,
-                   in_f, weight.shape[0])
+        self._int8[int8_activations](_DTYPES[x.dtype], x.data_ptr(), weight.data_ptr(), scales.data_ptr(),
+                                     out.data_ptr(), rows, in_f, weight.shape[0])
         return out
 
-    def int4_matmul(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    def int4_matmul(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                    int8_activations: bool = False) -> torch.Tensor:
         """x (rows <= 8, in) @ W^T with W 4-bit in groups of 32 inputs: ``q`` uint8 (out, in / 32, 16) holding
         q[i] | q[i + 16] << 4, ``scales`` float32 (out, in / 32, 2) = (step, min), w = step * q + min; returned in
-        x's dtype (``csrc/lowbit_rows.cpp``)."""
+        x's dtype (``csrc/lowbit_rows.cpp``; ``int8_activations``: as ``int8_matmul``)."""
         x = x.contiguous()
         rows, in_f = x.shape
         out = torch.empty(rows, q.shape[0], dtype=x.dtype)
-        self._int4(_DTYPES[x.dtype], x.data_ptr(), q.data_ptr(), scales.data_ptr(), out.data_ptr(), rows, in_f,
-                   q.shape[0])
+        self._int4[int8_activations](_DTYPES[x.dtype], x.data_ptr(), q.data_ptr(), scales.data_ptr(),
+                                     out.data_ptr(), rows, in_f, q.shape[0])
         return out
 
     def gemm(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -177,12 +192,14 @@ class CpuKernels:
 
     def gemm_lowbit(self, x: torch.Tensor, panels: LowBitPanels, out_features: int) -> torch.Tensor:
         """x (rows, in) float32 @ W^T for a 4- or 8-bit W packed by ``formats.pack_int4_panels`` /
-        ``pack_int8_panels`` (``csrc/gemm.cpp``)."""
+        ``pack_int8_panels`` (``csrc/gemm.cpp``), or for int8 activations by ``pack_int4_x8_panels`` /
+        ``pack_int8_x8_panels`` (``csrc/x8_gemm.cpp``; lossy)."""
         x = x.contiguous()
         rows, in_f = x.shape
         out = torch.empty(rows, out_features, dtype=torch.float32)
-        self._gemm_lowbit[panels.bits](x.data_ptr(), panels.values.data_ptr(), panels.scales.data_ptr(),
-                                       out.data_ptr(), rows, out_features, in_f)
+        self._gemm_lowbit[panels.bits, panels.int8_activations](x.data_ptr(), panels.values.data_ptr(),
+                                                                panels.scales.data_ptr(), out.data_ptr(), rows,
+                                                                out_features, in_f)
         return out
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +221,7 @@ class CpuKernels:
         self._llama_int4(_DTYPES[pending.dtype], ctypes.addressof(layers.array), len(layers.array), layers.shape,
                          x.data_ptr(), pending.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(),
                          positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
-                         block_tables.numel() // max(T, 1), T)
+                         block_tables.numel() // max(T, 1), T, int(layers.int8_activations))
 
     def paged_decode_attention(
         self,

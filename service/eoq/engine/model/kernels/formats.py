@@ -30,6 +30,16 @@ class LowBitRows(LowBitWeight):
 
     __slots__ = ()
 
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The weight's rows ``index`` (any shape) as float32, (*index.shape, in): exactly the values held."""
+        values, scales = self.values[index], self.scales[index]
+        if self.bits == 8:  # (..., in) int8, (..., in / 32)
+            w = values.float().unflatten(-1, (-1, 32)) * scales[..., None]
+        else:  # (..., in / 32, 16) nibbles, (..., in / 32, 2)
+            q = torch.cat([values & 0xF, values >> 4], -1).float()  # (..., in / 32, 32)
+            w = q * scales[..., 0:1] + scales[..., 1:2]
+        return w.flatten(-2)
+
 
 GEMM_LANES = 16  # output features per panel of a weight packed for csrc/gemm.cpp
 
@@ -51,10 +61,13 @@ def pack_gemm_weight(w: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+@dataclass(frozen=True, slots=True)
 class LowBitPanels(LowBitWeight):
-    """A weight in panels of 16 outputs for ``CpuKernels.gemm_lowbit`` (``pack_int4_panels``, ``pack_int8_panels``)."""
+    """A weight in panels of 16 outputs for ``CpuKernels.gemm_lowbit``: for float32 activations
+    (``pack_int4_panels``, ``pack_int8_panels``), or with ``int8_activations`` laid out for integer dot products
+    (``pack_int4_x8_panels``, ``pack_int8_x8_panels``)."""
 
-    __slots__ = ()
+    int8_activations: bool = False
 
 
 def pack_int4_panels(q: torch.Tensor, step: torch.Tensor, lo: torch.Tensor) -> LowBitPanels:
@@ -65,6 +78,24 @@ def pack_int4_panels(q: torch.Tensor, step: torch.Tensor, lo: torch.Tensor) -> L
     values = (pairs[..., 0] | (pairs[..., 1] << 4)).transpose(1, 2).contiguous()
     scales = _padded_rows(torch.stack([step, lo], -1).float()).permute(0, 2, 3, 1).contiguous()
     return LowBitPanels(4, values, scales)
+
+
+def pack_int4_x8_panels(q: torch.Tensor, step: torch.Tensor, lo: torch.Tensor) -> LowBitPanels:
+    """A 4-bit weight as ``pack_int4_panels`` takes it, for int8 activations (``csrc/x8_gemm.cpp``): values uint8
+    (ceil(out / 16), in / 8, 16, 4), byte b of output j's quad for inputs 8i..8i+7 = q[j][8i + b] | q[j][8i + 4 + b]
+    << 4; scales as ``pack_int4_panels``'."""
+    octets = _padded_rows(q.to(torch.uint8)).unflatten(2, (-1, 2, 4))  # (panels, 16, in / 8, 2, 4)
+    values = (octets[..., 0, :] | (octets[..., 1, :] << 4)).transpose(1, 2).contiguous()  # (panels, in / 8, 16, 4)
+    scales = _padded_rows(torch.stack([step, lo], -1).float()).permute(0, 2, 3, 1).contiguous()
+    return LowBitPanels(4, values, scales, int8_activations=True)
+
+
+def pack_int8_x8_panels(q: torch.Tensor, scale: torch.Tensor) -> LowBitPanels:
+    """An 8-bit weight as ``pack_int8_panels`` takes it, for int8 activations (``csrc/x8_gemm.cpp``): values int8
+    (ceil(out / 16), in / 4, 16, 4), output j's inputs 4i..4i+3 in quad (i, j); scales as ``pack_int8_panels``'."""
+    values = _padded_rows(q.to(torch.int8)).unflatten(2, (-1, 4)).transpose(1, 2).contiguous()
+    scales = _padded_rows(scale.float()).transpose(1, 2).contiguous()
+    return LowBitPanels(8, values, scales, int8_activations=True)
 
 
 def pack_int8_panels(q: torch.Tensor, scale: torch.Tensor) -> LowBitPanels:

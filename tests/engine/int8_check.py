@@ -1,0 +1,105 @@
+"""The default model with int8 activations against float32 activations, both float32 models over the same low-bit
+weights: ``auto`` as a CPU without fast bfloat16 takes it (int8 in decode steps, prompts float32) or ``int8``
+(every step).
+
+- ``agreement``: over ``PROMPTS`` (questions of their own, 64 tokens each), the share of float32's greedy tokens that
+  int8 activations predict too, teacher forced (each position sees float32's tokens before it, so one early
+  difference does not count twice; bf16_check measures bfloat16 the same way), in one prefill: the prompt steps'
+  path (float32 under ``auto``);
+- ``step_agreement``: the same, each answer token fed as a step of its own after the prompt's prefill: the
+  small steps' path (the row kernels, int8 under ``auto``) as a decode runs it;
+- ``free_running``: the share of float32's tokens that free-running greedy decoding reproduces before its first
+  difference (a token after a difference counts as lost: a lower bound on the decode steps' agreement), run a few
+  prompts at a time so that every decode step is a small one;
+- ``answers``: the greedy answers to bf16_check's reference questions, decoded as served (one token a step: the
+  row kernels and the one-call path), and ``follow_up``: the answer to "And of Germany?" after the France
+  question and its answer (the service tests' second turn, only answerable with the first).
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import torch
+
+from eoq.chat.prompt import ChatMessage, PromptBuilder
+from eoq.engine.model.attention import AttentionMetadata, PrefillChunk
+from eoq.engine.model.checkpoint import load_tokenizer
+
+from .bf16_check import ANSWER_TOKENS, REFERENCE_QUESTIONS, _all_logits, _greedy
+
+PROMPTS = [
+    "Explain how a bicycle stays upright.", "What causes the seasons on Earth?", "Give me a recipe for pancakes.",
+    "Why is the sky blue?", "Describe the water cycle.", "What is the difference between a virus and a bacterium?",
+    "Write a short poem about autumn leaves.", "How does a refrigerator keep food cold?",
+    "List some tips for learning a new language.", "What were the main causes of the First World War?",
+    "How do airplanes fly?", "Summarize the plot of Cinderella.",
+]
+AGREEMENT_TOKENS = 64
+
+
+NO_FAST_BF16 = "auto-without-bf16"  # auto, decided as on a CPU without fast bfloat16 (AVX2, AVX-512 without BF16)
+
+
+def _core(checkpoint, activations: str, march: str):
+    from .conftest import make_core
+
+    kind = dict(dtype="float32", kv_cache_memory_gb=0.2, max_model_len=2048, kernel_march=march)
+    if activations != NO_FAST_BF16:
+        return make_core(checkpoint, activation_quantization=activations, **kind)
+    with mock.patch("eoq.engine.builder.cpu_has_fast_bf16", return_value=False):
+        return make_core(checkpoint, activation_quantization="auto", **kind)
+
+
+def _step_by_step(core, prompt: list[int], answer: list[int]) -> list[int]:
+    """The greedy prediction after each token of ``answer``, fed one step each after the prompt's prefill."""
+    model, caches, block = core.runner.model, core.runner.kv_caches, core.runner.block_size
+    n = len(prompt)
+    with torch.inference_mode():
+        meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillChunk(0, n, 0)])
+        first = model(torch.tensor(prompt), torch.arange(n), caches, meta, torch.tensor([n - 1]))
+        predicted = [int(first[0].argmax())]
+        for j, token in enumerate(answer[:-1]):
+            pos = n + j
+            blocks = torch.arange(pos // block + 1)
+            meta = AttentionMetadata(slot_mapping=torch.tensor([pos]),
+                                     prefills=[PrefillChunk(0, 1, pos, block_ids=blocks)])
+            logits = model(torch.tensor([token]), torch.tensor([pos]), caches, meta, torch.tensor([0]))
+            predicted.append(int(logits[0].argmax()))
+    return predicted
+
+
+def evaluate(checkpoint, march: str = "native", activations: str = "int8") -> dict:
+    """The measures above for eoq's kernels built for ``march``, ``activations`` = "int8" or NO_FAST_BF16."""
+    builder = PromptBuilder(load_tokenizer(checkpoint))
+    prompts = [builder.render(None, [ChatMessage("user", q)]) for q in PROMPTS]
+    questions = [builder.render(None, [ChatMessage("user", q)]) for q in REFERENCE_QUESTIONS]
+    reference = _greedy(_core(checkpoint, "off", march), prompts, AGREEMENT_TOKENS, ignore_eos=True)
+    core = _core(checkpoint, activations, march)
+    agree = total = 0
+    for p, ref in zip(prompts, reference):
+        predicted = _all_logits(core, p + ref)[len(p) - 1 : -1].argmax(-1).tolist()
+        agree += sum(a == b for a, b in zip(predicted, ref))
+        total += len(ref)
+    step_agree = sum(a == b for p, ref in zip(prompts, reference) for a, b in zip(_step_by_step(core, p, ref), ref))
+    # Few at a time, so that every decode step is a small one (under auto the only ones with int8 activations).
+    group = max(core.runner.model.small_step_tokens, 1)
+    free = [t for i in range(0, len(prompts), group)
+            for t in _greedy(core, prompts[i : i + group], AGREEMENT_TOKENS, ignore_eos=True)]
+    answers = _greedy(core, questions, ANSWER_TOKENS, ignore_eos=False)
+    tokenizer = load_tokenizer(checkpoint)
+    first = tokenizer.decode(answers[0], skip_special_tokens=True)
+    second = builder.render(None, [ChatMessage("user", REFERENCE_QUESTIONS[0]), ChatMessage("assistant", first),
+                                   ChatMessage("user", "And of Germany?")])
+    same_prefix = [next((i for i, (a, b) in enumerate(zip(f, r)) if a != b), len(r)) for f, r in zip(free, reference)]
+    return {
+        "int8_small_steps": sum(lin.int8_small_steps for lin in core.runner.model.linears()),
+        "int8_big_steps": sum(lin.int8_big_steps for lin in core.runner.model.linears()),
+        "small_step_tokens": core.runner.model.small_step_tokens,
+        "agreement": agree / total,
+        "step_agreement": step_agree / total,
+        "free_running": sum(same_prefix) / total,
+        "same_prefix": same_prefix,  # free-running: tokens equal to float32's before the first difference
+        "answers": answers,
+        "follow_up": _greedy(core, [second], ANSWER_TOKENS, ignore_eos=False)[0],
+    }

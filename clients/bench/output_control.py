@@ -66,25 +66,35 @@ def _sampling(i: int, constrained: bool, max_tokens: int) -> pb.SamplingParams:
     return s
 
 
-async def _complete(stub, prompt: str, sampling: pb.SamplingParams) -> int:
+async def _complete(stub, prompt: str, sampling: pb.SamplingParams, gaps: list[float] | None = None) -> int:
+    """The answer's token count; ``gaps`` gets the times between its events (after the first)."""
     tokens = 0
+    last = None
     async for e in stub.Complete(pb.CompleteRequest(prompt=prompt, sampling=sampling)):
+        now = time.perf_counter()
+        if last is not None and gaps is not None and e.token_ids:
+            gaps.append(now - last)
+        last = now
         tokens += len(e.token_ids)
     return tokens
 
 
 async def _mix(stub, n: int, concurrency: int, share: float, max_tokens: int) -> dict:
     sem = asyncio.Semaphore(concurrency)
+    gaps: list[float] = []
 
     async def one(i: int) -> int:
         async with sem:
-            return await _complete(stub, PROMPT, _sampling(i, (i % 100) < share * 100, max_tokens))
+            return await _complete(stub, PROMPT, _sampling(i, (i % 100) < share * 100, max_tokens), gaps)
 
     t0 = time.perf_counter()
     tokens = sum(await asyncio.gather(*(one(i) for i in range(n))))
     wall = time.perf_counter() - t0
+    gaps.sort()
     return {"constrained_share": share, "tokens": tokens, "seconds": round(wall, 2),
-            "tokens_per_second": round(tokens / wall, 1)}
+            "tokens_per_second": round(tokens / wall, 1),
+            # the step time every stream sees: what a constraint costs, free of how soon its answers end
+            "itl_p50_ms": round(gaps[len(gaps) // 2] * 1e3, 1) if gaps else None}
 
 
 def _kv_usage(url: str) -> float:
@@ -155,9 +165,11 @@ def run(args) -> int:
     result["compile"] = _compile_times(tokenizer)
     print(json.dumps(result, indent=1))
     base = result["mixes"][0]["tokens_per_second"]
+    base_itl = result["mixes"][0]["itl_p50_ms"]
     for m in result["mixes"]:
         print(f"constrained {m['constrained_share']:.0%}: {m['tokens_per_second']} tok/s "
-              f"({m['tokens_per_second'] / base:.2f}x unconstrained)", file=sys.stderr)
+              f"({m['tokens_per_second'] / base:.2f}x unconstrained), ITL p50 {m['itl_p50_ms']} ms "
+              f"({m['itl_p50_ms'] / base_itl:.2f}x)", file=sys.stderr)
     return 0
 
 

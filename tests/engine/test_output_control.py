@@ -181,7 +181,8 @@ def test_a_grammar_that_does_not_compile_fails_its_request_as_invalid(core):
     (dict(frequency_penalty=float("nan")), "frequency_penalty"), (dict(logit_bias=((5, 101.0),)), "logit_bias"),
     (dict(logit_bias=((5, 1.0), (5, 2.0))), "twice"), (dict(logit_bias=((-1, 1.0),)), "negative"),
     (dict(min_tokens=600), "min_tokens"),
-    (dict(min_tokens=2, constraint=Constraint(ConstraintKind.JSON_OBJECT)), "min_tokens cannot"), (dict(stop_token_ids=(-3,)), "stop_token_ids"),
+    (dict(min_tokens=2, constraint=Constraint(ConstraintKind.JSON_OBJECT)), "min_tokens cannot"),
+    (dict(ignore_eos=True, constraint=Constraint(ConstraintKind.REGEX, "a+")), "ignore_eos cannot"), (dict(stop_token_ids=(-3,)), "stop_token_ids"),
     (dict(constraint=Constraint(ConstraintKind.CHOICE)), "choice"),
     (dict(constraint=Constraint(ConstraintKind.REGEX, " ")), "empty"),
 ])

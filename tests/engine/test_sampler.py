@@ -141,3 +141,17 @@ def test_logprobs_are_of_the_tempered_distribution_before_top_k_and_sorted():
         assert values == sorted(values, reverse=True) and len(values) == k
     assert res.logprobs[0].token_id == res.logprobs[0].top[0][0]  # greedy: the most likely token
     assert res.logprobs[1].token_id in logits[1].topk(3).indices.tolist()  # top-k still applies to the draw
+
+
+def test_a_token_of_probability_zero_is_never_drawn():
+    """Masked tokens (a grammar's, top-k's) are -inf logits: the inverse-CDF draw never lands on them, also
+    between allowed ones and at the ends of the vocabulary."""
+    logits = torch.full((4, 300), float("-inf"))
+    allowed = [0, 7, 8, 150, 299]
+    logits[:, allowed] = torch.tensor([0.5, 2.0, -1.0, 0.0, 1.0])
+    sampler = Sampler(CPU, seed=3)
+    params = [SamplingParams(temperature=1.5)] * 4
+    drawn = set()
+    for _ in range(500):
+        drawn.update(sampler(logits, batch_of(params)).token_ids)
+    assert drawn == set(allowed)

@@ -2,8 +2,10 @@
 penalties, logit bias, min_tokens, grammar masks (structured output), logprobs, seeds.
 
 All rows are processed together; only the random draws of seeded rows are per row, each from the request's
-own generator, so a seeded request samples the same tokens whatever else is in the batch. Sampling uses the
-exponential race (argmax of p / E with E ~ Exp(1)), which draws exactly from p with one vector of noise.
+own generator, so a seeded request samples the same tokens whatever else is in the batch. Sampling inverts each
+row's cumulative distribution at one uniform draw (float64 sums): exactly p, with one random number a row. (The
+exponential race, argmax of p / E with E ~ Exp(1), needs a random number per token of the vocabulary: 31 ms a
+step for 32 rows of the default model's 49k vocabulary on a 2-core CPU, a third of the step; this takes ~2 ms.)
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class Sampler:
             else:
                 truncated = scaled
             probs = truncated.softmax(dim=-1)  # (S, V)
-            sampled = self._argmax(probs / self._exponential_noise(probs.shape, batch.generators))  # (S,)
+            sampled = self._draw(probs, batch.generators)  # (S,)
             chosen = torch.where(t > 0, sampled, greedy)
         token_ids = chosen.tolist()
         return SampleResult(token_ids, self._logprobs(scaled, token_ids, batch.logprob_rows))
@@ -162,9 +164,9 @@ class Sampler:
         if batch.output_penalties is not None:
             apply_output_penalties(logits, *batch.output_penalties)
         if batch.matchers:
-            mask = allocate_bitmask(len(batch.matchers), logits.shape[1])
-            for j, (_, m) in enumerate(batch.matchers):
-                m.fill_mask(mask, j)
+            mask = allocate_bitmask(logits.shape[0], logits.shape[1])
+            for i, m in batch.matchers:
+                m.fill_mask(mask, i)
             apply_bitmask(logits, mask, [i for i, _ in batch.matchers])
         return logits
 
@@ -186,21 +188,23 @@ class Sampler:
             out[i] = TokenLogprob(chosen[i], picked[j], top)
         return out
 
-    def _exponential_noise(self, shape: torch.Size, generators: list[torch.Generator | None]) -> torch.Tensor:
-        S, V = shape
-        noise = torch.empty(S, V, dtype=torch.float32, device=self.device)
+    def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """One token per row of ``probs`` (S, V), drawn exactly from it: the first token whose cumulative
+        probability exceeds a uniform draw (the row's own generator's, or the shared one's). A token of
+        probability 0 is never drawn (its cumulative value equals the one before)."""
+        S, V = probs.shape
+        u = torch.empty(S, dtype=torch.float64, device=self.device)
         shared_rows = [i for i, g in enumerate(generators) if g is None]
         if shared_rows:
-            if len(shared_rows) == S:
-                noise.exponential_(generator=self.shared_generator)
-            else:
-                rows = torch.empty(len(shared_rows), V, dtype=torch.float32, device=self.device)
-                rows.exponential_(generator=self.shared_generator)
-                noise[shared_rows] = rows
+            draws = torch.rand(len(shared_rows), dtype=torch.float64, generator=self.shared_generator,
+                               device=self.device)
+            u[shared_rows] = draws
         for i, g in enumerate(generators):
             if g is not None:
-                noise[i].exponential_(generator=g)
-        return noise
+                u[i] = torch.rand((), dtype=torch.float64, generator=g, device=self.device)
+        cdf = probs.double().cumsum(dim=-1)  # (S, V)
+        target = (u * cdf[:, -1]).unsqueeze(1)  # (S, 1): scaled by the row's total (1 up to rounding)
+        return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:

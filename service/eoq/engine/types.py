@@ -166,6 +166,9 @@ class SamplingParams:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidArgument(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         c = self.constraint
+        if c is not None and self.ignore_eos:
+            raise InvalidArgument("ignore_eos cannot be combined with a constraint: the answer ends where its "
+                                  "language is complete")
         if c is not None and self.min_tokens:
             raise InvalidArgument("min_tokens cannot be combined with a constraint: the constraint's language says "
                                   "where the answer may end")

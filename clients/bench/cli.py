@@ -3,13 +3,16 @@
 Targets: ``server`` (an eoq server over gRPC, the default), ``inprocess`` (eoq's engine in this process, no
 gRPC), ``transformers`` (the baseline: ``generate`` in float32) and ``llamacpp`` (llama-cpp-python, if
 installed; both peers run in child processes, see ``peers.py``), ``http`` and ``http-peer`` (any OpenAI-compatible
-API — eoq's own HTTP port, llama.cpp's ``llama-server``, vLLM — see ``openai_target.py``). ``--compare server,transformers`` runs several in
+API — eoq's own HTTP port, llama.cpp's ``llama-server``, vLLM — see ``openai_target.py``) and ``llama-server``
+(llama.cpp's server started from ``--llama-server PATH`` with continuous batching and ``--parallel`` = the highest
+concurrency: the llama.cpp peer as it serves, not one stream at a time). ``--compare server,transformers`` runs several in
 one run, interleaved workload by workload, so their ratios are measured under the same load. Workloads: ``single``, ``conc-N`` and ``turns`` (see ``workloads.py``
 for how each figure is computed). Results: tables on the terminal, ``<out>/<stamp>/results.json`` and PNG plots.
 
     eoq bench --address localhost:50051
     eoq bench --compare server,inprocess,transformers,llamacpp --server-pid $(pgrep -f 'eoq serve')
     eoq bench --quick --target inprocess
+    eoq bench --compare server,http,llama-server --llama-server ~/llama.cpp/build/bin/llama-server --llamacpp-threads 1
 """
 
 from __future__ import annotations

@@ -223,3 +223,46 @@ def test_prompt_logprobs_equal_transformers_across_chunks_and_skip_the_prefix_ca
             assert [t for t, _ in lp.top] == ref[pos - 1].topk(2).indices.tolist()
         assert out.num_cached_tokens == 0
     assert generate(core, prompt, max_tokens=3, ignore_eos=True).num_cached_tokens == 48  # others still hit
+
+
+def test_default_model_logprobs_equal_transformers_in_float32(default_checkpoint):
+    """The acceptance's figure for the real model: generated-token and prompt logprobs within 1e-4 of
+    transformers' log_softmax (float32, decode steps on the low-bit copies that equal the checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    from eoq.chat.prompt import ChatMessage, PromptBuilder
+    from eoq.engine.model.checkpoint import load_tokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(default_checkpoint.path, dtype=torch.float32).eval()
+    core = make_core(default_checkpoint.path, kv_cache_memory_gb=0.25, max_model_len=2048)
+    prompt = PromptBuilder(load_tokenizer(default_checkpoint.path)).render(
+        None, [ChatMessage("user", "What is the capital of France?")])
+    out = generate(core, prompt, max_tokens=16, logprobs=True, top_logprobs=5, prompt_logprobs=True)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out.token_ids])).logits[0].float().log_softmax(-1)  # (T, V)
+    for j, lp in enumerate(out.logprobs):
+        row = ref[len(prompt) - 1 + j]
+        assert lp.logprob == pytest.approx(row[lp.token_id].item(), abs=1e-4)
+        assert [t for t, _ in lp.top] == row.topk(5).indices.tolist()
+    for pos, lp in enumerate(out.prompt_logprobs, start=1):
+        assert lp.logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
+    assert "Paris" in out.text
+
+
+def test_a_grammar_past_its_compile_time_limit_is_refused(tiny_llama):
+    """The compile thread is held busy here (a real grammar compile cannot be made slow on demand): the request
+    waits past --max-grammar-compile-seconds and is refused as invalid, naming the limit; the engine goes on."""
+    import threading
+
+    core = make_core(tiny_llama[0], kv_cache_memory_gb=0.004, max_grammar_compile_seconds=0.05)
+    release = threading.Event()
+    core.grammars._pool.submit(release.wait, 10)  # occupies the one compile thread
+    try:
+        core.add_request(EngineRequest("slow", prompt_ids(10, seed=1), SamplingParams(
+            constraint=Constraint(ConstraintKind.REGEX, "[a-z]+"))))
+        (out,) = run_to_end(core)["slow"]
+    finally:
+        release.set()
+    assert out.error_is_invalid_argument and "--max-grammar-compile-seconds" in out.error
+    assert not core.requests and not core.has_work()
+    assert generate(core, prompt_ids(10, seed=1), max_tokens=4, ignore_eos=True).num_completion_tokens == 4

@@ -123,8 +123,13 @@ async def test_max_tokens_cuts_the_answer_with_finish_reason_length(client, mode
 
 async def test_a_seeded_sample_is_reproducible_and_equals_the_grpc_one(client, grpc_stub, model) -> None:
     kwargs = {"temperature": 0.9, "seed": 1234, "max_tokens": 24}
+    # The first request puts the prompt in the prefix cache. In bfloat16 the prompt's last tokens computed in a
+    # short step after cached blocks differ in the last bits from the same tokens computed in the whole prompt,
+    # which can move a seeded draw at a near tie; so the compared answers all start from the cached prefix.
+    await client.chat.completions.create(model=model, messages=user("Tell me about cats."), **kwargs)
     one = await client.chat.completions.create(model=model, messages=user("Tell me about cats."), **kwargs)
     two = await client.chat.completions.create(model=model, messages=user("Tell me about cats."), **kwargs)
+    assert one.usage.prompt_tokens_details.cached_tokens == two.usage.prompt_tokens_details.cached_tokens > 0
     assert one.choices[0].message.content == two.choices[0].message.content
     grpc_answer = await ask(grpc_stub, "Tell me about cats.", max_tokens=24, temperature=0.9, seed=1234)
     assert one.choices[0].message.content == grpc_answer.text

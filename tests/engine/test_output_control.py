@@ -84,6 +84,11 @@ def test_logprobs_equal_transformers_log_softmax(core, tiny_llama):
     _, hf = tiny_llama
     prompt = prompt_ids(25, seed=9)
     out = generate(core, prompt, max_tokens=12, ignore_eos=True, logprobs=True, top_logprobs=5)
+    check_logprobs(out, hf, prompt)
+
+
+def check_logprobs(out, hf, prompt: list[int]) -> torch.Tensor:
+    """``out``'s greedy logprobs (top 5) against transformers' log_softmax within 1e-4; returns the reference."""
     assert [lp.token_id for lp in out.logprobs] == out.token_ids
     with torch.no_grad():
         ref = hf(torch.tensor([prompt + out.token_ids])).logits[0].float().log_softmax(-1)  # (T, V)
@@ -93,6 +98,7 @@ def test_logprobs_equal_transformers_log_softmax(core, tiny_llama):
         assert [t for t, _ in lp.top] == row.topk(5).indices.tolist()
         assert all(v == pytest.approx(row[t].item(), abs=1e-4) for t, v in lp.top)
         assert lp.top[0][0] == lp.token_id  # greedy: the sampled token is the most likely
+    return ref
 
 
 def test_logprobs_stay_aligned_with_held_back_stop_text(core):
@@ -238,12 +244,7 @@ def test_default_model_logprobs_equal_transformers_in_float32(default_checkpoint
     prompt = PromptBuilder(load_tokenizer(default_checkpoint.path)).render(
         None, [ChatMessage("user", "What is the capital of France?")])
     out = generate(core, prompt, max_tokens=16, logprobs=True, top_logprobs=5, prompt_logprobs=True)
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt + out.token_ids])).logits[0].float().log_softmax(-1)  # (T, V)
-    for j, lp in enumerate(out.logprobs):
-        row = ref[len(prompt) - 1 + j]
-        assert lp.logprob == pytest.approx(row[lp.token_id].item(), abs=1e-4)
-        assert [t for t, _ in lp.top] == row.topk(5).indices.tolist()
+    ref = check_logprobs(out, hf, prompt)
     for pos, lp in enumerate(out.prompt_logprobs, start=1):
         assert lp.logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
     assert "Paris" in out.text

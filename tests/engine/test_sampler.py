@@ -155,3 +155,18 @@ def test_a_token_of_probability_zero_is_never_drawn():
     for _ in range(500):
         drawn.update(sampler(logits, batch_of(params)).token_ids)
     assert drawn == set(allowed)
+
+
+def test_the_torch_grammar_mask_equals_xgrammars_kernel():
+    """The mask path other devices take (torch's ops) masks exactly what xgrammar's CPU kernel masks."""
+    from eoq.engine.structured import allocate_bitmask, apply_bitmask, apply_bitmask_torch
+
+    logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(1))
+    bitmask = allocate_bitmask(5, 1000)
+    bitmask.random_(-2**31, 2**31 - 1, generator=torch.Generator().manual_seed(2))
+    rows = [0, 2, 3]
+    ours, theirs = logits.clone(), logits.clone()
+    apply_bitmask_torch(ours, bitmask, rows)
+    apply_bitmask(theirs, bitmask, rows)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours[[1, 4]], logits[[1, 4]]) and torch.isinf(ours[0]).any()

@@ -248,8 +248,7 @@ class EngineCore:
 
     def _fail(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         seqs = list(sched.decodes) + [c.seq for c in sched.prefills]
-        return [self._finish(s, FinishReason.CANCELLED, f"engine error: {error}") for s in seqs
-                if s.request_id in self.requests]
+        return [self._finish(s, FinishReason.CANCELLED, f"engine error: {error}") for s in seqs]
 
     def _stats(self, sched: SchedulerOutput, num_sampled: int) -> SchedulerStats:
         return SchedulerStats(

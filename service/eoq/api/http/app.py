@@ -296,25 +296,18 @@ class HttpApi:
         answer cut short (CANCELLED: only the drain cancels one whose client still waits) is a 503 unless
         ``cancelled_ok``."""
 
-        async def collect() -> tuple[str, AnswerEvent]:
-            texts, last = [], None
-            async with aclosing(events) as it:
-                async for e in it:
-                    texts.append(e.text)
-                    last = e
-            if last is None or (last.finish_reason is FinishReason.CANCELLED and not cancelled_ok):
-                raise Unavailable(CUT_SHORT)
-            return "".join(texts), last
+        choices = await self._collect_all(request, events, cancelled_ok)
+        return choices.texts[0], choices.last
 
-        return await self._while_active(request, collect())
-
-    async def _collect_all(self, request: Request, events: AsyncIterator[AnswerEvent]) -> schemas.Choices:
-        """Every answer of a request for ``n`` (``_collect``'s rules: a cut-short one is a 503)."""
+    async def _collect_all(self, request: Request, events: AsyncIterator[AnswerEvent],
+                           cancelled_ok: bool = False) -> schemas.Choices:
+        """Every answer of a request for ``n``, by ``_collect``'s rules."""
 
         async def collect() -> schemas.Choices:
             async with aclosing(events) as it:
                 gathered = [e async for e in it]
-            if not gathered or any(e.finish_reason is FinishReason.CANCELLED for e in gathered):
+            if not gathered or (not cancelled_ok and any(e.finish_reason is FinishReason.CANCELLED
+                                                         for e in gathered)):
                 raise Unavailable(CUT_SHORT)
             return schemas.Choices(gathered)
 
@@ -322,7 +315,6 @@ class HttpApi:
 
     async def _while_active(self, request: Request, work):
         """``work``, counted as an active answer (the drain waits for it), cancelled if the client leaves."""
-
         token = object()
         self._active.add(token)
         try:

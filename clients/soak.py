@@ -86,13 +86,31 @@ def metric(url: str, name: str) -> float | None:
     return None
 
 
-async def _turn(stub, args, rng: random.Random, tally: Tally, conversation_id: str, cancel_after: int | None) -> str:
-    """One Chat call; returns the conversation id ('' if none was created)."""
+async def _turn(stub, args, rng: random.Random, tally: Tally, conversation_id: str, cancel_after: int | None,
+                after_own_cancel: bool = False) -> tuple[str, bool]:
+    """One Chat call: the conversation id ('' if none was created) and whether the soak cancelled the answer.
+    ``after_own_cancel``: this stream cancelled the conversation's last answer, whose cut-off text the server
+    may still be storing (the conversation busy: ABORTED); an ABORTED before any event is then retried, as by a
+    client that just pressed stop, for up to a second."""
     message = rng.choice(FOLLOW_UPS if conversation_id else QUESTIONS)
     params = pb.SamplingParams(max_tokens=rng.randint(8, args.max_tokens))
     if rng.random() < 0.5:
         params.temperature = 0.8
         params.seed = rng.randrange(1 << 31)
+    for attempt in range(10):
+        try:
+            return await _call(stub, args, tally, conversation_id, message, params, cancel_after)
+        except grpc.aio.AioRpcError as e:
+            if not (after_own_cancel and e.code() is grpc.StatusCode.ABORTED and attempt < 9):
+                tally.codes[e.code().name] += 1
+                return conversation_id, False
+            await asyncio.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
+async def _call(stub, args, tally: Tally, conversation_id: str, message: str, params: pb.SamplingParams,
+                cancel_after: int | None) -> tuple[str, bool]:
+    """The Chat call of ``_turn``; raises its error status if it fails before any event."""
     call = stub.Chat(pb.ChatRequest(conversation_id=conversation_id, message=message, sampling=params),
                      metadata=metadata(args.api_key, conversation_id), timeout=120)
     cid, events, finished = conversation_id, 0, False
@@ -107,23 +125,27 @@ async def _turn(stub, args, rng: random.Random, tally: Tally, conversation_id: s
                 call.cancel()
                 break
     except grpc.aio.AioRpcError as e:
+        if not events:
+            raise
         tally.codes[e.code().name] += 1
-        return cid
+        return cid, False
     if finished or events:  # an answer that ended, or was cancelled after its first event, is stored
         tally.expected_turns[cid] = tally.expected_turns.get(cid, 0) + 1
     tally.codes["OK" if finished else "CANCELLED (by the soak)"] += 1
-    return cid
+    return cid, not finished
 
 
 async def _stream(stub, args, seed: int, deadline: float, tally: Tally) -> None:
     rng = random.Random(seed)
     mine: dict[str, int] = {}  # conversation -> turns asked
+    cancelled: set[str] = set()  # conversations whose last answer this stream cancelled
     while time.monotonic() < deadline:
         roll = rng.random()
         open_ones = [c for c, n in mine.items() if n < args.max_turns]
         cid = "" if roll < 0.25 or not open_ones else rng.choice(open_ones)
         cancel_after = rng.randint(1, 4) if roll >= 0.75 else None
-        cid = await _turn(stub, args, rng, tally, cid, cancel_after)
+        cid, was_cancelled = await _turn(stub, args, rng, tally, cid, cancel_after, cid in cancelled)
+        (cancelled.add if was_cancelled else cancelled.discard)(cid)
         if cid:
             mine[cid] = mine.get(cid, 0) + 1
 

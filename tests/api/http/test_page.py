@@ -240,17 +240,23 @@ async def test_page_is_served_with_a_strict_content_security_policy(raw) -> None
 async def test_an_answer_streams_in_and_a_reload_finds_the_conversation(page: Page, artifacts: Path) -> None:
     def scenario() -> dict:
         page.open()
+        # The answer's text as it grows, recorded in the page at every change of the thread: polling it from
+        # here could miss a short answer's whole stream on a busy machine.
+        page.js("""window.__seen = [];
+            new MutationObserver(() => {
+              const c = document.querySelector('#thread .msg.streaming .content'), seen = window.__seen;
+              if (c && c.textContent && seen[seen.length - 1] !== c.textContent) seen.push(c.textContent);
+            }).observe(document.getElementById('thread'),
+                       {subtree: true, childList: true, characterData: true, attributes: true});""")
         page.ask(FRANCE)
-        seen = []  # the answer's text as it grows
 
-        def growing():
+        def ended():
             a = page.last()
-            if a["streaming"] and a["text"] and (not seen or seen[-1] != a["text"]):
-                seen.append(a["text"])
             return not page.streaming() and a["id"] and a["status"] != "in_progress"
 
-        page.until(growing, "the answer streamed")
+        page.until(ended, "the answer streamed")
         answer = page.wait_done()
+        seen = page.js("return window.__seen")
         conv = page.conv_id()
         assert "Paris" in answer["text"], answer
         assert seen and all(answer["text"].startswith(s.rstrip()) for s in seen), seen  # it came in pieces

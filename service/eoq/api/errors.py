@@ -17,41 +17,14 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from eoq.errors import (
-    Aborted,
-    ConfigError,
-    EoqError,
-    FailedPrecondition,
-    InternalError,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-)
+from eoq.errors import EoqError
 
 log = logging.getLogger(__name__)
 
-STATUS_BY_ERROR: dict[type[EoqError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    Aborted: grpc.StatusCode.ABORTED,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    InternalError: grpc.StatusCode.INTERNAL,
-    ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
-}
-
 
 def status_for(error: EoqError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
-    return grpc.StatusCode.INTERNAL
+    """The gRPC status of an error kind: the one its class names (``eoq.errors``)."""
+    return grpc.StatusCode[error.status]
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

@@ -10,21 +10,10 @@ import json
 import openai
 import pytest
 
-from eoq.api.http.errors import HTTP_BY_ERROR, error_response
+from eoq.api.http.errors import HTTP_BY_STATUS, error_response
 from eoq.api.server import RunningServer
 from eoq.engine.async_engine import EngineFailed, EngineRestarted, Overloaded
-from eoq.errors import (
-    Aborted,
-    EoqError,
-    FailedPrecondition,
-    InternalError,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-)
+from eoq import errors
 from tests.api.client import FRANCE, engine_idle, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")
@@ -219,22 +208,25 @@ async def test_no_value_in_any_field_is_a_500(raw, model, http_server: RunningSe
 
 
 async def test_each_eoq_error_kind_has_one_http_status() -> None:
+    e = errors
     expected = {
-        InvalidArgument("x"): 400, FailedPrecondition("x"): 400, Unauthenticated("x"): 401,
-        PermissionDenied("x"): 403, NotFound("x"): 404, Aborted("x"): 409, ResourceExhausted("x"): 429,
-        Overloaded("x", 2.5): 429, Unavailable("x"): 503, EngineRestarted("x"): 503, InternalError("x"): 500,
-        EngineFailed("x"): 500, RuntimeError("x"): 500,
+        e.InvalidArgument("x"): 400, e.FailedPrecondition("x"): 400, e.Unauthenticated("x"): 401,
+        e.PermissionDenied("x"): 403, e.NotFound("x"): 404, e.Aborted("x"): 409, e.ResourceExhausted("x"): 429,
+        Overloaded("x", 2.5): 429, e.Unavailable("x"): 503, EngineRestarted("x"): 503, e.InternalError("x"): 500,
+        EngineFailed("x"): 500, e.ConfigError("x"): 500, RuntimeError("x"): 500,
     }
     for error, status in expected.items():
         assert error_response(error, "POST /v1/completions", "rid").status_code == status, error
-    assert all(issubclass(kind, EoqError) for kind in HTTP_BY_ERROR)
+    # Every status an error kind names (``eoq.errors``) has its HTTP answer.
+    kinds = [cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.EoqError)]
+    assert {cls.status for cls in kinds} == set(HTTP_BY_STATUS)
 
 
 async def test_retry_hints_and_what_a_500_tells() -> None:
     overloaded = error_response(Overloaded("full", 2.2), "POST /v1/completions", "rid")
     assert (overloaded.headers["retry-after"], overloaded.headers["retry-after-ms"]) == ("3", "2200")
-    assert error_response(Unavailable("draining"), "GET /v1/models", "rid").headers["retry-after"] == "1"
-    assert "retry-after" not in error_response(InvalidArgument("bad"), "GET /v1/models", "rid").headers
+    assert error_response(errors.Unavailable("draining"), "GET /v1/models", "rid").headers["retry-after"] == "1"
+    assert "retry-after" not in error_response(errors.InvalidArgument("bad"), "GET /v1/models", "rid").headers
     bug = error_response(RuntimeError("/secret/path at 10.0.0.1"), "POST /v1/completions", "0123abcd")
     error = json.loads(bug.body)["error"]
     assert error == {"message": "internal error in POST /v1/completions (request id 0123abcd)",

@@ -1,7 +1,8 @@
 """eoq errors -> HTTP answers in OpenAI's error shape, in one place.
 
 Every refusal is ``{"error": {"message", "type", "param", "code"}}`` with the status of the error's kind (the
-``HTTP_BY_ERROR`` table, looked up along the exception's classes like ``eoq.api.errors.status_for``). Errors
+``HTTP_BY_STATUS`` table, keyed by the gRPC status name each error kind carries, so the two APIs cannot
+disagree on what an error is; a kind with an answer of its own sets ``http_kind``). Errors
 that say when to retry (an overloaded server or tenant) carry ``Retry-After`` (whole seconds, at least 1) and
 ``retry-after-ms`` (which OpenAI's clients read first); UNAVAILABLE (draining, the engine restarting, Redis
 down) carries ``Retry-After: 1``. Anything that is not an ``EoqError``, and ``InternalError`` (whose message
@@ -21,24 +22,18 @@ from dataclasses import dataclass
 
 from starlette.responses import Response
 
-from eoq.api.errors import status_for
-from eoq.errors import (
-    Aborted,
-    ConfigError,
-    EoqError,
-    FailedPrecondition,
-    InternalError,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-)
+from eoq.errors import ConfigError, EoqError, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
 UNAVAILABLE_RETRY_AFTER_SECONDS = 1
+
+
+@dataclass(frozen=True, slots=True)
+class HttpKind:
+    status: int
+    type: str
+    code: str | None
 
 
 class InvalidParam(InvalidArgument):
@@ -54,47 +49,38 @@ class InvalidParam(InvalidArgument):
 class BodyTooLarge(InvalidArgument):
     """The request body is over ``--max-http-body-bytes`` (413)."""
 
+    http_kind = HttpKind(413, "invalid_request_error", "request_too_large")
+
 
 class ModelNotFound(NotFound):
     """The request names a model this server does not serve (404 ``model_not_found``, as OpenAI answers)."""
 
     param = "model"
+    http_kind = HttpKind(404, "invalid_request_error", "model_not_found")
 
 
 class ClientGone(Exception):
     """The client closed the connection before its answer was ready (counted CANCELLED; nothing is sent)."""
 
 
-@dataclass(frozen=True, slots=True)
-class HttpKind:
-    status: int
-    type: str
-    code: str | None
-
-
-HTTP_BY_ERROR: dict[type[EoqError], HttpKind] = {
-    BodyTooLarge: HttpKind(413, "invalid_request_error", "request_too_large"),
-    ModelNotFound: HttpKind(404, "invalid_request_error", "model_not_found"),
-    InvalidArgument: HttpKind(400, "invalid_request_error", "invalid_value"),
-    FailedPrecondition: HttpKind(400, "invalid_request_error", "failed_precondition"),
-    Unauthenticated: HttpKind(401, "invalid_request_error", "invalid_api_key"),
-    PermissionDenied: HttpKind(403, "permission_error", "permission_denied"),
-    NotFound: HttpKind(404, "invalid_request_error", "not_found"),
-    Aborted: HttpKind(409, "invalid_request_error", "conflict"),
-    ResourceExhausted: HttpKind(429, "rate_limit_error", "rate_limit_exceeded"),
-    Unavailable: HttpKind(503, "server_error", "service_unavailable"),
-    InternalError: HttpKind(500, "server_error", "internal_error"),
-    ConfigError: HttpKind(500, "server_error", "internal_error"),
-}
 INTERNAL = HttpKind(500, "server_error", "internal_error")
+HTTP_BY_STATUS: dict[str, HttpKind] = {
+    "INVALID_ARGUMENT": HttpKind(400, "invalid_request_error", "invalid_value"),
+    "FAILED_PRECONDITION": HttpKind(400, "invalid_request_error", "failed_precondition"),
+    "UNAUTHENTICATED": HttpKind(401, "invalid_request_error", "invalid_api_key"),
+    "PERMISSION_DENIED": HttpKind(403, "permission_error", "permission_denied"),
+    "NOT_FOUND": HttpKind(404, "invalid_request_error", "not_found"),
+    "ABORTED": HttpKind(409, "invalid_request_error", "conflict"),
+    "RESOURCE_EXHAUSTED": HttpKind(429, "rate_limit_error", "rate_limit_exceeded"),
+    "UNAVAILABLE": HttpKind(503, "server_error", "service_unavailable"),
+    "INTERNAL": INTERNAL,
+}
 
 
 def kind_of(error: BaseException) -> HttpKind:
-    if isinstance(error, EoqError):
-        for cls in type(error).__mro__:
-            if cls in HTTP_BY_ERROR:
-                return HTTP_BY_ERROR[cls]
-    return INTERNAL
+    if not isinstance(error, EoqError) or isinstance(error, ConfigError):  # bad settings are the server's fault
+        return INTERNAL
+    return getattr(error, "http_kind", None) or HTTP_BY_STATUS[error.status]
 
 
 def metric_code(error: BaseException) -> str:
@@ -102,11 +88,7 @@ def metric_code(error: BaseException) -> str:
     name the same error has on the gRPC port (a too-large body: INVALID_ARGUMENT, like any bad input)."""
     if isinstance(error, ClientGone):
         return "CANCELLED"
-    if isinstance(error, BodyTooLarge):
-        return "INVALID_ARGUMENT"
-    if isinstance(error, EoqError):
-        return status_for(error).name
-    return "INTERNAL"
+    return error.status if isinstance(error, EoqError) else "INTERNAL"
 
 
 def error_body(error: BaseException, route: str, request_id: str) -> tuple[HttpKind, dict]:

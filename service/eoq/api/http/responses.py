@@ -36,7 +36,7 @@ from pydantic import Field
 
 from eoq.api.adapter import SamplingPolicy
 from eoq.api.http.errors import InvalidParam
-from eoq.api.http.schemas import SamplingFields, _Strict, sampling_params
+from eoq.api.http.schemas import SamplingFields, _Strict, sampling_params, text_content
 from eoq.chat.events import AnswerEvent, Usage
 from eoq.chat.prompt import ChatMessage
 from eoq.chat.store import Conversation, Role, StoredMessage
@@ -81,6 +81,8 @@ def conversation_of(conv: str) -> str:
 
 
 # --- requests ---
+_PARTS = ("input_text", "output_text", "text")  # the text parts an input message's content may hold
+
 class _Sampled(SamplingFields):
     """The sampling fields of a Responses request (and of eoq's regenerate)."""
 
@@ -110,19 +112,14 @@ class ResponseRequest(_Sampled):
     parent_item_id: str | None = None  # eoq: the answer (msg_) to ask after, or the conversation (conv_) = root
 
     def check(self) -> None:
-        if self.tools:
-            raise InvalidParam("tools are not supported by this server", "tools", "unsupported_parameter")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise InvalidParam("tool_choice is not supported (no tools)", "tool_choice", "unsupported_parameter")
+        self.refuse({"tools": "tools are not supported by this server",
+                     "reasoning": "reasoning is not supported by this model",
+                     "top_logprobs": "top_logprobs is not supported",
+                     "prompt": "prompt templates are not supported"})
+        self.refuse_unless("tool_choice", (None, "none", "auto"), "tool_choice is not supported (no tools)")
         fmt = (self.text or {}).get("format") if isinstance(self.text, dict) else None
         if self.text is not None and not (isinstance(self.text, dict) and fmt in (None, {"type": "text"})):
             raise InvalidParam('text.format: only {"type": "text"} is supported', "text.format", "unsupported_value")
-        if self.reasoning:
-            raise InvalidParam("reasoning is not supported by this model", "reasoning", "unsupported_parameter")
-        if self.top_logprobs:
-            raise InvalidParam("top_logprobs is not supported", "top_logprobs", "unsupported_parameter")
-        if self.prompt is not None:
-            raise InvalidParam("prompt templates are not supported", "prompt", "unsupported_parameter")
         if self.truncation not in (None, "disabled", "auto"):
             raise InvalidParam("truncation must be 'auto' or 'disabled'", "truncation")
         if self.background and self.store is False:
@@ -164,7 +161,7 @@ class ResponseRequest(_Sampled):
             where = f"input[{i}]"
             if not isinstance(item, dict) or item.get("type", "message") != "message":
                 raise InvalidParam(f"{where}: only message items are supported", f"{where}.type", "unsupported_value")
-            role, text = item.get("role"), _item_text(item.get("content"), f"{where}.content")
+            role, text = item.get("role"), text_content(item.get("content"), f"{where}.content", _PARTS)
             if role in ("system", "developer"):
                 system.append(text)
             elif role == "user":
@@ -203,22 +200,6 @@ class ConversationCreateRequest(_Strict):
         request = ResponseRequest(model="-", input=[*self.items, {"role": "user", "content": "-"}])
         system, turns, _ = request.messages()
         return system, turns
-
-
-def _item_text(content: Any, param: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidParam(f"Invalid type for '{param}': expected a string or an array of content parts", param,
-                           "invalid_type")
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
-            raise InvalidParam(f"{param}[{j}]: only text parts are supported", f"{param}[{j}].type",
-                               "unsupported_value")
-        texts.append(part["text"])
-    return "".join(texts)
 
 
 # --- objects ---

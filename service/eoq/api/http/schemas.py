@@ -62,6 +62,18 @@ class SamplingFields(_Strict):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
 
+    def refuse(self, why: dict[str, str]) -> None:
+        """A 400 ``unsupported_parameter`` for the first field of ``why`` the request sets, with its message: the
+        fields this server cannot honour are refused, never silently dropped."""
+        for name, message in why.items():
+            if getattr(self, name):
+                raise InvalidParam(message, name, "unsupported_parameter")
+
+    def refuse_unless(self, name: str, allowed: tuple, message: str) -> None:
+        """A 400 ``unsupported_parameter`` when the field ``name`` has a value outside ``allowed``."""
+        if getattr(self, name) not in allowed:
+            raise InvalidParam(message, name, "unsupported_parameter")
+
 
 class _Sampling(SamplingFields):
     stream_options: StreamOptions | None = None
@@ -80,9 +92,6 @@ class _Sampling(SamplingFields):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
-
-    def _refuse_unsupported(self) -> None:
-        return None
 
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         pairs = []
@@ -157,14 +166,10 @@ class ChatCompletionRequest(_Sampling):
         if self.top_logprobs is not None and not (isinstance(self.top_logprobs, int)
                                                   and not isinstance(self.top_logprobs, bool)):
             raise InvalidParam("Invalid type for 'top_logprobs': expected an integer", "top_logprobs", "invalid_type")
-        for name in ("tools", "functions", "audio", "prediction", "web_search_options"):
-            if getattr(self, name):
-                raise InvalidParam(f"{name} is not supported by this server", name, "unsupported_parameter")
-        if self.tool_choice not in (None, "none"):
-            raise InvalidParam("tool_choice is not supported (no tools)", "tool_choice", "unsupported_parameter")
-        if self.function_call not in (None, "none"):
-            raise InvalidParam("function_call is not supported (no functions)", "function_call",
-                               "unsupported_parameter")
+        self.refuse({name: f"{name} is not supported by this server"
+                     for name in ("tools", "functions", "audio", "prediction", "web_search_options")})
+        self.refuse_unless("tool_choice", (None, "none"), "tool_choice is not supported (no tools)")
+        self.refuse_unless("function_call", (None, "none"), "function_call is not supported (no functions)")
         if self.modalities is not None and self.modalities != ["text"]:
             raise InvalidParam("modalities: only [\"text\"] is supported", "modalities", "unsupported_value")
         if (self.max_tokens is not None and self.max_completion_tokens is not None
@@ -185,7 +190,7 @@ class ChatCompletionRequest(_Sampling):
             if m.tool_calls or m.function_call:
                 raise InvalidParam(f"{where}: tool and function calls are not supported", f"{where}.tool_calls",
                                    "unsupported_parameter")
-            out.append(ChatMessage(role, _text_content(m.content, f"{where}.content")))
+            out.append(ChatMessage(role, text_content(m.content, f"{where}.content")))
         return out
 
     @property
@@ -208,10 +213,7 @@ class CompletionRequest(_Sampling):
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)):
             raise InvalidParam("Invalid type for 'logprobs': expected an integer (how many top tokens)", "logprobs",
                                "invalid_type")
-        if self.echo:
-            raise InvalidParam("echo is not supported", "echo", "unsupported_parameter")
-        if self.suffix:
-            raise InvalidParam("suffix is not supported", "suffix", "unsupported_parameter")
+        self.refuse({"echo": "echo is not supported", "suffix": "suffix is not supported"})
         if self.best_of not in (None, 1, self.n):
             raise InvalidParam(f"best_of must equal n ({self.n or 1}): answers are not ranked, got {self.best_of}",
                                "best_of", "unsupported_value")
@@ -238,8 +240,9 @@ class CompletionRequest(_Sampling):
                                self.logprobs or 0)
 
 
-def _text_content(content: Any, param: str) -> str:
-    """A message's content: a string, or a list of ``{"type": "text", "text": ...}`` parts (joined)."""
+def text_content(content: Any, param: str, kinds: tuple[str, ...] = ("text",)) -> str:
+    """A message's content: a string, or a list of text parts ``{"type": <one of kinds>, "text": ...}`` (joined).
+    Chat completions' parts are ``text``; the Responses API's are ``input_text`` / ``output_text``."""
     if isinstance(content, str):
         return content
     if content is None:
@@ -252,7 +255,7 @@ def _text_content(content: Any, param: str) -> str:
         where = f"{param}[{j}]"
         if not isinstance(part, dict):
             raise InvalidParam(f"Invalid type for '{where}': expected an object", where, "invalid_type")
-        if part.get("type") != "text":
+        if part.get("type") not in kinds:
             raise InvalidParam(f"{where}.type {part.get('type')!r} is not supported: only text parts are",
                                f"{where}.type", "unsupported_value")
         if not isinstance(part.get("text"), str):

@@ -148,10 +148,10 @@ def make_target(name: str, args: argparse.Namespace, local: Callable[[], LocalMo
     if name == "inprocess":
         return targets.InProcessTarget(local, args.device, args.dtype, args.num_threads, args.kv_cache_memory_gb)
     if name == "transformers":
-        return peers.PeerProcessTarget("transformers", args.model, _cache_dir(args), num_threads=args.num_threads)
+        return peers.PeerProcessTarget("transformers", args.model, _cache_dir(args), {"num_threads": args.num_threads})
     if name == "llamacpp":
-        return peers.PeerProcessTarget("llamacpp", args.model, _cache_dir(args), gguf=_gguf_file(args.model),
-                                       num_threads=args.llamacpp_threads)
+        return peers.PeerProcessTarget("llamacpp", args.model, _cache_dir(args),
+                                       {"gguf": _gguf_file(args.model), "num_threads": args.llamacpp_threads})
     if name in ("http", "http-peer"):
         from eoq_clients.bench.openai_target import OpenAITarget
 

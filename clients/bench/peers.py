@@ -22,6 +22,7 @@ import importlib.util
 import multiprocessing as mp
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -192,19 +193,23 @@ def _peer_process_main(conn, kind: str, model: str, cache_dir: Path, options: di
         conn.send(("done", records))
 
 
+@dataclass(eq=False)
 class PeerProcessTarget(Target):
-    """A peer (``transformers`` or ``llamacpp``) run in a spawned child process."""
+    """A peer (``transformers`` or ``llamacpp``) run in a spawned child process; ``options`` are its peer's
+    (``num_threads``, ``gguf``)."""
 
     turns_skipped = "stateless peer, no conversations"
 
-    def __init__(self, kind: str, model: str, cache_dir: Path, **options) -> None:
-        self.name = kind
-        self.kind = kind
-        self.model = model
-        self.cache_dir = cache_dir
-        self.options = options
-        self._proc = None
-        self._conn = None
+    kind: str
+    model: str
+    cache_dir: Path
+    options: dict = field(default_factory=dict)
+    _proc: object = field(default=None, init=False)
+    _conn: object = field(default=None, init=False)
+
+    @property
+    def name(self) -> str:
+        return self.kind
 
     async def start(self) -> TargetInfo:
         if self.kind == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:

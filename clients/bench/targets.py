@@ -149,21 +149,20 @@ class _ServerConversation:
     id: str = ""  # empty until the first Chat call creates it
 
 
+@dataclass(eq=False)
 class ServerTarget(Target):
     """An eoq server: ``Chat`` calls (each conc-N request starts its own conversation), history kept server-side."""
 
     name = "server"
 
-    def __init__(self, address: str, api_key: str | None, server_pid: int | None = None,
-                 timeout_seconds: float = 600.0, security: TransportSecurity | None = None) -> None:
-        self.address = address
-        self.security = security
-        self.api_key = api_key
-        self.server_pid = server_pid
-        self.timeout_seconds = timeout_seconds
-        self._channel = None
-        self._stub = None
-        self._created: set[str] = set()  # conversation ids, deleted at close
+    address: str
+    api_key: str | None
+    server_pid: int | None = None
+    timeout_seconds: float = 600.0
+    security: TransportSecurity | None = None
+    _channel: object = field(default=None, init=False)
+    _stub: object = field(default=None, init=False)
+    _created: set[str] = field(default_factory=set, init=False)  # conversation ids, deleted at close
 
     async def start(self) -> TargetInfo:
         import grpc
@@ -268,6 +267,7 @@ class _History:
     messages: list = field(default_factory=list)  # ChatMessage, oldest first
 
 
+@dataclass(eq=False)
 class InProcessTarget(Target):
     """eoq's ``AsyncEngine`` in this process, no gRPC and no store: the engine alone.
 
@@ -276,20 +276,18 @@ class InProcessTarget(Target):
 
     name = "inprocess"
 
-    def __init__(self, local: Callable[[], LocalModel], device: str = "auto", dtype: str = "auto",
-                 num_threads: int | None = None, kv_cache_memory_gb: float | None = None) -> None:
-        self._local_factory = local
-        self.device = device
-        self.dtype = dtype
-        self.num_threads = num_threads
-        self.kv_cache_memory_gb = kv_cache_memory_gb
-        self.engine = None
+    local_factory: Callable[[], LocalModel]
+    device: str = "auto"
+    dtype: str = "auto"
+    num_threads: int | None = None
+    kv_cache_memory_gb: float | None = None
+    engine: object = field(default=None, init=False)
 
     async def start(self) -> TargetInfo:
         from eoq.engine.async_engine import AsyncEngine
         from eoq.engine.types import EngineConfig
 
-        self.local = await asyncio.to_thread(self._local_factory)
+        self.local = await asyncio.to_thread(self.local_factory)
         prompts = self.local.prompts
         cfg = EngineConfig(checkpoint=self.local.checkpoint.path, model_name=self.local.checkpoint.name,
                            device=self.device, dtype=self.dtype, kv_cache_memory_gb=self.kv_cache_memory_gb,

@@ -145,15 +145,20 @@ def conversation_view_to_pb(view: ConversationView) -> pb.Conversation:
     return conv
 
 
+def same_named(message_cls, *sources) -> dict:
+    """The fields of the proto message ``message_cls`` taken from the attributes of the same names of
+    ``sources`` (the first that has one): the internal types name their fields as the proto does."""
+    out = {}
+    for f in message_cls.DESCRIPTOR.fields:
+        for source in sources:
+            if hasattr(source, f.name):
+                out[f.name] = getattr(source, f.name)
+                break
+    return out
+
+
 def usage_to_pb(u: Usage) -> pb.Usage:
-    return pb.Usage(
-        prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
-        cached_prompt_tokens=u.cached_prompt_tokens,
-        time_to_first_token_seconds=u.time_to_first_token_seconds,
-        total_seconds=u.total_seconds,
-        queue_seconds=u.queue_seconds,
-    )
+    return pb.Usage(**same_named(pb.Usage, u))
 
 
 def chat_event_to_pb(e: AnswerEvent, token_text=str) -> pb.ChatEvent:
@@ -176,16 +181,5 @@ def complete_event_to_pb(e: AnswerEvent, token_text=str) -> pb.CompleteEvent:
 
 
 def model_info_to_pb(info: ModelInfo, policy: SamplingPolicy, end_of_question_marker: str) -> pb.ModelInfo:
-    return pb.ModelInfo(
-        name=info.name,
-        architecture=info.architecture,
-        context_length=info.context_length,
-        dtype=info.dtype,
-        device=info.device,
-        vocab_size=info.vocab_size,
-        max_tokens_limit=policy.max_tokens_limit,
-        default_max_tokens=policy.default_max_tokens,
-        kv_cache_tokens=info.kv_cache_tokens,
-        end_of_question_marker=end_of_question_marker,
-        kv_bytes_per_token=info.kv_bytes_per_token,
-    )
+    """The model's facts, the policy's token limits and the marker that ends a question."""
+    return pb.ModelInfo(end_of_question_marker=end_of_question_marker, **same_named(pb.ModelInfo, info, policy))

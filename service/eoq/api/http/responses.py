@@ -100,12 +100,9 @@ class ResponseRequest(_Sampled):
     previous_response_id: str | None = None
     conversation: Any = None
     store: bool | None = None
-    tools: Any = None
-    tool_choice: Any = None
     text: Any = None
     reasoning: Any = None
     include: Any = None
-    top_logprobs: Any = None
     prompt: Any = None
     max_tool_calls: Any = None
     truncation: str | None = None

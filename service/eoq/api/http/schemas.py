@@ -61,6 +61,11 @@ class SamplingFields(_Strict):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    # OpenAI fields this server cannot honour (no tools; Responses have no top_logprobs): chat completions and
+    # Responses refuse them in ``check``; completions, whose API has no such fields, ignore them like any unknown
+    tools: Any = None
+    tool_choice: Any = None
+    top_logprobs: Any = None
 
     def refuse(self, why: dict[str, str]) -> None:
         """A 400 ``unsupported_parameter`` for the first field of ``why`` the request sets, with its message: the
@@ -150,9 +155,6 @@ class _Sampling(SamplingFields):
 class ChatCompletionRequest(_Sampling):
     messages: list[Message]
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None

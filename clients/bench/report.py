@@ -69,6 +69,19 @@ def _status(summary: dict) -> str | None:
     return None
 
 
+def _measured(table: Table, targets: dict, workload: str, *lead: str):
+    """(target name, summary) of the targets that ran ``workload``; a skipped or failed one gets its status row
+    (after the ``lead`` cells) in ``table`` instead."""
+    for name, t in targets.items():
+        s = t.get("workloads", {}).get(workload)
+        if s is None:
+            continue
+        if (msg := _status(s)) is not None:
+            table.add_row(*lead, name, msg)
+            continue
+        yield name, s
+
+
 def print_report(console: Console, results: dict) -> None:
     targets: dict = results["targets"]
     ratios = results.get("ratios", {}).get("by_workload", {})
@@ -100,13 +113,7 @@ def print_report(console: Console, results: dict) -> None:
         table = Table(title="single: one stream, forced tokens")
         for col in ("target", "TTFT", "decode tok/s", *([ratio_col] if ratio_col else [])):
             table.add_column(col, justify="right" if col != "target" else "left")
-        for name, t in targets.items():
-            s = t.get("workloads", {}).get("single")
-            if s is None:
-                continue
-            if (msg := _status(s)) is not None:
-                table.add_row(name, msg)
-                continue
+        for name, s in _measured(table, targets, "single"):
             r = ratios.get("single", {}).get(name)
             table.add_row(name, _ms(s["ttft_s"]), _num(s["decode_tokens_per_s"]),
                           *([_num(r, "{:.2f}x")] if ratio_col else []))
@@ -120,14 +127,8 @@ def print_report(console: Console, results: dict) -> None:
         for col in cols:
             table.add_column(col, justify="left" if col == "target" else "right")
         for w in conc:
-            for name, t in targets.items():
-                s = t.get("workloads", {}).get(w)
-                if s is None:
-                    continue
-                n = w.split("-", 1)[1]
-                if (msg := _status(s)) is not None:
-                    table.add_row(n, name, msg)
-                    continue
+            n = w.split("-", 1)[1]
+            for name, s in _measured(table, targets, w, n):
                 r = ratios.get(w, {}).get(name)
                 table.add_row(n, name, _num(s["tokens_per_s"]), *([_num(r, "{:.2f}x")] if ratio_col else []),
                               _ms(s["ttft_p50_s"]), _ms(s["ttft_p99_s"]), _ms(s["itl_p50_s"]), _ms(s["itl_p99_s"]))
@@ -140,13 +141,7 @@ def print_report(console: Console, results: dict) -> None:
         table.add_column("target")
         for i in range(num_turns):
             table.add_column(f"turn {i + 1}", justify="right")
-        for name, t in targets.items():
-            s = t.get("workloads", {}).get("turns")
-            if s is None:
-                continue
-            if (msg := _status(s)) is not None:
-                table.add_row(name, msg)
-                continue
+        for name, s in _measured(table, targets, "turns"):
             cells = [f"{_ms(b['ttft_p50_s'])} ({_num(b['cached_prompt_tokens_p50'], '{:.0f}')}/"
                      f"{_num(b['prompt_tokens_p50'], '{:.0f}')})" for b in s["by_turn"]]
             table.add_row(name, *cells)

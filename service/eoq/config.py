@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from eoq.chat.answers import AnswerLogSettings
@@ -37,6 +38,25 @@ def _engine_default(name: str):
 def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "eoq"
+
+
+# The numeric settings' ranges: what must hold of a value, and what the refusal says (None = unset passes).
+_AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    **{name: _AT_LEAST_1 for name in (
+        "max_num_seqs", "max_num_batched_tokens", "max_queue_size", "default_max_tokens", "max_requests_per_tenant",
+        "max_receive_message_bytes", "max_send_message_bytes", "max_message_chars", "max_system_prompt_chars",
+        "max_conversation_bytes", "max_conversations_per_tenant", "max_detached_answers_per_tenant",
+        "max_http_body_bytes")},
+    **{name: (lambda v: v >= 0, "must be >= 0") for name in ("quantized_max_tokens", "engine_max_restarts")},
+    **{name: (lambda v: 0 <= v <= 65535, "must be a port number (0..65535)")
+       for name in ("port", "metrics_port", "http_port")},
+    "max_conversation_messages": (lambda v: v >= 2, "must be >= 2 (a turn is two messages)"),
+    **{name: (lambda v: v > 0, "must be > 0 (seconds)")
+       for name in ("answer_retention_seconds", "answer_snapshot_interval_seconds")},
+    "redis_wait_replicas": (lambda v: v >= 0, "must be >= 0 (0 = do not wait for replicas)"),
+    "kv_cache_memory_gb": (lambda v: v > 0, "must be > 0 (GiB)"),
+}
 
 
 class Settings(BaseSettings):
@@ -243,43 +263,12 @@ class Settings(BaseSettings):
             raise ValueError("must be a power of two, e.g. 16")
         return v
 
-    @field_validator("max_num_seqs", "max_num_batched_tokens", "max_queue_size", "default_max_tokens",
-                     "max_requests_per_tenant", "max_receive_message_bytes", "max_send_message_bytes",
-                     "max_message_chars", "max_system_prompt_chars", "max_conversation_bytes",
-                     "max_conversations_per_tenant", "max_detached_answers_per_tenant",
-                     "max_http_body_bytes")
+    @field_validator(*_RANGES)
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
-    @field_validator("quantized_max_tokens", "engine_max_restarts")
-    @classmethod
-    def _non_negative(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return v
-
-    @field_validator("port", "metrics_port", "http_port")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        if not 0 <= v <= 65535:
-            raise ValueError("must be a port number (0..65535)")
-        return v
-
-    @field_validator("max_conversation_messages")
-    @classmethod
-    def _room_for_a_turn(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError("must be >= 2 (a turn is two messages)")
-        return v
-
-    @field_validator("answer_retention_seconds", "answer_snapshot_interval_seconds")
-    @classmethod
-    def _positive_seconds(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be > 0 (seconds)")
+    def _in_range(cls, v: float | None, info: ValidationInfo) -> float | None:
+        holds, message = _RANGES[info.field_name]
+        if v is not None and not holds(v):
+            raise ValueError(message)
         return v
 
     @field_validator("redis_sentinels")
@@ -287,20 +276,6 @@ class Settings(BaseSettings):
     def _sentinels(cls, v: str | None) -> str | None:
         if v is not None:
             parse_sentinels(v)  # ValueError names the bad entry
-        return v
-
-    @field_validator("redis_wait_replicas")
-    @classmethod
-    def _wait_replicas(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0 (0 = do not wait for replicas)")
-        return v
-
-    @field_validator("kv_cache_memory_gb")
-    @classmethod
-    def _kv_budget(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:
-            raise ValueError("must be > 0 (GiB)")
         return v
 
     @model_validator(mode="after")

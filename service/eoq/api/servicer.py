@@ -13,6 +13,7 @@ from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq._proto.chat.v1 import chat_pb2_grpc
 from eoq.api import adapter
 from eoq.api.adapter import SamplingPolicy
+from eoq.aio import wait_until
 from eoq.api.auth import ApiKeys
 from eoq.chat.service import ChatService
 from eoq.errors import InvalidArgument, Unavailable
@@ -38,11 +39,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def wait_streams(self, timeout: float) -> bool:
         """Wait until no answer is streaming or generating (True) or ``timeout`` passes (False)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.num_streaming and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        return not self.num_streaming
+        return await wait_until(lambda: not self.num_streaming, timeout)
 
     def _tenant(self, context: grpc.aio.ServicerContext, *, write: bool) -> str:
         return self.auth.authenticate(context.invocation_metadata(), write=write)
@@ -90,8 +87,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def WatchAnswer(self, request: pb.WatchAnswerRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatEvent]:
         tenant = self._tenant(context, write=False)
-        _required(request.conversation_id, "conversation_id")
-        _required(request.message_id, "message_id")
+        _required(request, "conversation_id", "message_id")
         events = self.chat.detached.watch(tenant, request.conversation_id, request.message_id,
                                           request.after_sequence)
         convert = adapter.chat_event_to_pb
@@ -104,24 +100,21 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def CancelAnswer(self, request: pb.CancelAnswerRequest,
                            context: grpc.aio.ServicerContext) -> pb.CancelAnswerResponse:
         tenant = self._tenant(context, write=True)
-        _required(request.conversation_id, "conversation_id")
-        _required(request.message_id, "message_id")
+        _required(request, "conversation_id", "message_id")
         was_running = await self.chat.detached.cancel(tenant, request.conversation_id, request.message_id)
         return pb.CancelAnswerResponse(was_running=was_running)
 
     async def SetActiveBranch(self, request: pb.SetActiveBranchRequest,
                               context: grpc.aio.ServicerContext) -> pb.Conversation:
         tenant = self._tenant(context, write=True)
-        _required(request.conversation_id, "conversation_id")
-        _required(request.message_id, "message_id")
+        _required(request, "conversation_id", "message_id")
         view = await self.chat.conversations.set_active_branch(tenant, request.conversation_id, request.message_id)
         return adapter.conversation_view_to_pb(view)
 
     async def DeleteMessage(self, request: pb.DeleteMessageRequest,
                             context: grpc.aio.ServicerContext) -> pb.DeleteMessageResponse:
         tenant = self._tenant(context, write=True)
-        _required(request.conversation_id, "conversation_id")
-        _required(request.message_id, "message_id")
+        _required(request, "conversation_id", "message_id")
         deleted, leaf = await self.chat.conversations.delete_message(tenant, request.conversation_id, request.message_id)
         return pb.DeleteMessageResponse(deleted_messages=deleted, active_message_id=leaf or "")
 
@@ -143,7 +136,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def GetConversation(self, request: pb.GetConversationRequest,
                               context: grpc.aio.ServicerContext) -> pb.Conversation:
         tenant = self._tenant(context, write=False)
-        _required(request.id, "id")
+        _required(request, "id")
         return adapter.conversation_view_to_pb(await self.chat.conversations.get(tenant, request.id, request.tree))
 
     async def ListConversations(self, request: pb.ListConversationsRequest,
@@ -158,7 +151,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def DeleteConversation(self, request: pb.DeleteConversationRequest,
                                  context: grpc.aio.ServicerContext) -> pb.DeleteConversationResponse:
         tenant = self._tenant(context, write=True)
-        _required(request.id, "id")
+        _required(request, "id")
         await self.chat.store.delete(tenant, request.id)
         return pb.DeleteConversationResponse()
 
@@ -167,6 +160,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return self.model_info
 
 
-def _required(value: str, name: str) -> None:
-    if not value:
-        raise InvalidArgument(f"{name} is required")
+def _required(request, *names: str) -> None:
+    """INVALID_ARGUMENT naming the first of the request's fields ``names`` that is empty."""
+    for name in names:
+        if not getattr(request, name):
+            raise InvalidArgument(f"{name} is required")

@@ -29,6 +29,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from eoq.api.adapter import SamplingPolicy
+from eoq.aio import wait_until
 from eoq.api.auth import ApiKeys
 from eoq.api.http import schemas, sse
 from eoq.api.http.errors import (
@@ -137,11 +138,7 @@ class HttpApi:
 
     async def wait_active(self, timeout: float) -> bool:
         """Wait until no answer is being generated (True) or ``timeout`` passes (False)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self._active and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        return not self._active
+        return await wait_until(lambda: not self._active, timeout)
 
     # --- plumbing ---
     def _route(self, method: str, path: str, handler: Callable, *, write: bool) -> Route:

@@ -297,19 +297,8 @@
     }
   }
 
-  function newChat() {
-    detachLive();
-    state.convId = null;
-    state.conversation = null;
-    state.items = [];
-    setHash(null);
-    clearError();
-    render();
-    renderConversations();
-    $("input").focus();
-  }
-
-  async function openConversation(id) {
+  // Shows conversation `id` (null: a new chat), empty until its items arrive.
+  function switchTo(id) {
     detachLive();
     clearError();
     state.convId = id;
@@ -318,6 +307,15 @@
     setHash(id);
     render();
     renderConversations();
+  }
+
+  function newChat() {
+    switchTo(null);
+    $("input").focus();
+  }
+
+  async function openConversation(id) {
+    switchTo(id);
     try {
       const [conv, items] = await Promise.all([
         json("GET", `/v1/conversations/${enc(id)}`),

@@ -190,12 +190,8 @@ def write_plots(results: dict, folder: Path) -> dict[str, Path]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, pts in throughput.items():
             ax.plot([n for n, _ in pts], [v for _, v in pts], marker="o", label=name)
-        _concurrency_axis(ax, throughput)
-        ax.set_ylabel("aggregate generated tokens/s")
-        ax.set_title("conc-N throughput")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        written["throughput"] = _save(fig, folder / PLOT_FILES["throughput"])
+        written["throughput"] = _conc_plot(fig, ax, throughput, "aggregate generated tokens/s", "conc-N throughput",
+                                           folder / PLOT_FILES["throughput"])
 
     p50, p99 = _conc_series(results, "itl_p50_s"), _conc_series(results, "itl_p99_s")
     if p50:
@@ -207,12 +203,8 @@ def write_plots(results: dict, folder: Path) -> dict[str, Path]:
                 q = p99[name]
                 ax.plot([n for n, _ in q], [v * 1000 for _, v in q], marker="x", ls="--", color=color,
                         label=f"{name} p99")
-        _concurrency_axis(ax, p50)
-        ax.set_ylabel("inter-token latency (ms)")
-        ax.set_title("conc-N inter-token latency")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        written["itl"] = _save(fig, folder / PLOT_FILES["itl"])
+        written["itl"] = _conc_plot(fig, ax, p50, "inter-token latency (ms)", "conc-N inter-token latency",
+                                    folder / PLOT_FILES["itl"])
 
     turns = {name: t["workloads"]["turns"]["by_turn"] for name, t in results["targets"].items()
              if "by_turn" in t.get("workloads", {}).get("turns", {})}
@@ -237,6 +229,16 @@ def write_plots(results: dict, folder: Path) -> dict[str, Path]:
             ax.legend()
         written["ttft_by_turn"] = _save(fig, folder / PLOT_FILES["ttft_by_turn"])
     return written
+
+
+def _conc_plot(fig, ax, series: dict, ylabel: str, title: str, path: Path) -> Path:
+    """A conc-N plot's axes, labels and grid, saved to ``path``."""
+    _concurrency_axis(ax, series)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
 
 
 def _concurrency_axis(ax, series: dict[str, list[tuple[int, float]]]) -> None:

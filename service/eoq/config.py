@@ -30,9 +30,9 @@ def _default_of(cls: type, name: str):
     return {f.name: f.default for f in dataclasses.fields(cls)}[name]
 
 
-def _engine_default(name: str):
-    """The engine's own default for a setting that is an ``EngineConfig`` field."""
-    return _default_of(EngineConfig, name)
+def _from(cls: type, name: str, description: str):
+    """A setting that configures ``cls``'s field ``name``, with that field's default."""
+    return Field(_default_of(cls, name), description=description)
 
 
 def default_cache_dir() -> Path:
@@ -67,69 +67,74 @@ class Settings(BaseSettings):
     # --- model and engine ---
     model: str = Field(DEFAULT_MODEL, description="'default', a Hugging Face checkpoint folder, or a .gguf file")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="where converted checkpoints live")
-    device: str = Field(_engine_default("device"), description="auto (CUDA when available), cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        _engine_default("dtype"),
-        description="auto = bfloat16 on CUDA and on CPUs with AVX-512 BF16/AMX, else float32",
+    device: str = _from(EngineConfig, "device", "auto (CUDA when available), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _from(
+        EngineConfig, "dtype",
+        "auto = bfloat16 on CUDA and on CPUs with AVX-512 BF16/AMX, else float32"
     )
-    quantized_weights: Literal["auto", "int4", "never"] = Field(
-        _engine_default("quantized_weights"),
-        description="low-bit copies of the weights for steps of few tokens (CPU): auto = only where the "
+    quantized_weights: Literal["auto", "int4", "never"] = _from(
+        EngineConfig, "quantized_weights",
+        "low-bit copies of the weights for steps of few tokens (CPU): auto = only where the "
         "checkpoint's weights are already 4- or 8-bit, as a GGUF's Q4_1 and Q8_0 tensors (lossless); int4 = every "
-        "weight rounded to 4 bits (lossy)",
+        "weight rounded to 4 bits (lossy)"
     )
-    quantized_max_tokens: int = Field(
-        _engine_default("quantized_max_tokens"),
-        description="steps of at most this many tokens use the low-bit row kernels (8-bit: at most 2); in float32 "
+    quantized_max_tokens: int = _from(
+        EngineConfig, "quantized_max_tokens",
+        "steps of at most this many tokens use the low-bit row kernels (8-bit: at most 2); in float32 "
         "bigger steps run exact copies in panels (0 = no copies)"
     )
-    activation_quantization: Literal["auto", "int8", "off"] = Field(
-        _engine_default("activation_quantization"),
-        description="the low-bit weight copies' matmuls (CPU) with activations quantized to int8 per block of 32 "
+    activation_quantization: Literal["auto", "int8", "off"] = _from(
+        EngineConfig, "activation_quantization",
+        "the low-bit weight copies' matmuls (CPU) with activations quantized to int8 per block of 32 "
         "and integer dot products (lossy, several times less work): auto = decode steps where the CPU has no fast "
         "bfloat16 (eoq runs float32 there), prompts in float32; int8 = every step, on any CPU; off = float32 "
-        "activations (exact to the checkpoint's values)",
+        "activations (exact to the checkpoint's values)"
     )
-    cpu_kernels: bool = Field(
-        _engine_default("cpu_kernels"),
-        description="on a CPU, eoq's C++ kernels (decode attention over the paged cache, the float32 GEMM, the "
+    cpu_kernels: bool = _from(
+        EngineConfig, "cpu_kernels",
+        "on a CPU, eoq's C++ kernels (decode attention over the paged cache, the float32 GEMM, the "
         "low-bit matmuls, RMSNorm, RoPE, SwiGLU, argmax), compiled for the machine at first start (3-7 s, kept "
-        "under <cache-dir>/kernels; without a C++ compiler torch's ops)",
+        "under <cache-dir>/kernels; without a C++ compiler torch's ops)"
     )
-    decode_graphs: Literal["auto", "off", "eager"] = Field(
-        _engine_default("decode_graphs"),
-        description="on CUDA, replay decode steps from CUDA graphs captured per batch and context bucket "
+    decode_graphs: Literal["auto", "off", "eager"] = _from(
+        EngineConfig, "decode_graphs",
+        "on CUDA, replay decode steps from CUDA graphs captured per batch and context bucket "
         "(auto); off = launch every kernel each step; eager = the graphs' padded steps without capturing (debugging)"
     )
-    kv_cache_memory_gb: float | None = Field(
-        _engine_default("kv_cache_memory_gb"),
-        description="KV cache budget in GiB (default: 1 GiB on CPU, 85% of the GPU memory free after loading on CUDA)"
+    kv_cache_memory_gb: float | None = _from(
+        EngineConfig, "kv_cache_memory_gb",
+        "KV cache budget in GiB (default: 1 GiB on CPU, 85% of the GPU memory free after loading on CUDA)"
     )
-    block_size: int = Field(_engine_default("block_size"), description="tokens per KV-cache block")
-    max_model_len: int | None = Field(
-        _engine_default("max_model_len"), description="context window in tokens (default: the model's)"
+    block_size: int = _from(EngineConfig, "block_size", "tokens per KV-cache block")
+    max_model_len: int | None = _from(
+        EngineConfig, "max_model_len",
+        "context window in tokens (default: the model's)"
     )
-    max_num_seqs: int = Field(_engine_default("max_num_seqs"), description="most sequences in the running batch")
-    max_num_batched_tokens: int = Field(
-        _engine_default("max_num_batched_tokens"),
-        description="token budget of one engine step (prefill chunks + decodes)",
+    max_num_seqs: int = _from(EngineConfig, "max_num_seqs", "most sequences in the running batch")
+    max_num_batched_tokens: int = _from(
+        EngineConfig, "max_num_batched_tokens",
+        "token budget of one engine step (prefill chunks + decodes)"
     )
     max_queue_size: int = Field(256, description="most requests waiting for the batch; beyond it RESOURCE_EXHAUSTED")
     max_requests_per_tenant: int = Field(
         128, description="most requests of one tenant (API key's tenant) running or waiting at once; beyond it "
         "RESOURCE_EXHAUSTED for that tenant only (not applied with auth off: every caller is one tenant)"
     )
-    enable_prefix_caching: bool = Field(
-        _engine_default("enable_prefix_caching"), description="reuse KV blocks of earlier turns and shared prefixes"
+    enable_prefix_caching: bool = _from(
+        EngineConfig, "enable_prefix_caching",
+        "reuse KV blocks of earlier turns and shared prefixes"
     )
     engine_mode: Literal["thread", "process"] = Field(
         "process", description="run the engine loop in its own process (default) or on a thread of the server's"
     )
-    num_threads: int | None = Field(
-        _engine_default("num_threads"),
-        description="torch CPU threads of the engine (default: all cores in process mode, all but one on a thread)"
+    num_threads: int | None = _from(
+        EngineConfig, "num_threads",
+        "torch CPU threads of the engine (default: all cores in process mode, all but one on a thread)"
     )
-    seed: int = Field(_engine_default("seed"), description="seed of the engine's generator for requests without a seed")
+    seed: int = _from(
+        EngineConfig, "seed",
+        "seed of the engine's generator for requests without a seed"
+    )
     engine_max_restarts: int = Field(
         3, description="an engine that dies (killed, or its loop fails) is restarted this many times within "
         "--engine-restart-window-seconds; one more death and the server exits non-zero (for its orchestrator)"
@@ -186,14 +191,14 @@ class Settings(BaseSettings):
         "(logged, counted in eoq_redis_errors_total{operation=\"wait\"}); below --redis-timeout-seconds"
     )
     lock_ttl_seconds: float = Field(30.0, description="expiry of a conversation's busy lock (renewed while held)")
-    max_detached_answers_per_tenant: int = Field(
-        _default_of(AnswerLogSettings, "max_detached_per_tenant"),
-        description="most detached answers one tenant may have generating at once (across replicas sharing "
+    max_detached_answers_per_tenant: int = _from(
+        AnswerLogSettings, "max_detached_per_tenant",
+        "most detached answers one tenant may have generating at once (across replicas sharing "
         "Redis); past it RESOURCE_EXHAUSTED"
     )
-    answer_retention_seconds: float = Field(
-        _default_of(AnswerLogSettings, "retention_seconds"),
-        description="how long a detached answer's events stay replayable by WatchAnswer after it ends (then it "
+    answer_retention_seconds: float = _from(
+        AnswerLogSettings, "retention_seconds",
+        "how long a detached answer's events stay replayable by WatchAnswer after it ends (then it "
         "replays whole from the store)"
     )
     answer_snapshot_interval_seconds: float = Field(
@@ -201,18 +206,18 @@ class Settings(BaseSettings):
     )
 
     # --- limits ---
-    max_conversation_messages: int = Field(
-        _default_of(ConversationLimits, "max_messages"),
-        description="most messages a conversation stores (a turn is two); past it FAILED_PRECONDITION"
+    max_conversation_messages: int = _from(
+        ConversationLimits, "max_messages",
+        "most messages a conversation stores (a turn is two); past it FAILED_PRECONDITION"
     )
-    max_conversation_bytes: int = Field(
-        _default_of(ConversationLimits, "max_bytes"),
-        description="most UTF-8 bytes of text a conversation stores (its messages and system "
+    max_conversation_bytes: int = _from(
+        ConversationLimits, "max_bytes",
+        "most UTF-8 bytes of text a conversation stores (its messages and system "
         "prompt); past it FAILED_PRECONDITION"
     )
-    max_conversations_per_tenant: int = Field(
-        _default_of(ConversationLimits, "max_conversations_per_tenant"),
-        description="most live conversations of one tenant; past it CreateConversation and a new Chat are "
+    max_conversations_per_tenant: int = _from(
+        ConversationLimits, "max_conversations_per_tenant",
+        "most live conversations of one tenant; past it CreateConversation and a new Chat are "
         "RESOURCE_EXHAUSTED until old ones are deleted or expire"
     )
 
@@ -241,14 +246,14 @@ class Settings(BaseSettings):
     max_n: int = Field(MAX_N, description="most answers one request may ask for (n); they share one prefill")
     max_logit_bias_entries: int = Field(MAX_LOGIT_BIAS_ENTRIES, description="most token ids one request's logit_bias "
                                         "may name")
-    grammar_cache_mb: int = Field(
-        _engine_default("grammar_cache_mb"),
-        description="memory for compiled structured-output grammars (JSON schemas, regexes, grammars), least "
+    grammar_cache_mb: int = _from(
+        EngineConfig, "grammar_cache_mb",
+        "memory for compiled structured-output grammars (JSON schemas, regexes, grammars), least "
         "recently used evicted"
     )
-    max_grammar_compile_seconds: float = Field(
-        _engine_default("max_grammar_compile_seconds"),
-        description="a structured-output constraint that takes longer to build or compile is refused "
+    max_grammar_compile_seconds: float = _from(
+        EngineConfig, "max_grammar_compile_seconds",
+        "a structured-output constraint that takes longer to build or compile is refused "
         "(INVALID_ARGUMENT)"
     )
     max_message_chars: int = Field(

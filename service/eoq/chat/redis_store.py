@@ -84,6 +84,16 @@ logger = logging.getLogger(__name__)
 
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
 
+
+def _check_leased_write(done: int, conversation_id: str, when: str) -> None:
+    """What a script writing under the conversation's lease answered: 0 = the conversation is gone, -1 = the
+    lease expired (``when``, e.g. "before the change was written"); other codes are the caller's."""
+    if done == 0:
+        raise NotFound(f"conversation {conversation_id} not found")
+    if done == -1:
+        raise LeaseLost(f"conversation {conversation_id}: its lock expired {when}")
+
+
 class RedisConversationStore:
     """``ConversationStore`` in Redis (redis-py's asyncio client). ``ttl_seconds``: idle time after which a
     conversation is gone; ``lock_ttl_seconds``: expiry of a lock whose holder stopped renewing it (renewed
@@ -332,10 +342,7 @@ class RedisConversationStore:
                 "0" if answer.finish_reason is None else "1", repr(time.time()), self._ttl_ms]
         async with self._call("update_answer"):
             done = await self._update_answer(keys=keys, args=args)
-        if done == 0:
-            raise NotFound(f"conversation {conversation_id} not found")
-        if done == -1:
-            raise LeaseLost(f"conversation {conversation_id}: its lock expired while the answer was written")
+        _check_leased_write(done, conversation_id, "while the answer was written")
         if done == -2:
             raise NotFound(f"answer {answer.id} is not being generated in conversation {conversation_id}")
 
@@ -357,10 +364,7 @@ class RedisConversationStore:
                 index, *(_encode_message(m) for m in messages)]
         async with self._call("replace_messages"):
             done = await self._replace_messages(keys=keys, args=args)
-        if done == 0:
-            raise NotFound(f"conversation {conversation_id} not found")
-        if done == -1:
-            raise LeaseLost(f"conversation {conversation_id}: its lock expired before the change was written")
+        _check_leased_write(done, conversation_id, "before the change was written")
 
     @asynccontextmanager
     async def lock(self, tenant: str, conversation_id: str) -> AsyncIterator[Lease]:

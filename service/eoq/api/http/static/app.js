@@ -150,6 +150,17 @@
     return state.model;
   }
 
+  // The model's id for a new request, or null once the error that prevented it is shown.
+  async function modelOrNull() {
+    clearError();
+    try {
+      return await ensureModel();
+    } catch (e) {
+      showError(e);
+      return null;
+    }
+  }
+
   // --- settings ---
   function loadSettings() {
     $("api-key").value = storage.get(KEY, "") || "";
@@ -750,14 +761,8 @@
   async function ask(text, edited) {
     // A question at the end of the active branch, or (``edited``: the question it replaces) a new branch.
     if (state.live && busyHere()) return;
-    clearError();
-    let model;
-    try {
-      model = await ensureModel();
-    } catch (e) {
-      showError(e);
-      return false;
-    }
+    const model = await modelOrNull();
+    if (!model) return false;
     let convId = state.convId;
     let created = false;
     if (!convId) {
@@ -805,14 +810,8 @@
 
   async function regenerate(answer, index) {
     if (busyHere()) return;
-    clearError();
-    let model;
-    try {
-      model = await ensureModel();
-    } catch (e) {
-      showError(e);
-      return;
-    }
+    const model = await modelOrNull();
+    if (!model) return;
     const convId = state.convId;
     state.items = state.items.slice(0, index);
     const body = { model, item_id: answer.parent_id, stream: true, background: true, ...sampling(true) };

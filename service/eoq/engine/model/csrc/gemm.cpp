@@ -26,14 +26,14 @@
 #include <utility>
 
 #include "eoq_kernels.h"
+#include "panels.h"
 #include "simd.h"
 
 namespace {
 
+using eoq::panels::kLanes;  // output features per panel
 using eoq::simd::F16;
 
-constexpr int64_t kLanes = 16;  // output features per panel
-constexpr int64_t kRowChunk = 64;
 constexpr int64_t kBlockK = 128;
 constexpr int kMR = eoq::simd::kGemmRows;    // rows per tile
 constexpr int kNR = eoq::simd::kGemmPanels;  // panels per tile
@@ -174,43 +174,34 @@ struct Q8 : Expanded<Q8> {
     }
 };
 
-// Output panels are spread over the threads in groups of kNR; a thread takes each group's weights a block of 128
-// inputs at a time (a low-bit format expands it into float32 in the thread's L1 cache) and runs the tiles over it
+// A thread's block of expanded weights: kNR panels x 128 inputs in float32, 24 KiB, in its L1 cache.
+struct Block {
+    alignas(64) float v[kNR * kBlockK * kLanes];
+};
+
+// Output panels are spread over the threads in groups of kNR (panels.h); a thread takes each group's weights a block
+// of 128 inputs at a time (a low-bit format expands it into float32 in the thread's Block) and runs the tiles over it
 // for every row of the chunk, asking for the next block meanwhile.
 template <typename Format>
 void gemm_panels(const float* x, const Format& w, float* y, int64_t rows, int64_t n, int64_t k) {
-    const int64_t panels = (n + kLanes - 1) / kLanes;
-    const int64_t groups = (panels + kNR - 1) / kNR;
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
-        const int64_t rc = std::min(kRowChunk, rows - r0);
-#pragma omp parallel
-        {
-            alignas(64) float block[kNR * kBlockK * kLanes];
-#pragma omp for schedule(static)
-            for (int64_t g = 0; g < groups; ++g) {
-                const int64_t p0 = g * kNR;
-                const int nr = static_cast<int>(std::min<int64_t>(kNR, panels - p0));
-                const int64_t col0 = p0 * kLanes;
-                const int64_t cols = std::min(nr * kLanes, n - col0);
-                for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
-                    const int64_t kc = std::min(kBlockK, k - k0);
-                    int64_t stride = 0;
-                    const float* b = w.panels(p0, nr, k0, kc, block, stride);
-                    // The next block of these panels, or the first of the next panels.
-                    const bool last = k0 + kBlockK >= k;
-                    for (int j = 0; j < kNR; ++j) {
-                        const int64_t pn = last ? p0 + kNR + j : p0 + j;
-                        if (pn < panels) w.prefetch(pn, last ? 0 : k0 + kBlockK);
-                    }
-                    for (int64_t r = 0; r < rc; r += kMR) {
-                        const int mr = static_cast<int>(std::min<int64_t>(kMR, rc - r));
-                        tile_for(mr, nr)(x + (r0 + r) * k + k0, k, b, stride, kc, y + (r0 + r) * n + col0, n, cols,
-                                         k0 > 0);
-                    }
-                }
+    eoq::panels::for_each_group<kNR, Block>(rows, n, [&](Block& block, const eoq::panels::Group& t) {
+        for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
+            const int64_t kc = std::min(kBlockK, k - k0);
+            int64_t stride = 0;
+            const float* b = w.panels(t.p0, t.nr, k0, kc, block.v, stride);
+            // The next block of these panels, or the first of the next panels.
+            const bool last = k0 + kBlockK >= k;
+            for (int j = 0; j < kNR; ++j) {
+                const int64_t pn = last ? t.p0 + kNR + j : t.p0 + j;
+                if (pn < t.panels) w.prefetch(pn, last ? 0 : k0 + kBlockK);
+            }
+            for (int64_t r = 0; r < t.rc; r += kMR) {
+                const int mr = static_cast<int>(std::min<int64_t>(kMR, t.rc - r));
+                tile_for(mr, t.nr)(x + (t.r0 + r) * k + k0, k, b, stride, kc, y + (t.r0 + r) * n + t.col0, n, t.cols,
+                                   k0 > 0);
             }
         }
-    }
+    });
 }
 
 }  // namespace

@@ -10,35 +10,18 @@
 // other; the weights of a few outputs ahead are prefetched. x and y are float32 or bfloat16; the sums are float32.
 
 #include <cstdint>
-#include <type_traits>
-#include <utility>
-#include <vector>
 
-#include "bf16.h"
 #include "eoq_kernels.h"
+#include "rows_common.h"
 #include "simd.h"
 
 namespace {
 
-using eoq::load;
-using eoq::store;
+using eoq::rows::kAhead;
+using eoq::rows::kGroup;
 using eoq::simd::F16;
-using eoq::simd::prefetch;
 
-constexpr int64_t kGroup = 32;
-constexpr int64_t kMaxRows = 8;
-constexpr int64_t kAhead = 4;  // outputs to prefetch ahead
-
-struct Int4 {
-    const uint8_t* q;
-    const float* s;
-    int64_t ng;  // groups per output
-
-    __attribute__((always_inline)) void prefetch_output(int64_t o) const {
-        prefetch(q + o * ng * 16, ng * 16);
-        prefetch(s + o * ng * 2, ng * 2 * sizeof(float));
-    }
-
+struct Int4 : eoq::rows::GroupedRows<uint8_t, 16, 2> {
     // Group g of output o as float32: inputs [0, 16) in lo, [16, 32) in hi.
     __attribute__((always_inline)) void decode(int64_t o, int64_t g, F16& lo, F16& hi) const {
         eoq::simd::from_nibbles(q + (o * ng + g) * 16, lo, hi);
@@ -49,16 +32,7 @@ struct Int4 {
     }
 };
 
-struct Int8 {
-    const int8_t* q;
-    const float* s;
-    int64_t ng;
-
-    __attribute__((always_inline)) void prefetch_output(int64_t o) const {
-        prefetch(q + o * ng * kGroup, ng * kGroup);
-        prefetch(s + o * ng, ng * sizeof(float));
-    }
-
+struct Int8 : eoq::rows::GroupedRows<int8_t, kGroup, 1> {
     __attribute__((always_inline)) void decode(int64_t o, int64_t g, F16& lo, F16& hi) const {
         const int8_t* qg = q + (o * ng + g) * kGroup;
         const F16 scale = eoq::simd::set1(s[o * ng + g]);
@@ -115,27 +89,11 @@ void rows_matmul(const float* xf, const Format& format, float* out, int64_t in_f
     }
 }
 
-// rows_matmul instantiated for the row count: F(std::integral_constant<int, rows>).
-template <typename F, int... R>
-void with_row_count(int64_t rows, F&& f, std::integer_sequence<int, R...>) {
-    ((rows == R + 1 ? (f(std::integral_constant<int, R + 1>{}), 0) : 0), ...);
-}
-
-// The entry points' shared body: rows of x (float32 or bfloat16, as dtype says) widened to float32, the kernel for
-// their count run on them, its float32 outputs narrowed back.
+// The entry points' shared body (rows_common.h), with this file's kernel for the row count.
 template <typename Format>
 int run(int dtype, const void* x, const Format& f, void* y, int64_t rows, int64_t in_f, int64_t out_f) {
-    if (rows < 0 || rows > kMaxRows || in_f % kGroup) return 1;
-    return eoq::with_dtype(dtype, [&](auto* tag) {
-        using T = eoq::Elem<decltype(tag)>;
-        if (rows == 0) return;
-        std::vector<float> xf(rows * in_f), out(std::is_same_v<T, float> ? 0 : rows * out_f);
-        for (int64_t i = 0; i < rows * in_f; ++i) xf[i] = load(static_cast<const T*>(x)[i]);
-        float* dst = std::is_same_v<T, float> ? static_cast<float*>(y) : out.data();
-        with_row_count(rows, [&](auto r) { rows_matmul<decltype(r)::value>(xf.data(), f, dst, in_f, out_f); },
-                       std::make_integer_sequence<int, kMaxRows>{});
-        if constexpr (!std::is_same_v<T, float>)
-            for (int64_t i = 0; i < rows * out_f; ++i) store(out[i], static_cast<T*>(y) + i);
+    return eoq::rows::in_float32(dtype, x, y, rows, in_f, out_f, [&](const float* xf, float* out) {
+        eoq::rows::with_row_count(rows, [&](auto r) { rows_matmul<decltype(r)::value>(xf, f, out, in_f, out_f); });
     });
 }
 
@@ -145,12 +103,12 @@ extern "C" {  // the entry points declared in eoq_kernels.h
 
 int eoq_int4_matmul(int dtype, const void* x, const uint8_t* q, const float* scales, void* y, int64_t rows,
                     int64_t in_f, int64_t out_f) {
-    return run(dtype, x, Int4{q, scales, in_f / kGroup}, y, rows, in_f, out_f);
+    return run(dtype, x, Int4{{q, scales, in_f / kGroup}}, y, rows, in_f, out_f);
 }
 
 int eoq_int8_matmul(int dtype, const void* x, const int8_t* q, const float* scales, void* y, int64_t rows,
                     int64_t in_f, int64_t out_f) {
-    return run(dtype, x, Int8{q, scales, in_f / kGroup}, y, rows, in_f, out_f);
+    return run(dtype, x, Int8{{q, scales, in_f / kGroup}}, y, rows, in_f, out_f);
 }
 
 }  // extern "C"

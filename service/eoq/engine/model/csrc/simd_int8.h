@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -229,5 +230,19 @@ inline void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, fl
     for (int64_t i = 0; i < rows * nb; ++i)
         quantize_block(x + i * kBlock, q + i * kBlock, d[i], dsum[i]);
 }
+
+// x (n, k) float32 quantized by quantize_rows into storage of its own; rows is the view of it the kernels take.
+struct Quantized {
+    Quantized(const float* x, int64_t n, int64_t k)
+        : q(n * k), scales(2 * n * (k / kBlock)), rows{q.data(), scales.data(), scales.data() + n * (k / kBlock), k} {
+        quantize_rows(x, n, k, q.data(), scales.data(), scales.data() + n * (k / kBlock));
+    }
+    Quantized(const Quantized&) = delete;  // rows points into this one's vectors
+    Quantized& operator=(const Quantized&) = delete;
+
+    std::vector<int8_t> q;
+    std::vector<float> scales;  // every block's d, then every block's d * sum(q)
+    QuantizedRows rows;
+};
 
 }  // namespace eoq::simd8

@@ -16,17 +16,16 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
-#include <vector>
 
 #include "eoq_kernels.h"
+#include "panels.h"
 #include "simd_int8.h"
 
 namespace {
 
+using eoq::panels::kLanes;  // outputs per panel
 using namespace eoq::simd8;
 
-constexpr int64_t kLanes = 16;  // outputs per panel
-constexpr int64_t kRowChunk = 64;
 #if defined(__AVX512F__)
 constexpr int kMR = 4, kNR = 2;  // 16 int32 and 16 float32 sums in the 32 registers (some spill: touched per group)
 #elif defined(__AVX2__)
@@ -35,102 +34,86 @@ constexpr int kMR = 3, kNR = 1;
 constexpr int kMR = 2, kNR = 1;
 #endif
 
-// Each format adds group g's integer products of rows [r0, r0 + MR) and panels [p0, p0 + NR) to ia (lanes 0-7
-// and 8-15 of each panel: ia[m][j][0] and [1]), then adds them scaled to acc.
-struct Q4 {
-    const uint8_t* q;
+// The formats: q in 64-byte lines, one 32-bit lane of a line per output of a panel, a group's inputs a line after
+// another (a panel's lines in input order); s a group's kScales x 16 float32 for a panel.
+template <typename Q, int64_t S>
+struct Panels {
+    static constexpr int64_t kScales = S;
+    const Q* q;
     const float* s;
     int64_t k;
-
-    template <int MR, int NR>
-    __attribute__((always_inline)) void dots(I8 (&ia)[MR][NR][2], const QuantizedRows& x, int64_t r0, int64_t p0,
-                                             int64_t g) const {
-#pragma GCC unroll 4
-        for (int64_t u = 0; u < 4; ++u) {  // the group's 4 octets of inputs
-            B32 lo[NR][2], hi[NR][2];
-#pragma GCC unroll 2
-            for (int j = 0; j < NR; ++j) {
-                const uint8_t* base = q + ((p0 + j) * (k / 8) + g * 4 + u) * 64;
-#pragma GCC unroll 2
-                for (int h = 0; h < 2; ++h) {
-                    const B32 v = load32(base + 32 * h);
-                    lo[j][h] = low_nibbles(v);
-                    hi[j][h] = high_nibbles(v);
-                }
-            }
-#pragma GCC unroll 4
-            for (int m = 0; m < MR; ++m) {
-                const int8_t* xr = x.q + (r0 + m) * x.k + g * kBlock + 8 * u;
-                const B32 a = broadcast4(xr), b = broadcast4(xr + 4);
-#pragma GCC unroll 2
-                for (int j = 0; j < NR; ++j)
-#pragma GCC unroll 2
-                    for (int h = 0; h < 2; ++h) ia[m][j][h] = dot_us(dot_us(ia[m][j][h], lo[j][h], a), hi[j][h], b);
-            }
-        }
-    }
-
-    template <int MR, int NR>
-    __attribute__((always_inline)) void scale(F8 (&acc)[MR][NR][2], const I8 (&ia)[MR][NR][2],
-                                              const QuantizedRows& x, int64_t r0, int64_t p0, int64_t g) const {
-        const int64_t nb = k / kBlock;
-#pragma GCC unroll 2
-        for (int j = 0; j < NR; ++j) {
-            const float* sp = s + ((p0 + j) * nb + g) * 2 * kLanes;
-#pragma GCC unroll 2
-            for (int h = 0; h < 2; ++h) {
-                const F8 step = fload(sp + 8 * h), mn = fload(sp + kLanes + 8 * h);
-#pragma GCC unroll 4
-                for (int m = 0; m < MR; ++m) {
-                    const int64_t b = (r0 + m) * nb + g;
-                    acc[m][j][h] = fmadd(mn, fset1(x.dsum[b]), fmadd(ia[m][j][h], fmul(step, fset1(x.d[b])), acc[m][j][h]));
-                }
-            }
-        }
-    }
 };
 
-struct Q8 {
-    const int8_t* q;
-    const float* s;
-    int64_t k;
-
-    template <int MR, int NR>
-    __attribute__((always_inline)) void dots(I8 (&ia)[MR][NR][2], const QuantizedRows& x, int64_t r0, int64_t p0,
-                                             int64_t g) const {
-#pragma GCC unroll 8
-        for (int64_t u = 0; u < 8; ++u) {  // the group's 8 quads of inputs
-            B32 w[NR][2];
-#pragma GCC unroll 2
-            for (int j = 0; j < NR; ++j)
-#pragma GCC unroll 2
-                for (int h = 0; h < 2; ++h) w[j][h] = load32(q + ((p0 + j) * (k / 4) + g * 8 + u) * 64 + 32 * h);
-#pragma GCC unroll 4
-            for (int m = 0; m < MR; ++m) {
-                const B32 a = broadcast4(x.q + (r0 + m) * x.k + g * kBlock + 4 * u);
-#pragma GCC unroll 2
-                for (int j = 0; j < NR; ++j)
-#pragma GCC unroll 2
-                    for (int h = 0; h < 2; ++h) ia[m][j][h] = dot_ss(ia[m][j][h], w[j][h], a);
-            }
-        }
+// 4-bit: a line holds 8 inputs, two quads: the bytes' low nibbles, then their high ones; unsigned.
+struct Q4 : Panels<uint8_t, 2> {
+    static constexpr int kQuads = 2;
+    __attribute__((always_inline)) static void split(B32 v, B32 (&w)[2]) {
+        w[0] = low_nibbles(v);
+        w[1] = high_nibbles(v);
     }
+    __attribute__((always_inline)) static I8 dot(I8 acc, B32 w, B32 x) { return dot_us(acc, w, x); }
+};
 
-    template <int MR, int NR>
-    __attribute__((always_inline)) void scale(F8 (&acc)[MR][NR][2], const I8 (&ia)[MR][NR][2],
-                                              const QuantizedRows& x, int64_t r0, int64_t p0, int64_t g) const {
-        const int64_t nb = k / kBlock;
+// 8-bit: a line holds 4 inputs, one quad; signed.
+struct Q8 : Panels<int8_t, 1> {
+    static constexpr int kQuads = 1;
+    __attribute__((always_inline)) static void split(B32 v, B32 (&w)[1]) { w[0] = v; }
+    __attribute__((always_inline)) static I8 dot(I8 acc, B32 w, B32 x) { return dot_ss(acc, w, x); }
+};
+
+// Group g's integer products of rows [r0, r0 + MR) and panels [p0, p0 + NR) added to ia (lanes 0-7 and 8-15 of each
+// panel: ia[m][j][0] and [1]), a line of each panel at a time against its quads of each row's activations.
+template <int MR, int NR, typename Format>
+__attribute__((always_inline)) inline void dots(const Format& w, I8 (&ia)[MR][NR][2], const QuantizedRows& x,
+                                                int64_t r0, int64_t p0, int64_t g) {
+    constexpr int kQuads = Format::kQuads;
+    constexpr int64_t kLines = kBlock / (4 * kQuads);  // a group's lines per panel
+#pragma GCC unroll 8
+    for (int64_t u = 0; u < kLines; ++u) {
+        B32 wq[NR][2][kQuads];
 #pragma GCC unroll 2
         for (int j = 0; j < NR; ++j)
 #pragma GCC unroll 2
-            for (int h = 0; h < 2; ++h) {
-                const F8 sc = fload(s + ((p0 + j) * nb + g) * kLanes + 8 * h);
+            for (int h = 0; h < 2; ++h)
+                Format::split(load32(w.q + ((p0 + j) * (w.k / (4 * kQuads)) + g * kLines + u) * 64 + 32 * h), wq[j][h]);
 #pragma GCC unroll 4
-                for (int m = 0; m < MR; ++m)
-                    acc[m][j][h] = fmadd(ia[m][j][h], fmul(sc, fset1(x.d[(r0 + m) * nb + g])), acc[m][j][h]);
-            }
+        for (int m = 0; m < MR; ++m) {
+            const int8_t* xr = x.q + (r0 + m) * x.k + g * kBlock + 4 * kQuads * u;
+            B32 a[kQuads];
+#pragma GCC unroll 2
+            for (int t = 0; t < kQuads; ++t) a[t] = broadcast4(xr + 4 * t);
+#pragma GCC unroll 2
+            for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 2
+                    for (int t = 0; t < kQuads; ++t) ia[m][j][h] = Format::dot(ia[m][j][h], wq[j][h][t], a[t]);
+        }
     }
-};
+}
+
+// Group g's integer products ia added to acc scaled: by step x d, then min x d sum(q) for 4-bit (kScales 2: a group's
+// 16 steps, then 16 minimums); by scale x d for 8-bit.
+template <int MR, int NR, typename Format>
+__attribute__((always_inline)) inline void scale(const Format& w, F8 (&acc)[MR][NR][2], const I8 (&ia)[MR][NR][2],
+                                                 const QuantizedRows& x, int64_t r0, int64_t p0, int64_t g) {
+    constexpr int64_t kScales = Format::kScales;
+    const int64_t nb = w.k / kBlock;
+#pragma GCC unroll 2
+    for (int j = 0; j < NR; ++j) {
+        const float* sp = w.s + ((p0 + j) * nb + g) * kScales * kLanes;
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+            const F8 step = fload(sp + 8 * h), mn = kScales > 1 ? fload(sp + kLanes + 8 * h) : fzero();
+#pragma GCC unroll 4
+            for (int m = 0; m < MR; ++m) {
+                const int64_t b = (r0 + m) * nb + g;
+                acc[m][j][h] = fmadd(ia[m][j][h], fmul(step, fset1(x.d[b])), acc[m][j][h]);
+                if constexpr (kScales > 1) acc[m][j][h] = fmadd(mn, fset1(x.dsum[b]), acc[m][j][h]);
+            }
+        }
+    }
+}
 
 // Rows [r0, r0 + MR) x panels [p0, p0 + NR) into y (row stride ldy), the first ``cols`` columns of the panels.
 template <int MR, int NR, typename Format>
@@ -142,8 +125,8 @@ void tile(const QuantizedRows& x, int64_t r0, const Format& w, int64_t p0, float
         I8 ia[MR][NR][2];
         for (int m = 0; m < MR; ++m)
             for (int j = 0; j < NR; ++j) ia[m][j][0] = ia[m][j][1] = izero();
-        w.template dots<MR, NR>(ia, x, r0, p0, g);
-        w.template scale<MR, NR>(acc, ia, x, r0, p0, g);
+        dots<MR, NR>(w, ia, x, r0, p0, g);
+        scale<MR, NR>(w, acc, ia, x, r0, p0, g);
     }
     for (int j = 0; j < NR; ++j) {
         const int64_t left = std::min<int64_t>(cols - j * kLanes, kLanes);
@@ -179,30 +162,17 @@ TileFn<Format> tile_for(int mr, int nr, std::integer_sequence<int, MR...>) {
     return fn;
 }
 
+// The rows quantized once, then the panel walk (panels.h) with this file's tiles.
 template <typename Format>
 void gemm_x8(const float* x, const Format& w, float* y, int64_t rows, int64_t n, int64_t k) {
-    const int64_t nb = k / kBlock;
-    std::vector<int8_t> q(rows * k);
-    std::vector<float> scales(2 * rows * nb);
-    quantize_rows(x, rows, k, q.data(), scales.data(), scales.data() + rows * nb);
-    const QuantizedRows xq{q.data(), scales.data(), scales.data() + rows * nb, k};
-    const int64_t panels = (n + kLanes - 1) / kLanes;
-    const int64_t groups = (panels + kNR - 1) / kNR;
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
-        const int64_t rc = std::min(kRowChunk, rows - r0);
-#pragma omp parallel for schedule(static)
-        for (int64_t g = 0; g < groups; ++g) {
-            const int64_t p0 = g * kNR;
-            const int nr = static_cast<int>(std::min<int64_t>(kNR, panels - p0));
-            const int64_t col0 = p0 * kLanes;
-            const int64_t cols = std::min(nr * kLanes, n - col0);
-            for (int64_t r = 0; r < rc; r += kMR) {
-                const int mr = static_cast<int>(std::min<int64_t>(kMR, rc - r));
-                tile_for<Format>(mr, nr, std::make_integer_sequence<int, kMR>{})(xq, r0 + r, w, p0,
-                                                                                 y + (r0 + r) * n + col0, n, cols);
-            }
+    const Quantized xq(x, rows, k);
+    eoq::panels::for_each_group<kNR>(rows, n, [&](eoq::panels::NoScratch&, const eoq::panels::Group& t) {
+        for (int64_t r = 0; r < t.rc; r += kMR) {
+            const int mr = static_cast<int>(std::min<int64_t>(kMR, t.rc - r));
+            tile_for<Format>(mr, t.nr, std::make_integer_sequence<int, kMR>{})(xq.rows, t.r0 + r, w, t.p0,
+                                                                               y + (t.r0 + r) * n + t.col0, n, t.cols);
         }
-    }
+    });
 }
 
 }  // namespace
@@ -212,14 +182,14 @@ extern "C" {  // the entry points declared in eoq_kernels.h
 int eoq_gemm_q4_x8(const float* x, const uint8_t* q, const float* scales, float* y, int64_t rows, int64_t n,
                    int64_t k) {
     if (rows < 0 || n <= 0 || k <= 0 || k % kBlock) return 1;
-    gemm_x8(x, Q4{q, scales, k}, y, rows, n, k);
+    gemm_x8(x, Q4{{q, scales, k}}, y, rows, n, k);
     return 0;
 }
 
 int eoq_gemm_q8_x8(const float* x, const int8_t* q, const float* scales, float* y, int64_t rows, int64_t n,
                    int64_t k) {
     if (rows < 0 || n <= 0 || k <= 0 || k % kBlock) return 1;
-    gemm_x8(x, Q8{q, scales, k}, y, rows, n, k);
+    gemm_x8(x, Q8{{q, scales, k}}, y, rows, n, k);
     return 0;
 }
 

@@ -10,49 +10,27 @@
 // bound: tests/engine/test_int8_activations.py). Threads and prefetching as lowbit_rows.cpp.
 
 #include <cstdint>
-#include <type_traits>
-#include <utility>
-#include <vector>
 
-#include "bf16.h"
 #include "eoq_kernels.h"
-#include "simd.h"
+#include "rows_common.h"
 #include "simd_int8.h"
 
 namespace {
 
-using eoq::simd::prefetch;
+using eoq::rows::kAhead;
 using namespace eoq::simd8;
+static_assert(kBlock == eoq::rows::kGroup, "the activations' blocks are the weights' groups");
 
-constexpr int64_t kMaxRows = 8;
-constexpr int64_t kAhead = 4;  // outputs to prefetch ahead
-
-struct Int4 {
-    const uint8_t* q;
-    const float* s;
-    int64_t ng;
+struct Int4 : eoq::rows::GroupedRows<uint8_t, 16, 2> {
     static constexpr bool kHasMin = true;
-
-    __attribute__((always_inline)) void prefetch_output(int64_t o) const {
-        prefetch(q + o * ng * 16, ng * 16);
-        prefetch(s + o * ng * 2, ng * 2 * sizeof(float));
-    }
     __attribute__((always_inline)) static I8 dot(B32 w, B32 x) { return dot_us(izero(), w, x); }
     __attribute__((always_inline)) B32 weights(int64_t o, int64_t g) const { return nibbles16(q + (o * ng + g) * 16); }
     __attribute__((always_inline)) float step(int64_t o, int64_t g) const { return s[(o * ng + g) * 2]; }
     __attribute__((always_inline)) float min(int64_t o, int64_t g) const { return s[(o * ng + g) * 2 + 1]; }
 };
 
-struct Int8 {
-    const int8_t* q;
-    const float* s;
-    int64_t ng;
+struct Int8 : eoq::rows::GroupedRows<int8_t, kBlock, 1> {
     static constexpr bool kHasMin = false;
-
-    __attribute__((always_inline)) void prefetch_output(int64_t o) const {
-        prefetch(q + o * ng * kBlock, ng * kBlock);
-        prefetch(s + o * ng, ng * sizeof(float));
-    }
     __attribute__((always_inline)) static I8 dot(B32 w, B32 x) { return dot_ss(izero(), w, x); }
     __attribute__((always_inline)) B32 weights(int64_t o, int64_t g) const { return load32(q + (o * ng + g) * kBlock); }
     __attribute__((always_inline)) float step(int64_t o, int64_t g) const { return s[o * ng + g]; }
@@ -104,35 +82,13 @@ void rows_matmul_x8(const QuantizedRows& x, const Format& format, float* out, in
     }
 }
 
-template <typename F, int... R>
-void with_row_count(int64_t rows, F&& f, std::integer_sequence<int, R...>) {
-    ((rows == R + 1 ? (f(std::integral_constant<int, R + 1>{}), 0) : 0), ...);
-}
-
-// Rows of x (float32 or bfloat16, as dtype says) widened to float32 and quantized, the kernel for their count run on
-// them, its float32 outputs narrowed back.
+// The entry points' shared body (rows_common.h): the float32 rows quantized, this file's kernel for their count run
+// on them.
 template <typename Format>
 int run(int dtype, const void* x, const Format& f, void* y, int64_t rows, int64_t in_f, int64_t out_f) {
-    if (rows < 0 || rows > kMaxRows || in_f % kBlock) return 1;
-    return eoq::with_dtype(dtype, [&](auto* tag) {
-        using T = eoq::Elem<decltype(tag)>;
-        if (rows == 0) return;
-        const int64_t nb = in_f / kBlock;
-        std::vector<float> xf(std::is_same_v<T, float> ? 0 : rows * in_f), out(std::is_same_v<T, float> ? 0 : rows * out_f),
-            scales(2 * rows * nb);
-        std::vector<int8_t> q(rows * in_f);
-        const float* src = static_cast<const float*>(x);
-        if constexpr (!std::is_same_v<T, float>) {
-            for (int64_t i = 0; i < rows * in_f; ++i) xf[i] = eoq::load(static_cast<const T*>(x)[i]);
-            src = xf.data();
-        }
-        quantize_rows(src, rows, in_f, q.data(), scales.data(), scales.data() + rows * nb);
-        const QuantizedRows xq{q.data(), scales.data(), scales.data() + rows * nb, in_f};
-        float* dst = std::is_same_v<T, float> ? static_cast<float*>(y) : out.data();
-        with_row_count(rows, [&](auto r) { rows_matmul_x8<decltype(r)::value>(xq, f, dst, out_f); },
-                       std::make_integer_sequence<int, kMaxRows>{});
-        if constexpr (!std::is_same_v<T, float>)
-            for (int64_t i = 0; i < rows * out_f; ++i) eoq::store(out[i], static_cast<T*>(y) + i);
+    return eoq::rows::in_float32(dtype, x, y, rows, in_f, out_f, [&](const float* xf, float* out) {
+        const Quantized xq(xf, rows, in_f);
+        eoq::rows::with_row_count(rows, [&](auto r) { rows_matmul_x8<decltype(r)::value>(xq.rows, f, out, out_f); });
     });
 }
 
@@ -142,12 +98,12 @@ extern "C" {  // the entry points declared in eoq_kernels.h
 
 int eoq_int4_matmul_x8(int dtype, const void* x, const uint8_t* q, const float* scales, void* y, int64_t rows,
                        int64_t in_f, int64_t out_f) {
-    return run(dtype, x, Int4{q, scales, in_f / kBlock}, y, rows, in_f, out_f);
+    return run(dtype, x, Int4{{q, scales, in_f / kBlock}}, y, rows, in_f, out_f);
 }
 
 int eoq_int8_matmul_x8(int dtype, const void* x, const int8_t* q, const float* scales, void* y, int64_t rows,
                        int64_t in_f, int64_t out_f) {
-    return run(dtype, x, Int8{q, scales, in_f / kBlock}, y, rows, in_f, out_f);
+    return run(dtype, x, Int8{{q, scales, in_f / kBlock}}, y, rows, in_f, out_f);
 }
 
 }  // extern "C"

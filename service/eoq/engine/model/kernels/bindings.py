@@ -91,6 +91,16 @@ def _checked(name: str, fn: ctypes._CFuncPtr) -> Callable[..., None]:
     return call
 
 
+def _row_kernel(kernel: Callable[..., None], x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The row kernels' shared call (``int4_matmul``, ``int8_matmul``): x (rows, in) @ W^T for W of ``q.shape[0]``
+    outputs, returned in x's dtype."""
+    x = x.contiguous()
+    rows, in_f = x.shape
+    out = torch.empty(rows, q.shape[0], dtype=x.dtype)
+    kernel(_DTYPES[x.dtype], x.data_ptr(), q.data_ptr(), scales.data_ptr(), out.data_ptr(), rows, in_f, q.shape[0])
+    return out
+
+
 class CpuKernels:
     """The library's entry points, for float32 and bfloat16 tensors on the CPU."""
 
@@ -163,24 +173,14 @@ class CpuKernels:
         """x (rows <= 8, in) @ W^T with W int8 (out, in) in groups of 32 inputs, each with a float32 scale
         (``scales`` (out, in / 32)); returned in x's dtype (``csrc/lowbit_rows.cpp``). ``int8_activations``: x
         quantized to int8 per block of 32, integer dot products (``csrc/x8_rows.cpp``; lossy)."""
-        x = x.contiguous()
-        rows, in_f = x.shape
-        out = torch.empty(rows, weight.shape[0], dtype=x.dtype)
-        self._int8[int8_activations](_DTYPES[x.dtype], x.data_ptr(), weight.data_ptr(), scales.data_ptr(),
-                                     out.data_ptr(), rows, in_f, weight.shape[0])
-        return out
+        return _row_kernel(self._int8[int8_activations], x, weight, scales)
 
     def int4_matmul(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                     int8_activations: bool = False) -> torch.Tensor:
         """x (rows <= 8, in) @ W^T with W 4-bit in groups of 32 inputs: ``q`` uint8 (out, in / 32, 16) holding
         q[i] | q[i + 16] << 4, ``scales`` float32 (out, in / 32, 2) = (step, min), w = step * q + min; returned in
         x's dtype (``csrc/lowbit_rows.cpp``; ``int8_activations``: as ``int8_matmul``)."""
-        x = x.contiguous()
-        rows, in_f = x.shape
-        out = torch.empty(rows, q.shape[0], dtype=x.dtype)
-        self._int4[int8_activations](_DTYPES[x.dtype], x.data_ptr(), q.data_ptr(), scales.data_ptr(),
-                                     out.data_ptr(), rows, in_f, q.shape[0])
-        return out
+        return _row_kernel(self._int4[int8_activations], x, q, scales)
 
     def gemm(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
         """x (rows, in) float32 @ W^T for W packed by ``formats.pack_gemm_weight`` (``csrc/gemm.cpp``)."""

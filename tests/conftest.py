@@ -28,19 +28,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class RedisServer:
-    """One ``redis-server`` process on 127.0.0.1. ``start()`` waits until it answers PING (after replaying its
-    append-only file); ``stop()`` kills it without a chance to save, like a crash. Both may be repeated."""
+class RedisProcess:
+    """A redis-server (or sentinel) process on 127.0.0.1 whose files and log are in ``data_dir``: what
+    ``RedisServer`` and the deploy tests' ``RedisNode`` share. ``kill()`` SIGKILLs it, like a crash (nothing
+    saved; it also ends a paused process); ``stop()`` kills it and forgets it. Both may be repeated."""
 
-    def __init__(self, executable: str, data_dir: Path, port: int | None = None) -> None:
-        self.executable = executable
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or _free_port()
         self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
 
     @property
     def log_file(self) -> Path:
@@ -49,6 +45,35 @@ class RedisServer:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def kill(self) -> None:
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.kill()
+        self._process = None
+
+    def log_tail(self, lines: int) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class RedisServer(RedisProcess):
+    """One ``redis-server`` process on 127.0.0.1. ``start()`` waits until it answers PING (after replaying its
+    append-only file); ``stop()`` kills it without a chance to save, like a crash. Both may be repeated."""
+
+    def __init__(self, executable: str, data_dir: Path, port: int | None = None) -> None:
+        super().__init__(data_dir, port)
+        self.executable = executable
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_seconds: float = 10.0) -> None:
         if self.running:
@@ -73,7 +98,7 @@ class RedisServer:
             while True:
                 if self._process.poll() is not None:
                     raise RuntimeError(
-                        f"redis-server exited at start (port {self.port}):\n{self._log_tail()}"
+                        f"redis-server exited at start (port {self.port}):\n{self.log_tail(20)}"
                     )
                 try:
                     if client.ping():
@@ -83,19 +108,11 @@ class RedisServer:
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(
-                        f"redis-server not ready after {timeout_seconds}s:\n{self._log_tail()}"
+                        f"redis-server not ready after {timeout_seconds}s:\n{self.log_tail(20)}"
                     )
                 time.sleep(0.02)
         finally:
             client.close()
-
-    def stop(self) -> None:
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.kill()  # SIGKILL also ends a paused process
-        self._process.wait(timeout=10)
-        self._process = None
 
     def pause(self) -> None:
         """Freeze the process (SIGSTOP): connections still open, nothing answers, so clients time out."""
@@ -112,12 +129,6 @@ class RedisServer:
     def client(self) -> redis.Redis:
         """A plain synchronous client, for tests that look at or plant keys directly."""
         return redis.Redis(port=self.port, decode_responses=True, socket_timeout=2)
-
-    def _log_tail(self) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-20:])
-        except OSError:
-            return "(no log)"
 
 
 @contextmanager
@@ -137,11 +148,19 @@ def running_redis(data_dir: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A fresh, controllable redis-server for this test; killed at the end."""
-    with running_redis(tmp_path / "redis") as server:
-        yield server
+def redis_fixture(scope: str, doc: str):
+    """A fixture of ``scope`` (named by the attribute it is assigned to): a started, controllable redis-server
+    (``running_redis``) in a fresh temporary dir, killed when the scope ends. ``doc`` is its docstring."""
+
+    def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+        with running_redis(tmp_path_factory.mktemp("redis")) as server:
+            yield server
+
+    started.__doc__ = doc
+    return pytest.fixture(scope=scope)(started)
+
+
+redis_server = redis_fixture("function", "A fresh, controllable redis-server for this test; killed at the end.")
 
 
 # --- the real default model ---------------------------------------------------------------------------------

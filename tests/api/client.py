@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq._proto.chat.v1 import chat_pb2_grpc
@@ -47,6 +48,15 @@ async def serving(**overrides: object) -> AsyncIterator[RunningServer]:
 async def connect(running: RunningServer) -> AsyncIterator[chat_pb2_grpc.ChatServiceStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         yield chat_pb2_grpc.ChatServiceStub(channel)
+
+
+async def assert_health_serving(channel: grpc.aio.Channel) -> health_pb2_grpc.HealthStub:
+    """Health says SERVING for the whole server ('') and for the chat service; returns the Health stub."""
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    return health
 
 
 def sampling(max_tokens: int = 16, **kwargs: object) -> pb.SamplingParams:

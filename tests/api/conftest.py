@@ -7,22 +7,17 @@ module), the loop the shared server and its gRPC channel live on.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
-import pytest
 import pytest_asyncio
 
 from eoq._proto.chat.v1 import chat_pb2_grpc
 from eoq.api.server import RunningServer
 from tests.api.client import connect, serving
-from tests.conftest import RedisServer, running_redis
+from tests.conftest import RedisServer, redis_fixture
 
 
-@pytest.fixture(scope="package")
-def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A redis-server for the whole package (tests that kill Redis start their own)."""
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
+shared_redis = redis_fixture("package", "A redis-server for the whole package (tests that kill Redis start their own).")
 
 
 @pytest_asyncio.fixture(scope="package", loop_scope="package")

@@ -9,12 +9,11 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.api.server import RunningServer
-from tests.api.client import FRANCE, SERVICE, ask, collect, connect, rpc_error, sampling, serving
+from tests.api.client import FRANCE, SERVICE, ask, assert_health_serving, collect, connect, rpc_error, sampling, serving
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")
@@ -117,10 +116,7 @@ async def test_read_only_key_reads_but_cannot_write(auth_stub) -> None:
 
 async def test_health_and_reflection_need_no_key(auth_server: RunningServer) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{auth_server.port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", SERVICE):
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        await assert_health_serving(channel)
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         [reply] = [r async for r in reflection.ServerReflectionInfo(iter([request]))]

@@ -6,14 +6,14 @@ import grpc
 import pytest
 import torch
 from google.protobuf import descriptor_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.api.server import RunningServer
-from tests.api.client import FRANCE, SERVICE, ask, rpc_error
+from tests.api.client import FRANCE, SERVICE, ask, assert_health_serving, rpc_error
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")
 
@@ -43,10 +43,7 @@ class Samples:
 
 async def test_health_serving_for_the_server_and_the_service(server: RunningServer) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", SERVICE):
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        health = await assert_health_serving(channel)
         error = await rpc_error(health.Check(health_pb2.HealthCheckRequest(service="no.Such")))
         assert error.code() == grpc.StatusCode.NOT_FOUND
 

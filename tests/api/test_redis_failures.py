@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -14,18 +14,14 @@ import pytest_asyncio
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.api.server import RunningServer
 from tests.api.client import FRANCE, ask, connect, engine_idle, rpc_error, sampling, serving, wait_for
-from tests.conftest import RedisServer, running_redis
+from tests.conftest import RedisServer, redis_fixture
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")
 
 LOCK_TTL = 3.0
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """This module's own redis-server: its tests kill and freeze it."""
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
+redis = redis_fixture("module", "This module's own redis-server: its tests kill and freeze it.")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="package")

@@ -10,16 +10,7 @@ import pytest
 
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq.api.server import RunningServer
-from tests.api.client import (
-    FRANCE,
-    ask,
-    connect,
-    engine_idle,
-    rpc_error,
-    sampling,
-    serving,
-    wait_for,
-)
+from tests.api.client import FRANCE, ask, connect, engine_idle, rpc_error, sampling, serving, wait_for
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")
@@ -58,6 +49,22 @@ async def stored(stub, conversation_id: str, num_messages: int, timeout: float =
     return conv
 
 
+async def start_while_streaming(server: RunningServer, stub):
+    """A conversation of one turn whose next, long answer is now streaming: its id, then ``start_long_answer``'s
+    call, iterator and first event."""
+    cid = (await ask(stub, FRANCE, max_tokens=8)).conversation_id
+    call, events, first = await start_long_answer(stub, cid)
+    assert server.servicer.num_streaming == 1
+    return cid, call, events, first
+
+
+async def assert_busy(stub, cid: str) -> None:
+    """A question to ``cid`` (through ``stub``) while its answer streams is refused ABORTED, saying why."""
+    error = await rpc_error(ask(stub, "And of Germany?", cid))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.ABORTED, f"conversation {cid} is busy: another answer is still streaming")
+
+
 async def finish_and_check(stub, call, events, first: pb.ChatEvent, cid: str, num_messages: int) -> None:
     """The long answer completes unaffected and is stored whole."""
     rest = [e async for e in events]
@@ -71,12 +78,8 @@ async def finish_and_check(stub, call, events, first: pb.ChatEvent, cid: str, nu
 
 
 async def test_second_question_while_an_answer_streams_is_aborted(server: RunningServer, stub) -> None:
-    cid = (await ask(stub, FRANCE, max_tokens=8)).conversation_id
-    call, events, first = await start_long_answer(stub, cid)
-    assert server.servicer.num_streaming == 1
-    error = await rpc_error(ask(stub, "And of Germany?", cid))
-    assert (error.code(), error.details()) == (
-        grpc.StatusCode.ABORTED, f"conversation {cid} is busy: another answer is still streaming")
+    cid, call, events, first = await start_while_streaming(server, stub)
+    await assert_busy(stub, cid)
     await finish_and_check(stub, call, events, first, cid, 4)
     # Free again once the answer is over.
     assert (await ask(stub, "And of Germany?", cid)).last.finish_reason != pb.FINISH_REASON_UNSPECIFIED
@@ -85,12 +88,8 @@ async def test_second_question_while_an_answer_streams_is_aborted(server: Runnin
 
 async def test_busy_across_two_servers_sharing_redis(server: RunningServer, stub, shared_redis: RedisServer) -> None:
     async with serving(redis_url=shared_redis.url) as replica, connect(replica) as replica_stub:
-        cid = (await ask(stub, FRANCE, max_tokens=8)).conversation_id
-        call, events, first = await start_long_answer(stub, cid)
-        assert server.servicer.num_streaming == 1
-        error = await rpc_error(ask(replica_stub, "And of Germany?", cid))
-        assert (error.code(), error.details()) == (
-            grpc.StatusCode.ABORTED, f"conversation {cid} is busy: another answer is still streaming")
+        cid, call, events, first = await start_while_streaming(server, stub)
+        await assert_busy(replica_stub, cid)
         assert replica.engine.num_unfinished == 0  # refused before it reached the engine
         await finish_and_check(stub, call, events, first, cid, 4)
         # The replica continues the conversation with the whole history.

@@ -11,7 +11,6 @@ README says what to use in production.
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import _free_port
+from tests.conftest import RedisProcess
 
 from .live import wait_until
 
@@ -35,29 +34,23 @@ def _executable(name: str) -> str:
     return path
 
 
-class RedisNode:
+class RedisNode(RedisProcess):
     """``redis-server`` (or, with ``sentinel=True``, a sentinel) from a config file under ``data_dir``."""
 
     def __init__(self, data_dir: Path, config: Sequence[str], *, sentinel: bool = False) -> None:
-        self.port = _free_port()
-        self.data_dir = data_dir
+        super().__init__(data_dir)
         self.sentinel = sentinel
         self.config = list(config)
-        self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
     def start(self, timeout: float = 15.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.data_dir / ("sentinel.conf" if self.sentinel else "redis.conf")
         lines = [f"port {self.port}", "bind 127.0.0.1", "daemonize no", f"dir {self.data_dir}",
-                 f"logfile {self.data_dir / 'redis.log'}", *self.config]
+                 f"logfile {self.log_file}", *self.config]
         if not conf.exists():  # a sentinel rewrites its file: on a restart it keeps what it learnt
             conf.write_text("\n".join(lines) + "\n")
         argv = [_executable("redis-sentinel"), str(conf)] if self.sentinel else [_executable("redis-server"), str(conf)]
@@ -66,7 +59,7 @@ class RedisNode:
         try:
             def up() -> bool:
                 if self._process.poll() is not None:
-                    raise RuntimeError(f"{argv[0]} exited at start (port {self.port}):\n{self.log_tail()}")
+                    raise RuntimeError(f"{argv[0]} exited at start (port {self.port}):\n{self.log_tail(30)}")
                 try:
                     return bool(client.ping())
                 except redis.exceptions.RedisError:
@@ -76,24 +69,8 @@ class RedisNode:
         finally:
             client.close()
 
-    def kill(self) -> None:
-        """SIGKILL: a crash, nothing saved."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGKILL)
-            self._process.wait(timeout=10)
-
-    def stop(self) -> None:
-        self.kill()
-        self._process = None
-
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, decode_responses=True, socket_timeout=2, socket_connect_timeout=2)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join((self.data_dir / "redis.log").read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 class SentinelCluster:

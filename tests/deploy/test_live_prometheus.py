@@ -29,7 +29,7 @@ import pytest
 
 from eoq._proto.chat.v1 import chat_pb2 as pb
 from eoq._proto.chat.v1 import chat_pb2_grpc
-from tests.conftest import RedisServer, running_redis
+from tests.conftest import RedisServer, redis_fixture
 
 from . import promql
 from .live import Answer, EoqServer, Prometheus, chat, complete, is_number
@@ -67,10 +67,7 @@ def prometheus_executable() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
+module_redis = redis_fixture("module", "The redis-server of this module's eoq serve.")
 
 
 def drive_traffic(address: str, redis: RedisServer) -> tuple[Answer, Answer]:

@@ -99,6 +99,11 @@ def _message(role: Role, text: str) -> StoredMessage:
                          finish_reason=FinishReason.STOP if role is Role.ASSISTANT else None)
 
 
+async def _append_turn(store: RedisConversationStore, cid: str, n: int) -> None:
+    """Turn ``n`` of ``cid`` (tenant acme): the question ``q<n>``, its answer ``a<n>``."""
+    await store.append_turn("acme", cid, _message(Role.USER, f"q{n}"), _message(Role.ASSISTANT, f"a{n}"))
+
+
 async def _write_through_a_failover(cluster: SentinelCluster, wait_replicas: int) -> dict:
     """Four writers append numbered turns to their conversations; the primary is killed after a few; they go on
     until each has written turns after the failover too. Returns what each saw."""
@@ -117,7 +122,7 @@ async def _write_through_a_failover(cluster: SentinelCluster, wait_replicas: int
         while done_after < 5:
             n += 1
             try:
-                await store.append_turn("acme", cid, _message(Role.USER, f"q{n}"), _message(Role.ASSISTANT, f"a{n}"))
+                await _append_turn(store, cid, n)
             except StoreUnavailable:
                 failed[cid].append(n)
                 await asyncio.sleep(0.05)
@@ -184,10 +189,10 @@ def test_a_wait_the_replicas_cannot_meet_costs_its_timeout_and_is_counted(cluste
         two = _store(cluster, wait_replicas=2, observed=observed, wait_timeout_ms=300)  # there is one replica
         cid = (await one.create("acme", None)).id
         start = time.perf_counter()
-        await one.append_turn("acme", cid, _message(Role.USER, "q1"), _message(Role.ASSISTANT, "a1"))
+        await _append_turn(one, cid, 1)
         met = time.perf_counter() - start
         start = time.perf_counter()
-        await two.append_turn("acme", cid, _message(Role.USER, "q2"), _message(Role.ASSISTANT, "a2"))
+        await _append_turn(two, cid, 2)
         short = time.perf_counter() - start
         assert (await two.get("acme", cid)).message_count == 4  # stored on the primary all the same
         await one.close()
@@ -209,7 +214,7 @@ def test_connections_to_a_demoted_primary_move_to_the_new_one(cluster: SentinelC
     async def scenario() -> tuple[int, int, int]:
         store = _store(cluster)
         cid = (await store.create("acme", None)).id
-        await store.append_turn("acme", cid, _message(Role.USER, "q1"), _message(Role.ASSISTANT, "a1"))
+        await _append_turn(store, cid, 1)
         old = cluster.current_primary()
         with cluster.sentinels[0].client() as s:
             s.execute_command("SENTINEL", "FAILOVER", MASTER)
@@ -217,11 +222,10 @@ def test_connections_to_a_demoted_primary_move_to_the_new_one(cluster: SentinelC
         with old.client() as c:
             await asyncio.to_thread(wait_until, lambda: c.info("replication")["role"] == "slave", 30,
                                     "the old primary demoted")
-        errors, n = 0, 1
-        while n < 6:
-            n += 1
+        errors = 0
+        for n in range(2, 7):  # turns 2 to 6
             try:
-                await store.append_turn("acme", cid, _message(Role.USER, f"q{n}"), _message(Role.ASSISTANT, f"a{n}"))
+                await _append_turn(store, cid, n)
             except StoreUnavailable:
                 errors += 1
         count = (await store.get("acme", cid)).message_count

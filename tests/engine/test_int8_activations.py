@@ -172,15 +172,23 @@ def _on_int4_grid(gen: torch.Generator, out_f: int, in_f: int) -> torch.Tensor:
     return (lo + q * step).view(out_f, in_f)
 
 
-def test_linear_runs_every_step_of_an_exact_copy_with_int8_activations(cpu_kernels_lib) -> None:
-    gen = torch.Generator().manual_seed(12)
-    out_f, in_f = 48, 128
+def _int4_linear(gen: torch.Generator, out_f: int, in_f: int, kernels: CpuKernels,
+                 int8_activations: Int8Activations) -> tuple[Linear, torch.Tensor]:
+    """A ``Linear`` whose weight lies on the int4 grid (``_on_int4_grid``), so that auto quantizes it to an exact
+    int4 copy, prepared for float32 with ``int8_activations``; returns it and the weight."""
     weight = _on_int4_grid(gen, out_f, in_f)
     lin = Linear(in_f, out_f, bias=False)
     with torch.no_grad():
         lin.weight.copy_(weight)
     assert lin.quantize("auto") == "int4"
-    lin.prepare(torch.float32, max_tokens=4, kernels=cpu_kernels_lib, int8_activations=Int8Activations.ALL_STEPS)
+    lin.prepare(torch.float32, max_tokens=4, kernels=kernels, int8_activations=int8_activations)
+    return lin, weight
+
+
+def test_linear_runs_every_step_of_an_exact_copy_with_int8_activations(cpu_kernels_lib) -> None:
+    gen = torch.Generator().manual_seed(12)
+    out_f, in_f = 48, 128
+    lin, weight = _int4_linear(gen, out_f, in_f, cpu_kernels_lib, Int8Activations.ALL_STEPS)
     assert lin.lowbit_panels is not None and lin.lowbit_panels.int8_activations
     parts = weight.abs() + 0.05  # a loose |step q| + |min|: |min| <= 0.05
     for rows in (1, 4, 5, 70):  # the row kernel, then the panels
@@ -193,12 +201,7 @@ def test_small_steps_only_leave_the_big_steps_exact(cpu_kernels_lib) -> None:
     """``SMALL_STEPS`` (what auto takes): int8 in the row kernels, float32 panels for bigger steps."""
     gen = torch.Generator().manual_seed(14)
     out_f, in_f = 48, 128
-    weight = _on_int4_grid(gen, out_f, in_f)
-    lin = Linear(in_f, out_f, bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-    assert lin.quantize("auto") == "int4"
-    lin.prepare(torch.float32, max_tokens=4, kernels=cpu_kernels_lib, int8_activations=Int8Activations.SMALL_STEPS)
+    lin, weight = _int4_linear(gen, out_f, in_f, cpu_kernels_lib, Int8Activations.SMALL_STEPS)
     assert lin.runs_int8_activations(4) and not lin.runs_int8_activations(5)
     assert not lin.lowbit_panels.int8_activations
     small, big = _activations(gen, 4, in_f), _activations(gen, 9, in_f)

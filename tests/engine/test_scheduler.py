@@ -23,6 +23,17 @@ def run_step(s: Scheduler):
     return out
 
 
+def two_in_a_small_cache(num_blocks: int, a_tokens: int, b_tokens: int):
+    """Blocks of 2 tokens (no prefix caching), no watermark, and sequences a then b (their prompt lengths) added:
+    returns the block manager, the scheduler, a and b."""
+    blocks = BlockManager(num_blocks, 2, enable_prefix_caching=False)
+    s = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=100, watermark=0.0)
+    a, b = seq("a", a_tokens), seq("b", b_tokens)
+    s.add(a)
+    s.add(b)
+    return blocks, s, a, b
+
+
 def test_long_prompt_is_prefilled_in_chunks_alongside_decodes():
     s = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=10)
     a = seq("a", 3)
@@ -56,11 +67,7 @@ def test_running_limit_and_fcfs_admission():
 
 
 def test_preempts_the_newest_when_a_running_sequence_cannot_grow():
-    blocks = BlockManager(4, 2, enable_prefix_caching=False)
-    s = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=100, watermark=0.0)
-    a, b = seq("a", 3), seq("b", 3)  # 2 blocks each: the cache is full
-    s.add(a)
-    s.add(b)
+    blocks, s, a, b = two_in_a_small_cache(4, 3, 3)  # 2 blocks each: the cache is full
     run_step(s)  # both prefilled: 4 tokens each now, 3 computed
     run_step(s)  # both decode their 4th token: 5 tokens, 4 computed, 2 blocks each
     assert blocks.num_free_blocks == 0
@@ -75,11 +82,7 @@ def test_preempts_the_newest_when_a_running_sequence_cannot_grow():
 
 
 def test_the_newest_sequence_that_cannot_grow_preempts_itself():
-    blocks = BlockManager(3, 2, enable_prefix_caching=False)
-    s = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=100, watermark=0.0)
-    a, b = seq("a", 3), seq("b", 2)
-    s.add(a)
-    s.add(b)
+    _, s, a, b = two_in_a_small_cache(3, 3, 2)
     run_step(s)  # a: 2 blocks (4 tokens, 3 computed); b: 1 block (3 tokens, 2 computed); cache full
     out = run_step(s)  # a's 4th token fits its blocks; b's 3rd needs a block: b, the newest, steps back
     assert [q.request_id for q in out.decodes] == ["a"]
@@ -88,11 +91,7 @@ def test_the_newest_sequence_that_cannot_grow_preempts_itself():
 
 
 def test_no_admission_in_a_step_that_preempted():
-    blocks = BlockManager(4, 2, enable_prefix_caching=False)
-    s = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=100, watermark=0.0)
-    a, b = seq("a", 3), seq("b", 3)
-    s.add(a)
-    s.add(b)
+    _, s, a, b = two_in_a_small_cache(4, 3, 3)
     run_step(s)
     run_step(s)
     s.add(seq("c", 1))

@@ -12,7 +12,7 @@ import torch
 from eoq.engine.builder import build_engine_core
 from eoq.engine.cuda_graphs import batch_buckets, width_bucket
 from eoq.engine.step_inputs import DecodeInputs
-from eoq.engine.types import EngineConfig, EngineRequest, SamplingParams
+from eoq.engine.types import EngineConfig, EngineRequest, RequestOutput, SamplingParams
 from eoq.errors import ConfigError
 
 from .conftest import make_core, merge, run_to_end
@@ -23,11 +23,33 @@ from .test_fidelity import prompt_ids
 CASES = [(3, 48), (17, 30), (70, 20), (33, 41), (9, 6), (50, 12)]
 
 
-def batch_tokens(core, tag: str) -> dict[str, list[int]]:
+def batch_answers(core, tag: str) -> dict[str, RequestOutput]:
+    """CASES' greedy answers, each token with the two most likely at its position (``top_logprobs``)."""
     for i, (n, answer) in enumerate(CASES):
         core.add_request(EngineRequest(f"{tag}{i}", prompt_ids(n, seed=40 + i),
-                                       SamplingParams(max_tokens=answer, ignore_eos=True)))
-    return {rid: merge(outs).token_ids for rid, outs in run_to_end(core).items()}
+                                       SamplingParams(max_tokens=answer, ignore_eos=True, logprobs=True,
+                                                      top_logprobs=2)))
+    return {rid.removeprefix(tag): merge(outs) for rid, outs in run_to_end(core).items()}
+
+
+# Two attention paths sum the same float32 products in another order (eoq's paged kernel; the padded steps'
+# masked SDPA): their logits differ in the last bits, so where a step's two best tokens are that close either
+# may win. The tiny model's random weights make such near ties happen (seen on Intel CPUs with AMX).
+NEAR_TIE = 1e-4
+
+
+def assert_same_answers(expected: dict[str, RequestOutput], got: dict[str, RequestOutput]) -> None:
+    """The same tokens, up to a near tie: at the first token that differs, the two tokens are ``expected``'s two
+    best, within ``NEAR_TIE`` of each other (what follows a different token differs rightly)."""
+    assert expected.keys() == got.keys()
+    for rid, e in expected.items():
+        g = got[rid]
+        assert len(e.token_ids) == len(g.token_ids), rid
+        i = next((i for i, (a, b) in enumerate(zip(e.token_ids, g.token_ids)) if a != b), None)
+        if i is not None:
+            top = dict(e.logprobs[i].top)
+            b = g.token_ids[i]
+            assert b in top and abs(top[e.token_ids[i]] - top[b]) < NEAR_TIE, (rid, i, e.logprobs[i], g.logprobs[i])
 
 
 def test_buckets():
@@ -45,19 +67,7 @@ def test_decode_inputs_pad_tables_with_the_given_block():
     assert inputs.padded_tables(4, pad_block=9) == [4, 5, 9, 9, 2, 9, 9, 9]
 
 
-def _amx() -> bool:
-    try:
-        return "amx_bf16" in open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-
-
-# Known failure, open: with eoq's kernels on Intel CPUs with AMX one request's tokens differ between padded and
-# unpadded steps (a near-tie; it failed the same way before this session's changes). Still run, as XFAIL/XPASS.
-@pytest.mark.parametrize("cpu_kernels", [
-    pytest.param(True, marks=pytest.mark.xfail(_amx(), reason="a near-tie differs on AMX machines (open)",
-                                               strict=False)),
-    False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["kernels", "torch"])
 def test_padded_decode_steps_give_the_same_tokens(tiny_llama, cpu_kernels):
     checkpoint, _ = tiny_llama
     plain = make_core(checkpoint, cpu_kernels=cpu_kernels, decode_graphs="off")
@@ -69,14 +79,14 @@ def test_padded_decode_steps_give_the_same_tokens(tiny_llama, cpu_kernels):
     assert blocks == plain.scheduler.blocks.num_blocks - 1
     assert padded.runner.kv_cache.shape[3] == blocks + 1 and graphs.null_block == blocks
 
-    expected = batch_tokens(plain, "a")
-    assert batch_tokens(padded, "a") == expected
+    expected = batch_answers(plain, "a")
+    assert_same_answers(expected, batch_answers(padded, "a"))
     shapes = graphs.captured
     assert {b for b, _ in shapes} == {1, 2, 4, 8}  # 6 sequences ran as 8, then 4, 2, 1
     # The longest table sets the width: 5-6 blocks (70 + 20, 33 + 41 tokens) as 8; once only 3 + 48 is left, 4.
     assert {w for _, w in shapes} == {4, 8}
     # Again, now hitting the prefix cache: the padding rows wrote only to the null block.
-    assert batch_tokens(padded, "b") == {rid.replace("a", "b"): t for rid, t in expected.items()}
+    assert_same_answers(expected, batch_answers(padded, "b"))
     assert padded.scheduler.blocks.num_used_blocks == 0
 
 
@@ -112,7 +122,7 @@ def test_cuda_graphs_give_the_same_tokens(tiny_llama):
     checkpoint, _ = tiny_llama
     plain = make_core(checkpoint, device="cuda", decode_graphs="off")
     graphed = make_core(checkpoint, device="cuda", decode_graphs="auto")
-    expected = batch_tokens(plain, "a")
-    assert batch_tokens(graphed, "a") == expected
+    expected = batch_answers(plain, "a")
+    assert_same_answers(expected, batch_answers(graphed, "a"))
     assert graphed.runner.graphs is not None and graphed.runner.graphs.captured
-    assert batch_tokens(graphed, "b") == {rid.replace("a", "b"): t for rid, t in expected.items()}
+    assert_same_answers(expected, batch_answers(graphed, "b"))

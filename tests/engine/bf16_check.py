@@ -10,7 +10,10 @@ Measures, for eoq with its CPU kernels and with torch's ops:
 - ``agreement``: over ``PROMPTS``, the share of float32's greedy tokens that bfloat16 predicts too, teacher
   forced (each position sees float32's tokens before it, so one early difference does not count twice);
 - ``answers``: the greedy answers to ``REFERENCE_QUESTIONS`` (to the end-of-answer token or ``ANSWER_TOKENS``),
-  with transformers' own bfloat16 ``generate`` answers in ``transformers_answers``;
+  with transformers' own bfloat16 ``generate`` answers in ``transformers_answers``; where an answer differs from
+  transformers', ``tie_gaps`` holds float32's logit of transformers' token minus eoq's at the first difference
+  (transformers in float32 over the tokens both answers share): near 0, the two are a tie that bfloat16's rounding
+  breaks either way (None where the answers are equal);
 - ``first_logits``: the first answer token's logits, for the kernels and torch's ops to be compared.
 """
 
@@ -85,6 +88,19 @@ def evaluate(checkpoint, reference: list[list[int]], march: str = "native") -> d
                                   do_sample=False, max_new_tokens=ANSWER_TOKENS)[0, len(q):].tolist()
                       for q in questions]
     result = {"isa": torch.backends.cpu.get_cpu_capability(), "transformers_answers": hf_answers, "paths": {}}
+    hf32 = None
+
+    def tie_gap(question: list[int], ours: list[int], theirs: list[int]) -> float | None:
+        nonlocal hf32
+        i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        if i is None:
+            return None if len(ours) == len(theirs) else float("inf")
+        if hf32 is None:
+            hf32 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            logits = hf32(torch.tensor([question + ours[:i]])).logits[0, -1]
+        return float(logits[theirs[i]] - logits[ours[i]])
+
     for cpu_kernels in (True, False):
         core = _core(checkpoint, "bfloat16", cpu_kernels, march)
         kernels = core.runner.model.ops.kernels
@@ -93,10 +109,12 @@ def evaluate(checkpoint, reference: list[list[int]], march: str = "native") -> d
             predicted = _all_logits(core, p + ref)[len(p) - 1 : -1].argmax(-1).tolist()
             agree += sum(a == b for a, b in zip(predicted, ref))
             total += len(ref)
+        answers = _greedy(core, questions, ANSWER_TOKENS, ignore_eos=False)
         result["paths"]["eoq-kernels" if cpu_kernels else "torch-ops"] = {
             "kernels_isa": kernels.isa if kernels is not None else None,
             "agreement": agree / total,
-            "answers": _greedy(core, questions, ANSWER_TOKENS, ignore_eos=False),
+            "answers": answers,
+            "tie_gaps": [tie_gap(q, a, t) for q, a, t in zip(questions, answers, hf_answers)],
             "first_logits": _all_logits(core, questions[0])[-1].tolist(),
         }
     return result

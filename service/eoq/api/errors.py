@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def status_for(error: EoqError) -> grpc.StatusCode:
     """The gRPC status of an error kind: the one its class names (``eoq.errors``)."""
-    return grpc.StatusCode[error.status]
+    return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

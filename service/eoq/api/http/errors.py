@@ -80,7 +80,7 @@ HTTP_BY_STATUS: dict[str, HttpKind] = {
 def kind_of(error: BaseException) -> HttpKind:
     if not isinstance(error, EoqError) or isinstance(error, ConfigError):  # bad settings are the server's fault
         return INTERNAL
-    return getattr(error, "http_kind", None) or HTTP_BY_STATUS[error.status]
+    return getattr(error, "http_kind", None) or HTTP_BY_STATUS.get(error.status, INTERNAL)
 
 
 def metric_code(error: BaseException) -> str:

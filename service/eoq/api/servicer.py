@@ -60,10 +60,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def _converter(self, to_pb, sampling):
         """``to_pb`` for this request's events: with the token texts when it asked for logprobs."""
-        if not (sampling.logprobs or sampling.prompt_logprobs):
-            return to_pb
-        texts = await self.chat.token_texts()
-        return functools.partial(to_pb, token_text=texts.__getitem__)
+        token_text = await self.chat.token_text(sampling)
+        return to_pb if token_text is None else functools.partial(to_pb, token_text=token_text)
 
     # --- RPCs ---
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ChatEvent]:

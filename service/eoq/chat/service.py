@@ -133,6 +133,13 @@ class ChatService:
             self._token_texts = await self._off_loop(self.prompts.token_texts, self.vocab_size)
         return self._token_texts
 
+    async def token_text(self, sampling: SamplingParams):
+        """The id -> text lookup a request's logprobs are shown with (its tokens' and its prompt's), or None for a
+        request that asked for none."""
+        if not (sampling.logprobs or sampling.prompt_logprobs):
+            return None
+        return (await self.token_texts()).__getitem__
+
     def close(self) -> None:
         self._prompt_worker.shutdown(wait=False, cancel_futures=True)
         self._grammar_checks.shutdown(wait=False, cancel_futures=True)

@@ -203,10 +203,6 @@ class HttpApi:
                                 f"`{self.model}`")
         return json_response(self._model_object())
 
-    async def _token_text(self, sampling):
-        """The id -> text lookup for logprobs (None when the request asked for none)."""
-        return (await self.chat.token_texts()).__getitem__ if sampling.logprobs else None
-
     async def _without_end_logprobs(self, events: AsyncIterator[AnswerEvent], sampling) -> AsyncIterator[
             AnswerEvent]:
         """``events`` without the logprob of the token that ended each answer (OpenAI lists only the answer's
@@ -222,7 +218,7 @@ class HttpApi:
         req = await self._parse(request, schemas.ChatCompletionRequest)
         messages = req.chat_messages()
         sampling = req.sampling(self.policy)
-        token_text = await self._token_text(sampling)
+        token_text = await self.chat.token_text(sampling)
         events = self._without_end_logprobs(self.chat.complete_messages(tenant, messages, sampling), sampling)
         id_, created = f"chatcmpl-{request_id}", int(time.time())
         if not req.stream:
@@ -249,7 +245,7 @@ class HttpApi:
         req = await self._parse(request, schemas.CompletionRequest)
         prompt = req.prompt_text()
         sampling = req.sampling(self.policy)
-        token_text = await self._token_text(sampling)
+        token_text = await self.chat.token_text(sampling)
         events = self._without_end_logprobs(self.chat.complete(prompt, sampling, tenant), sampling)
         id_, created = f"cmpl-{request_id}", int(time.time())
         if not req.stream:

@@ -6,11 +6,11 @@ weights: ``auto`` as a CPU without fast bfloat16 takes it (int8 in decode steps,
   int8 activations predict too, teacher forced (each position sees float32's tokens before it, so one early
   difference does not count twice; bf16_check measures bfloat16 the same way), in one prefill: the prompt steps'
   path (float32 under ``auto``);
-- ``step_agreement``: the same, each answer token fed as a step of its own after the prompt's prefill: the
-  small steps' path (the row kernels, int8 under ``auto``) as a decode runs it;
+- ``step_agreement``: the same, each answer token fed as a decode step of its own after the prompt's prefill: the
+  one-call path of one-token decode steps (the row kernels, int8 under ``auto``) as a decode runs it;
 - ``free_running``: the share of float32's tokens that free-running greedy decoding reproduces before its first
-  difference (a token after a difference counts as lost: a lower bound on the decode steps' agreement), run a few
-  prompts at a time so that every decode step is a small one;
+  difference (a token after a difference counts as lost: a lower bound on the decode steps' agreement), every
+  prompt at once, so that the decode steps run the panels (int8 under ``auto`` too);
 - ``answers``: the greedy answers to bf16_check's reference questions, decoded as served (one token a step: the
   row kernels and the one-call path), and ``follow_up``: the answer to "And of Germany?" after the France
   question and its answer (the service tests' second turn, only answerable with the first).
@@ -25,6 +25,7 @@ import torch
 from eoq.chat.prompt import ChatMessage, PromptBuilder
 from eoq.engine.model.attention import AttentionMetadata, PrefillChunk
 from eoq.engine.model.checkpoint import load_tokenizer
+from eoq.engine.model.decode_attention import PagedKernel
 
 from .bf16_check import ANSWER_TOKENS, REFERENCE_QUESTIONS, _all_logits, _greedy
 
@@ -52,7 +53,7 @@ def _core(checkpoint, activations: str, march: str):
 
 
 def _step_by_step(core, prompt: list[int], answer: list[int]) -> list[int]:
-    """The greedy prediction after each token of ``answer``, fed one step each after the prompt's prefill."""
+    """The greedy prediction after each token of ``answer``, fed one decode step each after the prompt's prefill."""
     model, caches, block = core.runner.model, core.runner.kv_caches, core.runner.block_size
     n = len(prompt)
     with torch.inference_mode():
@@ -62,8 +63,8 @@ def _step_by_step(core, prompt: list[int], answer: list[int]) -> list[int]:
         for j, token in enumerate(answer[:-1]):
             pos = n + j
             blocks = torch.arange(pos // block + 1)
-            meta = AttentionMetadata(slot_mapping=torch.tensor([pos]),
-                                     prefills=[PrefillChunk(0, 1, pos, block_ids=blocks)])
+            decode = PagedKernel(model.ops.kernels, blocks, torch.tensor([pos + 1]))
+            meta = AttentionMetadata(slot_mapping=torch.tensor([pos]), decode=decode)
             logits = model(torch.tensor([token]), torch.tensor([pos]), caches, meta, torch.tensor([0]))
             predicted.append(int(logits[0].argmax()))
     return predicted
@@ -82,10 +83,7 @@ def evaluate(checkpoint, march: str = "native", activations: str = "int8") -> di
         agree += sum(a == b for a, b in zip(predicted, ref))
         total += len(ref)
     step_agree = sum(a == b for p, ref in zip(prompts, reference) for a, b in zip(_step_by_step(core, p, ref), ref))
-    # Few at a time, so that every decode step is a small one (under auto the only ones with int8 activations).
-    group = max(core.runner.model.small_step_tokens, 1)
-    free = [t for i in range(0, len(prompts), group)
-            for t in _greedy(core, prompts[i : i + group], AGREEMENT_TOKENS, ignore_eos=True)]
+    free = _greedy(core, prompts, AGREEMENT_TOKENS, ignore_eos=True)  # decode steps of 12 rows: the panels
     answers = _greedy(core, questions, ANSWER_TOKENS, ignore_eos=False)
     tokenizer = load_tokenizer(checkpoint)
     first = tokenizer.decode(answers[0], skip_special_tokens=True)
@@ -93,8 +91,10 @@ def evaluate(checkpoint, march: str = "native", activations: str = "int8") -> di
                                    ChatMessage("user", "And of Germany?")])
     same_prefix = [next((i for i, (a, b) in enumerate(zip(f, r)) if a != b), len(r)) for f, r in zip(free, reference)]
     return {
-        "int8_small_steps": sum(lin.int8_small_steps for lin in core.runner.model.linears()),
-        "int8_big_steps": sum(lin.int8_big_steps for lin in core.runner.model.linears()),
+        # The matmuls that take int8 activations in a decode step of 1 and of 12 rows, and in a prompt's step.
+        "int8_decode_steps": [sum(lin.runs_int8_activations(rows, decode=True) for lin in core.runner.model.linears())
+                              for rows in (1, len(prompts))],
+        "int8_prompt_steps": sum(lin.runs_int8_activations(64) for lin in core.runner.model.linears()),
         "small_step_tokens": core.runner.model.small_step_tokens,
         "agreement": agree / total,
         "step_agreement": step_agree / total,

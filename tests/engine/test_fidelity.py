@@ -195,11 +195,11 @@ def test_default_model_in_bfloat16_agrees_with_float32_and_transformers(default_
 @pytest.mark.parametrize("march", _kernel_builds()[:2])  # this machine's branch, and AVX2's where it has more
 def test_default_model_with_auto_int8_activations_answers_as_float32(default_checkpoint, march):
     """``auto`` on a CPU without fast bfloat16 (decided here as there): int8 activations in decode steps (the one-call
-    path, the LM head's 8-bit row kernel), prompts in float32. Teacher forced through small steps, >= 95 % of
-    float32's greedy tokens over int8_check's prompts (64 tokens each); the reference questions are answered as in
-    float32."""
+    path and the LM head's 8-bit row kernel at one token, the panels at 12), prompts in float32. Teacher forced
+    through one-token decode steps, >= 95 % of float32's greedy tokens over int8_check's prompts (64 tokens each);
+    the reference questions are answered as in float32."""
     result = int8_check.evaluate(default_checkpoint.path, march, int8_check.NO_FAST_BF16)
-    assert result["int8_small_steps"] == 30 * 4 + 1 and result["int8_big_steps"] == 0
+    assert result["int8_decode_steps"] == [30 * 4 + 1] * 2 and result["int8_prompt_steps"] == 0
     assert result["small_step_tokens"] == 4  # one-token steps run the one-call path, with int8 activations
     assert result["step_agreement"] >= 0.95, f"{result['step_agreement']:.3f} of float32's tokens ({march})"
     tokenizer = load_tokenizer(default_checkpoint.path)
@@ -217,7 +217,7 @@ def test_default_model_with_int8_activations_everywhere_agrees_with_float32(defa
     greedy tokens. Not held to the reference answers: the France question's first token is a near tie in float32
     ("The" 0.08 above "L"), which int8 prompts flip ("L'Étoile, ..."); Germany and Shakespeare hold."""
     result = int8_check.evaluate(default_checkpoint.path, march, "int8")
-    assert result["int8_small_steps"] == result["int8_big_steps"] == 30 * 4 + 1
+    assert result["int8_decode_steps"] == [30 * 4 + 1] * 2 and result["int8_prompt_steps"] == 30 * 4 + 1
     assert result["agreement"] >= 0.95, f"{result['agreement']:.3f} of float32's tokens ({march})"
     tokenizer = load_tokenizer(default_checkpoint.path)
     answers = [tokenizer.decode(a) for a in result["answers"]]

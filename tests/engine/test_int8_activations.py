@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from eoq.engine.device import select_int8_activations
 from eoq.engine.model.kernels.bindings import CpuKernels
-from eoq.engine.model.kernels.formats import pack_int4_x8_panels, pack_int8_x8_panels
+from eoq.engine.model.kernels.formats import pack_int4_panels, pack_int8_panels
 from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, INT8_MAX_TOKENS, Int8Activations, Linear, LMHead
 from eoq.errors import ConfigError
 
@@ -133,22 +133,25 @@ def test_panel_kernels_are_within_the_quantization_bound(cpu_kernels_lib, bits: 
     gen = torch.Generator().manual_seed(out_f * in_f + bits)
     if bits == 4:
         q, step, lo, weight, parts = _int4_weight(gen, out_f, in_f)
-        panels = pack_int4_x8_panels(q, step, lo)
+        panels = pack_int4_panels(q, step, lo)
     else:
         q, scale, weight = _int8_weight(gen, out_f, in_f)
         parts = weight.abs()
-        panels = pack_int8_x8_panels(q, scale)
+        panels = pack_int8_panels(q, scale)
     for rows in (0, 1, 2, 3, 4, 5, 8, 9, 13, 64, 65, 130):  # each tile's rows, chunks of 64, remainders
         x = _activations(gen, rows, in_f)
-        out = cpu_kernels_lib.gemm_lowbit(x, panels, out_f)
+        out = cpu_kernels_lib.gemm_lowbit(x, panels, out_f, int8_activations=True)
         assert out.shape == (rows, out_f)
         _check(out, x, weight, parts, f"{rows} rows")
+        # The same panels with float32 activations: float32's rounding only.
+        torch.testing.assert_close(cpu_kernels_lib.gemm_lowbit(x, panels, out_f).double(),
+                                   F.linear(x.double(), weight.double()), atol=1e-4, rtol=1e-5)
     # The layout is read as packed: a weight whose every output differs is not confused with another.
     ramp = (torch.arange(out_f * in_f) % 251 - 125).to(torch.int8).view(out_f, in_f)
     x = _activations(gen, 5, in_f)
     ones = torch.ones(out_f, in_f // BLOCK)
-    _check(cpu_kernels_lib.gemm_lowbit(x, pack_int8_x8_panels(ramp, ones), out_f), x, ramp.float(),
-           ramp.float().abs(), "ramp")
+    _check(cpu_kernels_lib.gemm_lowbit(x, pack_int8_panels(ramp, ones), out_f, int8_activations=True), x,
+           ramp.float(), ramp.float().abs(), "ramp")
 
 
 def test_the_row_and_panel_kernels_agree(cpu_kernels_lib) -> None:
@@ -160,7 +163,7 @@ def test_the_row_and_panel_kernels_agree(cpu_kernels_lib) -> None:
     packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).contiguous()
     x = _activations(gen, 8, in_f)
     rows = cpu_kernels_lib.int4_matmul(x, packed, torch.stack([step, lo], -1), int8_activations=True)
-    panels = cpu_kernels_lib.gemm_lowbit(x, pack_int4_x8_panels(q, step, lo), out_f)
+    panels = cpu_kernels_lib.gemm_lowbit(x, pack_int4_panels(q, step, lo), out_f, int8_activations=True)
     torch.testing.assert_close(rows, panels, atol=1e-5, rtol=1e-5)
 
 
@@ -189,25 +192,34 @@ def test_linear_runs_every_step_of_an_exact_copy_with_int8_activations(cpu_kerne
     gen = torch.Generator().manual_seed(12)
     out_f, in_f = 48, 128
     lin, weight = _int4_linear(gen, out_f, in_f, cpu_kernels_lib, Int8Activations.ALL_STEPS)
-    assert lin.lowbit_panels is not None and lin.lowbit_panels.int8_activations
+    assert lin.lowbit_panels is not None
     parts = weight.abs() + 0.05  # a loose |step q| + |min|: |min| <= 0.05
     for rows in (1, 4, 5, 70):  # the row kernel, then the panels
-        assert lin.runs_int8_activations(rows)
-        x = _activations(gen, rows, in_f)
-        _check(lin(x), x, weight, parts, f"{rows} rows")
+        for decode in (False, True):
+            assert lin.runs_int8_activations(rows, decode)
+            x = _activations(gen, rows, in_f)
+            _check(lin(x, decode), x, weight, parts, f"{rows} rows")
 
 
-def test_small_steps_only_leave_the_big_steps_exact(cpu_kernels_lib) -> None:
-    """``SMALL_STEPS`` (what auto takes): int8 in the row kernels, float32 panels for bigger steps."""
+def _really_int8(out: torch.Tensor, exact: torch.Tensor) -> bool:
+    return (out.double() - exact).abs().max().item() > 1e-4 * exact.abs().max().item()
+
+
+def test_decode_steps_take_int8_at_any_size_and_prompt_steps_stay_exact(cpu_kernels_lib) -> None:
+    """``DECODE_STEPS`` (what auto takes): int8 in the steps without a prompt token, row kernels and panels alike;
+    a prompt's steps float32 on the same copy (one panel layout for both)."""
     gen = torch.Generator().manual_seed(14)
     out_f, in_f = 48, 128
-    lin, weight = _int4_linear(gen, out_f, in_f, cpu_kernels_lib, Int8Activations.SMALL_STEPS)
-    assert lin.runs_int8_activations(4) and not lin.runs_int8_activations(5)
-    assert not lin.lowbit_panels.int8_activations
-    small, big = _activations(gen, 4, in_f), _activations(gen, 9, in_f)
-    exact = F.linear(small.double(), weight.double())
-    assert (lin(small).double() - exact).abs().max().item() > 1e-4 * exact.abs().max().item()  # really int8
-    torch.testing.assert_close(lin(big).double(), F.linear(big.double(), weight.double()), atol=1e-4, rtol=1e-5)
+    lin, weight = _int4_linear(gen, out_f, in_f, cpu_kernels_lib, Int8Activations.DECODE_STEPS)
+    parts = weight.abs() + 0.05
+    for rows in (4, 9, 40):  # the row kernel, then the panels
+        assert lin.runs_int8_activations(rows, decode=True) and not lin.runs_int8_activations(rows, decode=False)
+        x = _activations(gen, rows, in_f)
+        exact = F.linear(x.double(), weight.double())
+        decoded = lin(x, decode=True)
+        assert _really_int8(decoded, exact)
+        _check(decoded, x, weight, parts, f"{rows} decode rows")
+        torch.testing.assert_close(lin(x).double(), exact, atol=1e-4, rtol=1e-5)
 
 
 def test_an_int8_activation_lm_head_recomputes_its_best_logits_exactly(cpu_kernels_lib) -> None:
@@ -223,18 +235,18 @@ def test_an_int8_activation_lm_head_recomputes_its_best_logits_exactly(cpu_kerne
     for rows in (1, INT8_MAX_TOKENS, 9):  # the 8-bit row kernel, then the panels
         x = _activations(gen, rows, in_f)
         ref = F.linear(x.double(), weight.double())
-        out = head(x)
+        out = head(x, decode=True)
         top = out.topk(8, dim=-1).indices
         torch.testing.assert_close(out.gather(1, top).double(), ref.gather(1, top), atol=1e-5, rtol=1e-5)
         assert out.argmax(-1).tolist() == ref.argmax(-1).tolist()
 
 
 FAST_BF16, NO_BF16 = True, False
-OFF, SMALL, ALL = Int8Activations.OFF, Int8Activations.SMALL_STEPS, Int8Activations.ALL_STEPS
+OFF, DECODE, ALL = Int8Activations.OFF, Int8Activations.DECODE_STEPS, Int8Activations.ALL_STEPS
 
 
 @pytest.mark.parametrize("setting, device, dtype, fast_bf16, expected", [
-    ("auto", "cpu", torch.float32, NO_BF16, SMALL),  # AVX2-only, AVX-512 without BF16: eoq runs float32 there
+    ("auto", "cpu", torch.float32, NO_BF16, DECODE),  # AVX2-only, AVX-512 without BF16: eoq runs float32 there
     ("auto", "cpu", torch.float32, FAST_BF16, OFF),  # --dtype float32 on a bf16 machine: its path unchanged
     ("auto", "cpu", torch.bfloat16, FAST_BF16, OFF),  # a bf16 machine as served
     ("auto", "cpu", torch.bfloat16, NO_BF16, OFF),  # bfloat16 asked for on an AVX2 machine

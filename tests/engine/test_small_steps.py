@@ -39,7 +39,7 @@ def test_one_call_gives_the_layer_by_layer_logits(tiny_llama, dtype, lengths, ac
     core = int4_core(checkpoint, dtype, activations)
     model, runner = core.runner.model, core.runner
     assert model.small_step_tokens == 4
-    assert model.layers[0].qkv.int8_small_steps == (activations == "int8")
+    assert model.layers[0].qkv.runs_int8_activations(4, decode=True) == (activations == "int8")
     ids, pos, meta, rows = decode_step_inputs(core, lengths)
     calls = []
     fused = model.ops.kernels.llama_layers_int4
@@ -60,7 +60,7 @@ def test_one_call_gives_the_layer_by_layer_logits_with_int8_activations_on_each_
     core = make_core(checkpoint, quantized_weights="int4", quantized_max_tokens=4, activation_quantization="int8",
                      kernel_march=march)
     model, runner = core.runner.model, core.runner
-    assert model.small_step_tokens == 4 and model.layers[0].down.int8_small_steps
+    assert model.small_step_tokens == 4 and model.layers[0].down.runs_int8_activations(4, decode=True)
     ids, pos, meta, rows = decode_step_inputs(core, [18, 33, 5, 61])
     with torch.inference_mode():
         one_call = model(ids, pos, runner.kv_caches, meta, rows)

@@ -68,8 +68,8 @@ def select_int8_activations(setting: str, device: torch.device, dtype: torch.dty
                             cpu_fast_bf16: bool) -> Int8Activations:
     """Which steps of the low-bit weight copies quantize their activations to int8 (``--activation-quantization``).
 
-    'auto' = the small (decode) steps on a CPU without fast bfloat16 running float32 (there the integer dot
-    products do several times less work per weight than float32's FMAs; bfloat16 machines keep their path); a
+    'auto' = the decode steps (those without a prompt token) on a CPU without fast bfloat16 running float32 (there
+    the integer dot products do less work per weight than float32's FMAs; bfloat16 machines keep their path); a
     prompt's own steps stay float32 (int8 there flipped the default model's near-tie France answer); 'int8' = every
     step, on any CPU; 'off' = none (float32 stays exact to the checkpoint's values). Only weights with a low-bit
     copy are affected: without one (a checkpoint that is not low-bit, no CPU kernels) nothing changes.
@@ -80,7 +80,7 @@ def select_int8_activations(setting: str, device: torch.device, dtype: torch.dty
         return Int8Activations.OFF
     if setting == "int8":
         return Int8Activations.ALL_STEPS
-    return Int8Activations.SMALL_STEPS if dtype == torch.float32 and not cpu_fast_bf16 else Int8Activations.OFF
+    return Int8Activations.DECODE_STEPS if dtype == torch.float32 and not cpu_fast_bf16 else Int8Activations.OFF
 
 
 def dtype_name(dtype: torch.dtype) -> str:

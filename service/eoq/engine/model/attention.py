@@ -42,6 +42,11 @@ class AttentionMetadata:
     def num_decodes(self) -> int:
         return self.decode.num_seqs if self.decode is not None else 0
 
+    @property
+    def decode_only(self) -> bool:
+        """The step carries no prompt token (only decodes; what ``Int8Activations.DECODE_STEPS`` takes)."""
+        return not self.prefills
+
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:

@@ -41,10 +41,10 @@ class GPT2Layer(nn.Module):
         self.act = act
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.c_attn(self.ln_1(x)).view(T, 3, self.nh, self.hd).unbind(1)  # (T, nh, hd) x 3
-        x = x + self.c_proj(paged_attention(q, k, v, kv[0], kv[1], meta))
-        return x + self.mlp_proj(self.act(self.c_fc(self.ln_2(x))))
+        T, decode = x.shape[0], meta.decode_only
+        q, k, v = self.c_attn(self.ln_1(x), decode).view(T, 3, self.nh, self.hd).unbind(1)  # (T, nh, hd) x 3
+        x = x + self.c_proj(paged_attention(q, k, v, kv[0], kv[1], meta), decode)
+        return x + self.mlp_proj(self.act(self.c_fc(self.ln_2(x), decode)), decode)
 
 
 class GPT2Decoder(DecoderModel):
@@ -80,7 +80,7 @@ class GPT2Decoder(DecoderModel):
         x = self.wte(input_ids).float() + self.wpe(positions).float()  # (T, hidden) float32 residual stream
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, kv, meta)
-        return self.lm_head(self.ln_f(x[logits_indices]))  # (S, vocab) float32
+        return self.lm_head(self.ln_f(x[logits_indices]), meta.decode_only)  # (S, vocab) float32
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         state = {k.removeprefix("transformer."): t for k, t in state.items()}

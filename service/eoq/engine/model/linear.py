@@ -25,11 +25,12 @@ it).
 
 With int8 activations (``prepare``'s ``Int8Activations``; chosen at load by ``device.select_int8_activations``)
 the low-bit copies' matmuls quantize their input to int8 per row and block of 32 and sum each group's products in
-integers (``csrc/x8_rows.cpp``, ``csrc/x8_gemm.cpp``, as llama.cpp does on CPUs): several times less arithmetic
-per weight than float32's FMAs where there is no fast bfloat16, at a small loss (the activations keep 8 bits per
-block). ``SMALL_STEPS`` takes them for the row kernels only (decode steps), so a prompt's positions and the
-first answer token are float32's (int8 prompts flipped the default model's near-tie France answer);
-``ALL_STEPS`` takes them for the panels too.
+integers (``csrc/x8_rows.cpp``, ``csrc/x8_gemm.cpp``, as llama.cpp does on CPUs): less arithmetic per weight than
+float32's FMAs where there is no fast bfloat16, at a small loss (the activations keep 8 bits per block). One panel
+layout serves both kinds of activations, so a step picks its kind when it runs: ``DECODE_STEPS`` takes int8 for
+the steps that carry no prompt token (decodes, whatever their number: row kernels and panels), so a prompt's
+positions and the first answer token are float32's (int8 prompts flipped the default model's near-tie France
+answer); ``ALL_STEPS`` takes int8 for every step.
 """
 
 from __future__ import annotations
@@ -46,9 +47,7 @@ from eoq.engine.model.kernels.formats import (
     LowBitRows,
     pack_gemm_weight,
     pack_int4_panels,
-    pack_int4_x8_panels,
     pack_int8_panels,
-    pack_int8_x8_panels,
 )
 
 INT4_GROUP = 32  # input features that share one step and minimum (Q4_1's block)
@@ -63,8 +62,8 @@ class Int8Activations(enum.Enum):
     """Which steps of a low-bit copy take int8 activations."""
 
     OFF = "off"  # none: float32 activations (exact to the copy's values)
-    SMALL_STEPS = "small steps"  # the row kernels' steps (decode); bigger steps (prompts) float32
-    ALL_STEPS = "all steps"  # the panels' too
+    DECODE_STEPS = "decode steps"  # the steps of decodes only (no prompt token); prompts' steps float32
+    ALL_STEPS = "all steps"  # every step
 
 
 def _onednn_packing_available() -> bool:
@@ -81,8 +80,7 @@ class Linear(nn.Module):
     is None where there is none, and ``weight`` is empty once a re-laid-out copy replaced it (``prepare``):
     - ``int4``, ``int8``: low-bit copies (``LowBitRows``, by ``quantize``) run by the row kernels for steps of up to
       ``int4_max_tokens`` / ``int8_max_tokens`` rows (-1: none);
-    - ``lowbit_panels``: an exact low-bit copy in panels (``LowBitPanels``) running every bigger step (laid out for
-      int8 activations where ``int8_big_steps``);
+    - ``lowbit_panels``: an exact low-bit copy in panels (``LowBitPanels``) running every bigger step;
     - ``float32_panels``: a float32 weight in panels for eoq's float32 GEMM;
     - ``onednn_weight``: a bfloat16 weight re-laid out for oneDNN (unless ``pack_for_onednn`` is turned off)."""
 
@@ -103,9 +101,8 @@ class Linear(nn.Module):
         self.lowbit_panels: LowBitPanels | None = None
         self.pack_for_onednn = True  # a bfloat16 weight is re-laid out for oneDNN (dropping the plain one)
         self._exact_copy = False  # the low-bit copy holds the weight's own values (made by quantize, auto)
-        # Whether the low-bit copy's row kernels / panels take int8 activations (set by prepare).
-        self.int8_small_steps = False
-        self.int8_big_steps = False
+        # Which steps of the low-bit copy's kernels (row kernels, panels) take int8 activations (set by prepare).
+        self.int8_activations = Int8Activations.OFF
         self._kernels: CpuKernels | None = None
 
     def quantize(self, mode: str) -> str | None:
@@ -165,19 +162,16 @@ class Linear(nn.Module):
         self._exact_copy = only_if_exact
         return True
 
-    def _pack_exact_copy(self, int8_activations: bool) -> LowBitPanels | None:
-        """The exact low-bit copy re-laid out in panels (``formats.pack_int4_panels`` / ``pack_int8_panels``, or
-        their ``_x8`` layouts for int8 activations)."""
+    def _pack_exact_copy(self) -> LowBitPanels | None:
+        """The exact low-bit copy re-laid out in panels (``formats.pack_int4_panels`` / ``pack_int8_panels``)."""
         if not self._exact_copy:
             return None
         if self.int4 is not None:
             nibbles = self.int4.values
             q = torch.cat([nibbles & 0xF, nibbles >> 4], -1).view(self.out_features, self.in_features)
-            pack = pack_int4_x8_panels if int8_activations else pack_int4_panels
-            return pack(q, self.int4.scales[..., 0], self.int4.scales[..., 1])
+            return pack_int4_panels(q, self.int4.scales[..., 0], self.int4.scales[..., 1])
         if self.int8 is not None:
-            pack = pack_int8_x8_panels if int8_activations else pack_int8_panels
-            return pack(self.int8.values, self.int8.scales)
+            return pack_int8_panels(self.int8.values, self.int8.scales)
         return None
 
     def quantized_bytes(self) -> int:
@@ -196,10 +190,9 @@ class Linear(nn.Module):
             self.int4 = self.int8 = None
         elif self.lowbit_panels is None and self.weight.numel() and (
                 dtype == torch.float32 or (dtype == torch.bfloat16 and not _onednn_packing_available())):
-            self.lowbit_panels = self._pack_exact_copy(int8_activations is Int8Activations.ALL_STEPS)
+            self.lowbit_panels = self._pack_exact_copy()
         has_copy = usable and (self.int4 is not None or self.int8 is not None)
-        self.int8_small_steps = has_copy and int8_activations is not Int8Activations.OFF
-        self.int8_big_steps = bool(self.lowbit_panels is not None and self.lowbit_panels.int8_activations)
+        self.int8_activations = int8_activations if has_copy else Int8Activations.OFF
         self._kernels = kernels if usable else None
         if self.int4 is not None:
             self.int4_max_tokens = max_tokens
@@ -225,19 +218,24 @@ class Linear(nn.Module):
         return (rows <= max(self.int4_max_tokens, self.int8_max_tokens) or self.lowbit_panels is not None
                 or self.float32_panels is not None)
 
-    def runs_int8_activations(self, rows: int) -> bool:
-        """Whether a step of ``rows`` rows quantizes its input to int8 (a low-bit copy's kernel, int8 activations)."""
-        if rows <= max(self.int4_max_tokens, self.int8_max_tokens):
-            return self.int8_small_steps
-        return self.int8_big_steps
+    def runs_int8_activations(self, rows: int, decode: bool = False) -> bool:
+        """Whether a step of ``rows`` rows quantizes its input to int8: it runs a low-bit copy's kernel, and the
+        setting takes int8 for its kind of step (``decode``: the step carries no prompt token)."""
+        mode = self.int8_activations
+        if mode is Int8Activations.OFF or (mode is Int8Activations.DECODE_STEPS and not decode):
+            return False
+        return rows <= max(self.int4_max_tokens, self.int8_max_tokens) or self.lowbit_panels is not None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in_features)
+    def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """x (rows, in_features); ``decode``: the step carries no prompt token (``AttentionMetadata.decode_only``),
+        which ``DECODE_STEPS`` runs with int8 activations."""
+        int8 = self.runs_int8_activations(x.shape[0], decode)
         if x.shape[0] <= self.int4_max_tokens:
-            y = self._kernels.int4_matmul(x, self.int4.values, self.int4.scales, self.int8_small_steps)
+            y = self._kernels.int4_matmul(x, self.int4.values, self.int4.scales, int8)
         elif x.shape[0] <= self.int8_max_tokens:
-            y = self._kernels.int8_matmul(x, self.int8.values, self.int8.scales, self.int8_small_steps)
-        elif self.lowbit_panels is not None:  # float32 arithmetic: a bfloat16 step's rows are widened
-            y = self._kernels.gemm_lowbit(x.float(), self.lowbit_panels, self.out_features).to(x.dtype)
+            y = self._kernels.int8_matmul(x, self.int8.values, self.int8.scales, int8)
+        elif self.lowbit_panels is not None:  # float32 arithmetic (or int8): a bfloat16 step's rows are widened
+            y = self._kernels.gemm_lowbit(x.float(), self.lowbit_panels, self.out_features, int8).to(x.dtype)
         elif self.float32_panels is not None:
             y = self._kernels.gemm(x, self.float32_panels, self.out_features)
         elif self.onednn_weight is not None:
@@ -285,11 +283,11 @@ class LMHead(Linear):
         self._dtype = dtype
         super().prepare(dtype, max_tokens, kernels, int8_activations)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S, in) float32 -> (S, out) float32
+    def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:  # (S, in) float32 -> (S, out) float32
         x = x.float()
-        if self.runs_int8_activations(x.shape[0]):  # the low-bit copy's own values, int8 activations
+        if self.runs_int8_activations(x.shape[0], decode):  # the low-bit copy's own values, int8 activations
             copy = self.int4 if self.int4 is not None else self.int8
-            return self._recompute_best(super().forward(x).float(), x, copy.rows)
+            return self._recompute_best(super().forward(x, decode).float(), x, copy.rows)
         if self._dtype == torch.float32 or self.runs_float32(x.shape[0]):
             return super().forward(x).float()
         logits = super().forward(x.to(self._dtype)).float()  # (S, out), rounded to the 16-bit dtype

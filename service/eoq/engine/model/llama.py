@@ -71,12 +71,13 @@ class LlamaLayer(nn.Module):
         added here by the norm, in place). Returns this layer's MLP output, for the next layer to add."""
         T = x.shape[0]
         nh, nkv, hd = self.nh, self.nkv, self.hd
-        qkv = self.qkv(self.input_norm(x, pending))  # (T, (nh + 2 nkv) hd)
+        decode = meta.decode_only
+        qkv = self.qkv(self.input_norm(x, pending), decode)  # (T, (nh + 2 nkv) hd)
         v = qkv[:, (nh + nkv) * hd :].view(T, nkv, hd)  # (T, nkv, hd)
         qk = rope(qkv, kv[0], kv[1], meta.slot_mapping, nh, nkv, hd)  # (T, nh + nkv, hd), K/V in the cache
         attn = paged_attention(qk[:, :nh], qk[:, nh:], v, kv[0], kv[1], meta, stored=True)  # (T, nh hd)
-        gate_up = self.gate_up(self.post_norm(x, self.o_proj(attn)))  # (T, 2 inter): [gate | up]
-        return self.down(self.ops.silu_mul(gate_up))
+        gate_up = self.gate_up(self.post_norm(x, self.o_proj(attn, decode)), decode)  # (T, 2 inter): [gate | up]
+        return self.down(self.ops.silu_mul(gate_up), decode)
 
 
 class LlamaDecoder(DecoderModel):
@@ -151,7 +152,7 @@ class LlamaDecoder(DecoderModel):
             for layer, kv in zip(self.layers, kv_caches):
                 pending = layer(x, pending, rope, kv, meta)
         x = self.norm(x[logits_indices], None if pending is None else pending[logits_indices])  # (S, hidden)
-        return self.lm_head(x)  # (S, vocab) float32
+        return self.lm_head(x, meta.decode_only)  # (S, vocab) float32
 
     def _small_step_layers(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> LlamaLayersInt4:
         """The layers' 4-bit weights, norms and caches by address, for ``CpuKernels.llama_layers_int4`` (made
@@ -169,7 +170,7 @@ class LlamaDecoder(DecoderModel):
                      o_s=la.o_proj.int4.scales, gate_up_q=la.gate_up.int4.values, gate_up_s=la.gate_up.int4.scales,
                      down_q=la.down.int4.values, down_s=la.down.int4.scales, k_cache=k, v_cache=v)
                 for la, (k, v) in zip(self.layers, kv_caches)
-            ], shape, int8_activations=first.qkv.int8_small_steps)
+            ], shape, int8_activations=first.qkv.runs_int8_activations(1, decode=True))
         return layers
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -73,12 +73,11 @@ def _log_quantized(model: DecoderModel, mode: str, max_tokens: int, dtype: torch
                  "missing); every matmul runs in %s", mode, dtype)
         return
     panels = sum(lin.lowbit_panels is not None for lin in linears)
-    int8 = sum(lin.int8_small_steps for lin in linears)
-    int8_big = sum(lin.int8_big_steps for lin in linears)
+    int8 = {lin.int8_activations for lin in linears} - {Int8Activations.OFF}
     log.info("quantized weights (%s): %s copies of %d matmuls (%d MiB), used by steps of <= %d tokens%s%s", mode,
              " and ".join(f"{n} {k}" for k, n in kinds.items() if n), len(linears),
              sum(lin.quantized_bytes() for lin in linears) >> 20, max_tokens,
              f"; {panels} of them exact, running every bigger step too in place of their float32 weights"
              if panels else "",
-             f"; int8 activations in {'every step' if int8_big else f'steps of <= {max_tokens} tokens'} (integer "
-             f"dot products: {model.ops.kernels.int8_dot_isa})" if int8 else "; float32 activations")
+             f"; int8 activations in {' and '.join(sorted(m.value for m in int8))} (integer dot products: "
+             f"{model.ops.kernels.int8_dot_isa})" if int8 else "; float32 activations")

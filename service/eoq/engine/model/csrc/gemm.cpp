@@ -2,10 +2,10 @@
 // W[16p .. 16p+15, :] as (in_features, 16), so one 64-byte line is one input feature of 16 outputs (the last
 // panel is padded with zero rows).
 //
-// The same for a 4-bit weight (groups of 32 input features with a step and a minimum each: a GGUF's Q4_1) packed
-// the same way: panel p holds, for each pair of input features (2i, 2i + 1), 16 bytes, byte j = q[16p + j][2i] |
-// q[16p + j][2i + 1] << 4, and for each group the 16 outputs' steps then their minimums (float32). Each thread
-// expands the block of weights it is about to use (3 panels x 128 inputs, 24 KiB) into float32 in its L1 cache
+// The same for a 4- or 8-bit weight (groups of 32 input features with a step and a minimum each: a GGUF's Q4_1; or
+// a scale: Q8_0) in the panels of the int8-activation kernel (x8_gemm.cpp; one layout serves both kinds of
+// activations). Each thread expands the block of weights it is about to use (3 panels x 128 inputs, 24 KiB) into
+// float32 in its L1 cache
 // and runs the same tiles over it: an eighth of the bytes from memory for the same arithmetic (at 32 rows the
 // float32 weights took ~21 ms a step to stream on this machine kind, about as long as the arithmetic).
 //
@@ -122,36 +122,50 @@ struct Expanded {
     }
 };
 
-// 4-bit: values (panels, k / 2, 16) uint8, inputs 2i and 2i + 1 in the low and high nibble; scales (panels, k / 32,
-// 2, 16) float32, each group's 16 steps then 16 minimums: w = step * q + min.
+// The low-bit panels are laid out for the int8-activation kernel (x8_gemm.cpp, formats.py's pack_*_panels): a 64-byte
+// line per few inputs of a panel, output j's bytes in its 32-bit lane j. Expanded into float32 here, each weight is
+// the value the float32 arithmetic of the format gives (step * q + min, scale * q), whatever the layout.
+
+// 4-bit: values (panels, k / 8, 16, 4) uint8, a line per 8 inputs 8i..8i+7: byte b of lane j holds output j's input
+// 8i + b in its low nibble and 8i + 4 + b in its high one; scales (panels, k / 32, 2, 16) float32, each group's 16
+// steps then 16 minimums: w = step * q + min.
 struct Q4 : Expanded<Q4> {
     const uint8_t* q;
     const float* s;
     int64_t k;
 
+    template <int B>
+    __attribute__((always_inline)) static void octet_quad(const uint8_t* line, F16 step, F16 mn, float* out) {
+        eoq::simd::store(out + B * kLanes, eoq::simd::fmadd(eoq::simd::lane_nibble<8 * B>(line), step, mn));
+        eoq::simd::store(out + (4 + B) * kLanes, eoq::simd::fmadd(eoq::simd::lane_nibble<8 * B + 4>(line), step, mn));
+    }
+
     void expand(int64_t p, int64_t k0, int64_t kc, float* out) const {
-        const uint8_t* qp = q + p * (k / 2) * kLanes;
+        const uint8_t* qp = q + p * (k / 8) * 4 * kLanes;
         const float* sp = s + p * (k / 32) * 2 * kLanes;
         for (int64_t g0 = k0; g0 < k0 + kc; g0 += 32) {
             const F16 step = eoq::simd::load(sp + (g0 / 32) * 2 * kLanes);
             const F16 mn = eoq::simd::load(sp + (g0 / 32) * 2 * kLanes + kLanes);
 #pragma GCC unroll 4
-            for (int64_t i = g0; i < g0 + 32; i += 2) {
-                F16 lo, hi;
-                eoq::simd::from_nibbles(qp + (i / 2) * kLanes, lo, hi);
-                eoq::simd::store(out + (i - k0) * kLanes, eoq::simd::fmadd(lo, step, mn));
-                eoq::simd::store(out + (i + 1 - k0) * kLanes, eoq::simd::fmadd(hi, step, mn));
+            for (int64_t i = g0; i < g0 + 32; i += 8) {
+                const uint8_t* line = qp + (i / 8) * 4 * kLanes;
+                float* o = out + (i - k0) * kLanes;
+                octet_quad<0>(line, step, mn, o);
+                octet_quad<1>(line, step, mn, o);
+                octet_quad<2>(line, step, mn, o);
+                octet_quad<3>(line, step, mn, o);
             }
         }
     }
 
     void prefetch(int64_t p, int64_t k0) const {
-        eoq::simd::prefetch(q + (p * (k / 2) + k0 / 2) * kLanes, kBlockK / 2 * kLanes);
+        eoq::simd::prefetch(q + (p * (k / 8) + k0 / 8) * 4 * kLanes, kBlockK / 2 * kLanes);
         eoq::simd::prefetch(s + (p * (k / 32) + k0 / 32) * 2 * kLanes, kBlockK / 32 * 2 * kLanes * sizeof(float));
     }
 };
 
-// 8-bit: values (panels, k, 16) int8; scales (panels, k / 32, 16) float32: w = scale * q.
+// 8-bit: values (panels, k / 4, 16, 4) int8, a line per 4 inputs 4i..4i+3: byte b of lane j is output j's input
+// 4i + b; scales (panels, k / 32, 16) float32: w = scale * q.
 struct Q8 : Expanded<Q8> {
     const int8_t* q;
     const float* s;
@@ -163,8 +177,14 @@ struct Q8 : Expanded<Q8> {
         for (int64_t g0 = k0; g0 < k0 + kc; g0 += 32) {
             const F16 scale = eoq::simd::load(sp + (g0 / 32) * kLanes);
 #pragma GCC unroll 4
-            for (int64_t i = g0; i < g0 + 32; ++i)
-                eoq::simd::store(out + (i - k0) * kLanes, eoq::simd::from_i8(qp + i * kLanes) * scale);
+            for (int64_t i = g0; i < g0 + 32; i += 4) {
+                const int8_t* line = qp + i * kLanes;  // (i / 4) lines of 4 * 16 bytes
+                float* o = out + (i - k0) * kLanes;
+                eoq::simd::store(o, eoq::simd::lane_byte<0>(line) * scale);
+                eoq::simd::store(o + kLanes, eoq::simd::lane_byte<1>(line) * scale);
+                eoq::simd::store(o + 2 * kLanes, eoq::simd::lane_byte<2>(line) * scale);
+                eoq::simd::store(o + 3 * kLanes, eoq::simd::lane_byte<3>(line) * scale);
+            }
         }
     }
 

@@ -66,6 +66,19 @@ inline void from_nibbles(const uint8_t* p, F16& lo, F16& hi) {
     hi.v = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
 }
 
+// 16 32-bit lanes at p (64 bytes; the int8-activation panels' lines, read as float32 weights): each lane's bits
+// [kShift, kShift + 4) as an unsigned value, or its byte kByte as a signed one.
+template <int kShift>
+inline F16 lane_nibble(const uint8_t* p) {
+    const __m512i v = _mm512_loadu_si512(p);
+    return {_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, kShift), _mm512_set1_epi32(0xf)))};
+}
+template <int kByte>
+inline F16 lane_byte(const int8_t* p) {
+    const __m512i v = _mm512_loadu_si512(p);
+    return {_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * kByte), 24))};
+}
+
 inline float reduce_add(F16 a) { return _mm512_reduce_add_ps(a.v); }
 inline float reduce_max(F16 a) { return _mm512_reduce_max_ps(a.v); }
 // The first lane equal to x, or 16.
@@ -164,6 +177,24 @@ inline void from_nibbles(const uint8_t* p, F16& lo, F16& hi) {
     hi = {_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))};
 }
 
+inline __m256i load_lanes8(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+template <int kShift>
+inline __m256 nibble8(__m256i v) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, kShift), _mm256_set1_epi32(0xf)));
+}
+template <int kByte>
+inline __m256 byte8(__m256i v) {
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * kByte), 24));
+}
+template <int kShift>
+inline F16 lane_nibble(const uint8_t* p) {
+    return {nibble8<kShift>(load_lanes8(p)), nibble8<kShift>(load_lanes8(p + 32))};
+}
+template <int kByte>
+inline F16 lane_byte(const int8_t* p) {
+    return {byte8<kByte>(load_lanes8(p)), byte8<kByte>(load_lanes8(p + 32))};
+}
+
 inline float reduce8_add(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -260,6 +291,21 @@ inline void from_nibbles(const uint8_t* p, F16& lo, F16& hi) {
     std::memcpy(&b, p, sizeof b);
     lo.v = __builtin_convertvector(b & 0xf, V16);
     hi.v = __builtin_convertvector(b >> 4, V16);
+}
+
+template <int kShift>
+inline F16 lane_nibble(const uint8_t* p) {
+    I16 v;
+    std::memcpy(&v, p, sizeof v);
+    return {__builtin_convertvector((v >> kShift) & 0xf, V16)};  // the shift's sign bits are masked off
+}
+template <int kByte>
+inline F16 lane_byte(const int8_t* p) {
+    typedef uint32_t U16 __attribute__((vector_size(64)));
+    U16 v;
+    std::memcpy(&v, p, sizeof v);
+    const I16 shifted = __builtin_convertvector(v << (24 - 8 * kByte), I16);  // the byte at the top, then down
+    return {__builtin_convertvector(shifted >> 24, V16)};
 }
 
 inline float reduce_add(F16 a) {

@@ -44,30 +44,43 @@ struct Panels {
     int64_t k;
 };
 
-// 4-bit: a line holds 8 inputs, two quads: the bytes' low nibbles, then their high ones; unsigned.
+// Each format sums a group's products in its Sums (zero, dot, then widen into int32 lanes once per group).
+
+// 4-bit: a line holds 8 inputs, two quads: the bytes' low nibbles, then their high ones; unsigned (simd_int8.h's
+// NibbleSums: without VNNI the group's products are added up in int16 and widened once).
 struct Q4 : Panels<uint8_t, 2> {
     static constexpr int kQuads = 2;
+    using Sums = NibbleSums;
     __attribute__((always_inline)) static void split(B32 v, B32 (&w)[2]) {
         w[0] = low_nibbles(v);
         w[1] = high_nibbles(v);
     }
-    __attribute__((always_inline)) static I8 dot(I8 acc, B32 w, B32 x) { return dot_us(acc, w, x); }
+    __attribute__((always_inline)) static Sums zero() { return nibble_zero(); }
+    __attribute__((always_inline)) static Sums dot(Sums acc, B32 w, B32 x) { return nibble_dot(acc, w, x); }
+    __attribute__((always_inline)) static I8 widen(Sums s) { return nibble_widen(izero(), s); }
 };
+static_assert(kBlock / 4 <= kNibbleDots, "a group's dot products of 4-bit values fit NibbleSums' int16 lanes");
 
-// 8-bit: a line holds 4 inputs, one quad; signed.
+// 8-bit: a line holds 4 inputs, one quad; signed; summed in int32.
 struct Q8 : Panels<int8_t, 1> {
     static constexpr int kQuads = 1;
+    using Sums = I8;
     __attribute__((always_inline)) static void split(B32 v, B32 (&w)[1]) { w[0] = v; }
-    __attribute__((always_inline)) static I8 dot(I8 acc, B32 w, B32 x) { return dot_ss(acc, w, x); }
+    __attribute__((always_inline)) static Sums zero() { return izero(); }
+    __attribute__((always_inline)) static Sums dot(Sums acc, B32 w, B32 x) { return dot_ss(acc, w, x); }
+    __attribute__((always_inline)) static I8 widen(Sums s) { return s; }
 };
 
-// Group g's integer products of rows [r0, r0 + MR) and panels [p0, p0 + NR) added to ia (lanes 0-7 and 8-15 of each
+// Group g's integer products of rows [r0, r0 + MR) and panels [p0, p0 + NR) into ia (lanes 0-7 and 8-15 of each
 // panel: ia[m][j][0] and [1]), a line of each panel at a time against its quads of each row's activations.
 template <int MR, int NR, typename Format>
 __attribute__((always_inline)) inline void dots(const Format& w, I8 (&ia)[MR][NR][2], const QuantizedRows& x,
                                                 int64_t r0, int64_t p0, int64_t g) {
     constexpr int kQuads = Format::kQuads;
     constexpr int64_t kLines = kBlock / (4 * kQuads);  // a group's lines per panel
+    typename Format::Sums sums[MR][NR][2];
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < NR; ++j) sums[m][j][0] = sums[m][j][1] = Format::zero();
 #pragma GCC unroll 8
     for (int64_t u = 0; u < kLines; ++u) {
         B32 wq[NR][2][kQuads];
@@ -87,9 +100,12 @@ __attribute__((always_inline)) inline void dots(const Format& w, I8 (&ia)[MR][NR
 #pragma GCC unroll 2
                 for (int h = 0; h < 2; ++h)
 #pragma GCC unroll 2
-                    for (int t = 0; t < kQuads; ++t) ia[m][j][h] = Format::dot(ia[m][j][h], wq[j][h][t], a[t]);
+                    for (int t = 0; t < kQuads; ++t) sums[m][j][h] = Format::dot(sums[m][j][h], wq[j][h][t], a[t]);
         }
     }
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < NR; ++j)
+            for (int h = 0; h < 2; ++h) ia[m][j][h] = Format::widen(sums[m][j][h]);
 }
 
 // Group g's integer products ia added to acc scaled: by step x d, then min x d sum(q) for 4-bit (kScales 2: a group's
@@ -123,8 +139,6 @@ void tile(const QuantizedRows& x, int64_t r0, const Format& w, int64_t p0, float
         for (int j = 0; j < NR; ++j) acc[m][j][0] = acc[m][j][1] = fzero();
     for (int64_t g = 0; g < x.k / kBlock; ++g) {
         I8 ia[MR][NR][2];
-        for (int m = 0; m < MR; ++m)
-            for (int j = 0; j < NR; ++j) ia[m][j][0] = ia[m][j][1] = izero();
         dots<MR, NR>(w, ia, x, r0, p0, g);
         scale<MR, NR>(w, acc, ia, x, r0, p0, g);
     }

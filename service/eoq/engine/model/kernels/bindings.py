@@ -190,16 +190,17 @@ class CpuKernels:
         self._gemm(x.data_ptr(), packed.data_ptr(), out.data_ptr(), rows, out_features, in_f)
         return out
 
-    def gemm_lowbit(self, x: torch.Tensor, panels: LowBitPanels, out_features: int) -> torch.Tensor:
+    def gemm_lowbit(self, x: torch.Tensor, panels: LowBitPanels, out_features: int,
+                    int8_activations: bool = False) -> torch.Tensor:
         """x (rows, in) float32 @ W^T for a 4- or 8-bit W packed by ``formats.pack_int4_panels`` /
-        ``pack_int8_panels`` (``csrc/gemm.cpp``), or for int8 activations by ``pack_int4_x8_panels`` /
-        ``pack_int8_x8_panels`` (``csrc/x8_gemm.cpp``; lossy)."""
+        ``pack_int8_panels``: float32 arithmetic (``csrc/gemm.cpp``), or with ``int8_activations`` x quantized to
+        int8 per block of 32 and integer dot products (``csrc/x8_gemm.cpp``; lossy)."""
         x = x.contiguous()
         rows, in_f = x.shape
         out = torch.empty(rows, out_features, dtype=torch.float32)
-        self._gemm_lowbit[panels.bits, panels.int8_activations](x.data_ptr(), panels.values.data_ptr(),
-                                                                panels.scales.data_ptr(), out.data_ptr(), rows,
-                                                                out_features, in_f)
+        self._gemm_lowbit[panels.bits, int8_activations](x.data_ptr(), panels.values.data_ptr(),
+                                                         panels.scales.data_ptr(), out.data_ptr(), rows,
+                                                         out_features, in_f)
         return out
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:

@@ -61,47 +61,29 @@ def pack_gemm_weight(w: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-@dataclass(frozen=True, slots=True)
 class LowBitPanels(LowBitWeight):
-    """A weight in panels of 16 outputs for ``CpuKernels.gemm_lowbit``: for float32 activations
-    (``pack_int4_panels``, ``pack_int8_panels``), or with ``int8_activations`` laid out for integer dot products
-    (``pack_int4_x8_panels``, ``pack_int8_x8_panels``)."""
+    """A 4- or 8-bit weight in panels of 16 outputs for ``CpuKernels.gemm_lowbit``, one layout for both kinds of
+    activations: laid out for integer dot products (``csrc/x8_gemm.cpp``: each output's weights in quads of
+    consecutive inputs, one quad per 32-bit lane of a 64-byte line), which ``csrc/gemm.cpp`` expands into float32
+    for float32 activations (``pack_int4_panels``, ``pack_int8_panels``)."""
 
-    int8_activations: bool = False
+    __slots__ = ()
 
 
 def pack_int4_panels(q: torch.Tensor, step: torch.Tensor, lo: torch.Tensor) -> LowBitPanels:
-    """A 4-bit weight (``q`` (out, in) in 0..15, ``step`` and ``lo`` (out, in / 32): w = step * q + lo): values
-    uint8 (ceil(out / 16), in / 2, 16) with inputs 2i and 2i + 1 in the low and high nibble, scales float32
-    (ceil(out / 16), in / 32, 2, 16) = each group's steps then minimums; padded outputs are 0."""
-    pairs = _padded_rows(q.to(torch.uint8)).unflatten(2, (-1, 2))  # (panels, 16, in / 2, 2)
-    values = (pairs[..., 0] | (pairs[..., 1] << 4)).transpose(1, 2).contiguous()
+    """A 4-bit weight (``q`` (out, in) in 0..15, ``step`` and ``lo`` (out, in / 32): w = step * q + lo): values uint8
+    (ceil(out / 16), in / 8, 16, 4), byte b of output j's quad for inputs 8i..8i+7 = q[j][8i + b] | q[j][8i + 4 + b]
+    << 4; scales float32 (ceil(out / 16), in / 32, 2, 16) = each group's steps then minimums; padded outputs are 0."""
+    octets = _padded_rows(q.to(torch.uint8)).unflatten(2, (-1, 2, 4))  # (panels, 16, in / 8, 2, 4)
+    values = (octets[..., 0, :] | (octets[..., 1, :] << 4)).transpose(1, 2).contiguous()  # (panels, in / 8, 16, 4)
     scales = _padded_rows(torch.stack([step, lo], -1).float()).permute(0, 2, 3, 1).contiguous()
     return LowBitPanels(4, values, scales)
 
 
-def pack_int4_x8_panels(q: torch.Tensor, step: torch.Tensor, lo: torch.Tensor) -> LowBitPanels:
-    """A 4-bit weight as ``pack_int4_panels`` takes it, for int8 activations (``csrc/x8_gemm.cpp``): values uint8
-    (ceil(out / 16), in / 8, 16, 4), byte b of output j's quad for inputs 8i..8i+7 = q[j][8i + b] | q[j][8i + 4 + b]
-    << 4; scales as ``pack_int4_panels``'."""
-    octets = _padded_rows(q.to(torch.uint8)).unflatten(2, (-1, 2, 4))  # (panels, 16, in / 8, 2, 4)
-    values = (octets[..., 0, :] | (octets[..., 1, :] << 4)).transpose(1, 2).contiguous()  # (panels, in / 8, 16, 4)
-    scales = _padded_rows(torch.stack([step, lo], -1).float()).permute(0, 2, 3, 1).contiguous()
-    return LowBitPanels(4, values, scales, int8_activations=True)
-
-
-def pack_int8_x8_panels(q: torch.Tensor, scale: torch.Tensor) -> LowBitPanels:
-    """An 8-bit weight as ``pack_int8_panels`` takes it, for int8 activations (``csrc/x8_gemm.cpp``): values int8
-    (ceil(out / 16), in / 4, 16, 4), output j's inputs 4i..4i+3 in quad (i, j); scales as ``pack_int8_panels``'."""
+def pack_int8_panels(q: torch.Tensor, scale: torch.Tensor) -> LowBitPanels:
+    """An 8-bit weight (``q`` (out, in) int8, ``scale`` (out, in / 32): w = scale * q): values int8 (ceil(out / 16),
+    in / 4, 16, 4), output j's inputs 4i..4i+3 in quad (i, j); scales float32 (ceil(out / 16), in / 32, 16); padded
+    outputs are 0."""
     values = _padded_rows(q.to(torch.int8)).unflatten(2, (-1, 4)).transpose(1, 2).contiguous()
     scales = _padded_rows(scale.float()).transpose(1, 2).contiguous()
-    return LowBitPanels(8, values, scales, int8_activations=True)
-
-
-def pack_int8_panels(q: torch.Tensor, scale: torch.Tensor) -> LowBitPanels:
-    """An 8-bit weight (``q`` (out, in) int8, ``scale`` (out, in / 32): w = scale * q): values int8
-    (ceil(out / 16), in, 16), scales float32 (ceil(out / 16), in / 32, 16); padded outputs are 0."""
-    values = _padded_rows(q.to(torch.int8)).transpose(1, 2).contiguous()
-    scales = _padded_rows(scale.float()).transpose(1, 2).contiguous()
     return LowBitPanels(8, values, scales)
-

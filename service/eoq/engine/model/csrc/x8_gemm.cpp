@@ -29,7 +29,7 @@ using namespace eoq::simd8;
 #if defined(__AVX512F__)
 constexpr int kMR = 4, kNR = 2;  // 16 int32 and 16 float32 sums in the 32 registers (some spill: touched per group)
 #elif defined(__AVX2__)
-constexpr int kMR = 3, kNR = 1;
+constexpr int kMR = 2, kNR = 1;  // measured on a Zen AVX2 CPU: ~8 % faster than 3 rows (fewer spills of the 16 ymm)
 #else
 constexpr int kMR = 2, kNR = 1;
 #endif

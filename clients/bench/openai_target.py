@@ -12,6 +12,7 @@ Each streamed chunk with content counts as one token (these servers stream a tok
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class OpenAITarget(Target):
         record = RequestRecord(sent=sent if sent is not None else time.perf_counter())
         texts: list[str] = []
         counted = 0
-        async with self._client.stream("POST", "/chat/completions", json=body) as r:
+        async with self._stream(body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"{self.name}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
             async for line in r.aiter_lines():
@@ -94,6 +95,21 @@ class OpenAITarget(Target):
             t, n = record.events[-1]
             record.events[-1] = (t, n + record.completion_tokens - counted)
         return record, "".join(texts)
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, body: dict):
+        """The streamed POST, sent again once on a fresh connection when the server closed a kept-alive one before
+        answering (llama-server's HTTP library closes a connection after a few requests; nothing was processed)."""
+        import httpx
+
+        for attempt in (1, 2):
+            try:
+                async with self._client.stream("POST", "/chat/completions", json=body) as r:
+                    yield r
+                    return
+            except httpx.RemoteProtocolError as e:
+                if attempt == 2 or "without sending a response" not in str(e):
+                    raise
 
     async def generate(self, questions: list[str], max_tokens: int, on_tokens: OnTokens) -> list[RequestRecord]:
         sent = time.perf_counter()

@@ -72,7 +72,7 @@ async def eoq_serve(tmp_path: Path, *args: str, new_session: bool = False) -> As
     with log_path.open("w") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "eoq.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", "0", "--http-port", "0", "--kv-cache-memory-gb", "0.3",
+            "--metrics-port", "0", "--http-port", "0", "--kv-cache-memory-gb", "0.4",  # 8192 tokens in float32
             "--cache-dir", str(model_cache_dir()), *args,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session,
         )

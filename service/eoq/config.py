@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     activation_quantization: Literal["auto", "int8", "off"] = _from(
         EngineConfig, "activation_quantization",
         "the low-bit weight copies' matmuls (CPU) with activations quantized to int8 per block of 32 "
-        "and integer dot products (lossy, several times less work): auto = decode steps where the CPU has no fast "
+        "and integer dot products (lossy, less arithmetic per weight): auto = decode steps where the CPU has no fast "
         "bfloat16 (eoq runs float32 there), prompts in float32; int8 = every step, on any CPU; off = float32 "
         "activations (exact to the checkpoint's values)"
     )

@@ -81,7 +81,7 @@ inline I8 dot_us(I8 acc, B32 u, B32 s) {
 // The same for signed w (not -128) and s: |w| times s with w's sign.
 inline I8 dot_ss(I8 acc, B32 w, B32 s) { return dot_us(acc, {_mm256_sign_epi8(w.v, w.v)}, {_mm256_sign_epi8(s.v, w.v)}); }
 
-// Several dot_us of 4-bit u (<= 15) summed, for one widening at the end (Nibbles4 below): with VNNI one vpdpbusd
+// Several dot_us of 4-bit u (<= 15) summed, for one widening at the end (NibbleSums): with VNNI one vpdpbusd
 // each; without, vpmaddubsw's int16 pairs added up in int16 (up to kNibbleDots of them: each pair is at most
 // 2 * 15 * 127 = 3810, 8 of them 30480 < 32767) and widened to int32 once, one multiply per 32 products instead of
 // two.

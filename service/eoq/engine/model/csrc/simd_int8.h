@@ -81,26 +81,18 @@ inline I8 dot_us(I8 acc, B32 u, B32 s) {
 // The same for signed w (not -128) and s: |w| times s with w's sign.
 inline I8 dot_ss(I8 acc, B32 w, B32 s) { return dot_us(acc, {_mm256_sign_epi8(w.v, w.v)}, {_mm256_sign_epi8(s.v, w.v)}); }
 
-// Several dot_us of 4-bit u (<= 15) summed, for one widening at the end (NibbleSums): with VNNI one vpdpbusd
-// each; without, vpmaddubsw's int16 pairs added up in int16 (up to kNibbleDots of them: each pair is at most
-// 2 * 15 * 127 = 3810, 8 of them 30480 < 32767) and widened to int32 once, one multiply per 32 products instead of
-// two.
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
-struct NibbleSums {
-    I8 s;
-};
-inline NibbleSums nibble_zero() { return {izero()}; }
-inline NibbleSums nibble_dot(NibbleSums a, B32 u, B32 s) { return {dot_us(a.s, u, s)}; }
-inline I8 nibble_widen(I8 acc, NibbleSums a) { return {_mm256_add_epi32(acc.v, a.s.v)}; }
-#else
+// Several dot_us of 4-bit u (<= 15) summed, then widened into int32 lanes once (NibbleSums): without VNNI,
+// vpmaddubsw's int16 pairs added up in int16 (up to kNibbleDots of them: each pair is at most 2 * 15 * 127 = 3810,
+// 8 of them 30480 < 32767) and widened by one vpmaddwd, one multiply per 32 products instead of two. With VNNI (one
+// vpdpbusd a quad) and on the portable vectors, the int32 sums as they come (after the ISA branches).
+#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__))
+#define EOQ_NIBBLE_SUMS_INT16 1
 struct NibbleSums {
     __m256i v;  // 16 int16 lanes: lane i sums the products of bytes 2i and 2i + 1
 };
 inline NibbleSums nibble_zero() { return {_mm256_setzero_si256()}; }
 inline NibbleSums nibble_dot(NibbleSums a, B32 u, B32 s) { return {_mm256_add_epi16(a.v, _mm256_maddubs_epi16(u.v, s.v))}; }
-inline I8 nibble_widen(I8 acc, NibbleSums a) {
-    return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(a.v, _mm256_set1_epi16(1)))};
-}
+inline I8 nibble_widen(NibbleSums a) { return {_mm256_madd_epi16(a.v, _mm256_set1_epi16(1))}; }
 #endif
 
 inline F8 fzero() { return {_mm256_setzero_ps()}; }
@@ -205,14 +197,6 @@ inline I8 dot_ss(I8 acc, B32 w, B32 s) {
     return acc;
 }
 
-// As the AVX2 branch's (exact integers either way).
-struct NibbleSums {
-    I8 s;
-};
-inline NibbleSums nibble_zero() { return {izero()}; }
-inline NibbleSums nibble_dot(NibbleSums a, B32 u, B32 s) { return {dot_us(a.s, u, s)}; }
-inline I8 nibble_widen(I8 acc, NibbleSums a) { return {acc.v + a.s.v}; }
-
 inline F8 fzero() { return {VF{}}; }
 inline F8 fload(const float* p) {
     F8 r;
@@ -245,6 +229,16 @@ inline void quantize_block(const float* x, int8_t* q, float& d, float& dsum) {
     dsum = d * static_cast<float>(sum);
 }
 
+#endif
+
+#if !defined(EOQ_NIBBLE_SUMS_INT16)
+// NibbleSums where the dot is summed in int32 as it comes (VNNI, the portable vectors): exact integers either way.
+struct NibbleSums {
+    I8 s;
+};
+inline NibbleSums nibble_zero() { return {izero()}; }
+inline NibbleSums nibble_dot(NibbleSums a, B32 u, B32 s) { return {dot_us(a.s, u, s)}; }
+inline I8 nibble_widen(NibbleSums a) { return a.s; }
 #endif
 
 // Rows of float32 activations quantized: q (rows, k) int8; d and dsum (rows, k / 32).

@@ -57,7 +57,7 @@ struct Q4 : Panels<uint8_t, 2> {
     }
     __attribute__((always_inline)) static Sums zero() { return nibble_zero(); }
     __attribute__((always_inline)) static Sums dot(Sums acc, B32 w, B32 x) { return nibble_dot(acc, w, x); }
-    __attribute__((always_inline)) static I8 widen(Sums s) { return nibble_widen(izero(), s); }
+    __attribute__((always_inline)) static I8 widen(Sums s) { return nibble_widen(s); }
 };
 static_assert(kBlock / 4 <= kNibbleDots, "a group's dot products of 4-bit values fit NibbleSums' int16 lanes");
 

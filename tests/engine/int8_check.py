@@ -95,7 +95,8 @@ def evaluate(checkpoint, march: str = "native", activations: str = "int8") -> di
         "int8_decode_steps": [sum(lin.runs_int8_activations(rows, decode=True) for lin in core.runner.model.linears())
                               for rows in (1, len(prompts))],
         "int8_prompt_steps": sum(lin.runs_int8_activations(64) for lin in core.runner.model.linears()),
-        "small_step_tokens": core.runner.model.small_step_tokens,
+        "one_call_tokens": core.runner.model.one_call_tokens,
+        "row_tokens": core.runner.model.row_tokens,
         "agreement": agree / total,
         "step_agreement": step_agree / total,
         "free_running": sum(same_prefix) / total,

@@ -130,7 +130,8 @@ def test_default_model_matches_transformers(default_checkpoint):
     linears = list(core.runner.model.linears())
     assert sum(lin.int4 is not None for lin in linears) == len(linears) - 1
     assert core.runner.model.lm_head.int4 is None and core.runner.model.lm_head.int8 is not None
-    assert core.runner.model.small_step_tokens == 4  # one-token steps run all layers in one call
+    # Every decode step runs all layers in one call: the row kernels up to 4 tokens, the panels beyond.
+    assert core.runner.model.row_tokens == 4 and core.runner.model.one_call_tokens == sys.maxsize
     prompts = PromptBuilder(load_tokenizer(default_checkpoint.path))
     prompt = prompts.render(None, [ChatMessage("user", "What is the capital of France?")])
     check_prefill_logits(core, hf_model, prompt)
@@ -200,7 +201,8 @@ def test_default_model_with_auto_int8_activations_answers_as_float32(default_che
     the reference questions are answered as in float32."""
     result = int8_check.evaluate(default_checkpoint.path, march, int8_check.NO_FAST_BF16)
     assert result["int8_decode_steps"] == [30 * 4 + 1] * 2 and result["int8_prompt_steps"] == 0
-    assert result["small_step_tokens"] == 4  # one-token steps run the one-call path, with int8 activations
+    # Every decode step runs the one-call path (the row kernels at one token, the panels at 12), int8 activations.
+    assert result["row_tokens"] == 4 and result["one_call_tokens"] == sys.maxsize
     assert result["step_agreement"] >= 0.95, f"{result['step_agreement']:.3f} of float32's tokens ({march})"
     tokenizer = load_tokenizer(default_checkpoint.path)
     answers = [tokenizer.decode(a) for a in result["answers"]]

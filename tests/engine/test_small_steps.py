@@ -1,7 +1,10 @@
-"""Decode steps of a few tokens run every Llama layer in one call of eoq's CPU kernels (``csrc/llama_small.cpp``):
-the same kernels in the same order as the layer-by-layer path, so the same logits, bit for bit."""
+"""Decode steps run every Llama layer in one call of eoq's CPU kernels (``csrc/llama_small.cpp``): a few tokens on
+the 4-bit row kernels, and in float32 with exact 4-bit copies (a Q4_1 checkpoint) any number on the panels; the same
+kernels in the same order as the layer-by-layer path, so the same logits, bit for bit."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -17,6 +20,25 @@ def int4_core(checkpoint, dtype: str, activations: str = "off"):
     float32 activations or (``activations="int8"``) int8 ones."""
     return make_core(checkpoint, dtype=dtype, quantized_weights="int4", quantized_max_tokens=4,
                      activation_quantization=activations)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_on_4bit_grid(tmp_path_factory, tokenizer_dir):
+    """A tiny random Llama whose projections' weights lie on a 4-bit grid, as a Q4_1 checkpoint (the default model's
+    GGUF) holds them: per group of 32 inputs, min + q * step with q in 0..15. In float32 each projection then keeps
+    an exact 4-bit copy, in rows and in panels, and drops its float32 weight."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.weight"):
+                groups = p.view(p.shape[0], -1, 32)
+                lo = groups.amin(-1, keepdim=True)
+                step = (groups.amax(-1, keepdim=True) - lo) / 15
+                groups.copy_(lo + ((groups - lo) / step).round() * step)
+    return save_checkpoint(model, tokenizer_dir, tmp_path_factory.mktemp("tiny-llama-q4"))
 
 
 def decode_step_inputs(core, lengths: list[int]):
@@ -38,7 +60,7 @@ def test_one_call_gives_the_layer_by_layer_logits(tiny_llama, dtype, lengths, ac
     checkpoint, _ = tiny_llama
     core = int4_core(checkpoint, dtype, activations)
     model, runner = core.runner.model, core.runner
-    assert model.small_step_tokens == 4
+    assert model.one_call_tokens == 4
     assert model.layers[0].qkv.runs_int8_activations(4, decode=True) == (activations == "int8")
     ids, pos, meta, rows = decode_step_inputs(core, lengths)
     calls = []
@@ -46,7 +68,7 @@ def test_one_call_gives_the_layer_by_layer_logits(tiny_llama, dtype, lengths, ac
     model.ops.kernels.llama_layers_int4 = lambda *a: calls.append(len(a)) or fused(*a)
     with torch.inference_mode():
         one_call = model(ids, pos, runner.kv_caches, meta, rows)
-        model.small_step_tokens = 0
+        model.one_call_tokens = 0
         layer_by_layer = model(ids, pos, runner.kv_caches, meta, rows)  # rewrites the same K/V into the cache
     assert len(calls) == 1
     assert torch.equal(one_call, layer_by_layer)
@@ -60,18 +82,93 @@ def test_one_call_gives_the_layer_by_layer_logits_with_int8_activations_on_each_
     core = make_core(checkpoint, quantized_weights="int4", quantized_max_tokens=4, activation_quantization="int8",
                      kernel_march=march)
     model, runner = core.runner.model, core.runner
-    assert model.small_step_tokens == 4 and model.layers[0].down.runs_int8_activations(4, decode=True)
+    assert model.one_call_tokens == 4 and model.layers[0].down.runs_int8_activations(4, decode=True)
     ids, pos, meta, rows = decode_step_inputs(core, [18, 33, 5, 61])
     with torch.inference_mode():
         one_call = model(ids, pos, runner.kv_caches, meta, rows)
-        model.small_step_tokens = 0
+        model.one_call_tokens = 0
         layer_by_layer = model(ids, pos, runner.kv_caches, meta, rows)
     assert torch.equal(one_call, layer_by_layer)
 
 
-def test_same_tokens_through_a_whole_batch(tiny_llama):
-    """Five requests: their decodes run 5 at a time (layer by layer), then 4 and fewer (one call) as they end."""
+MANY = [3 + (7 * i) % 23 for i in range(32)]  # 32 prompts of 3 to 25 tokens
+
+
+def counted_calls(model) -> list[int]:
+    """The model's one-call kernel, wrapped to count its calls (appended to the list returned)."""
+    calls = []
+    fused = model.ops.kernels.llama_layers_int4
+    model.ops.kernels.llama_layers_int4 = lambda *a: calls.append(len(a)) or fused(*a)
+    return calls
+
+
+@pytest.mark.parametrize("activations", ["off", "int8"])
+@pytest.mark.parametrize("lengths", [[18, 33, 5, 61, 9], [4 + i for i in range(9)], MANY], ids=["5", "9", "32"])
+def test_any_decode_step_runs_in_one_call_on_the_panels(tiny_llama_on_4bit_grid, lengths, activations):
+    """In float32 with exact 4-bit copies, decode steps beyond the row kernels' 4 tokens run the panels in the one
+    call, as the layers run them: the same logits as layer by layer."""
+    core = make_core(tiny_llama_on_4bit_grid, activation_quantization=activations)
+    model, runner = core.runner.model, core.runner
+    assert model.row_tokens == 4 and model.one_call_tokens == sys.maxsize
+    assert all(p.lowbit_panels is not None and p.weight.numel() == 0 for la in model.layers
+               for p in (la.qkv, la.o_proj, la.gate_up, la.down))
+    assert model.layers[0].qkv.runs_int8_activations(len(lengths), decode=True) == (activations == "int8")
+    ids, pos, meta, rows = decode_step_inputs(core, lengths)
+    calls = counted_calls(model)
+    with torch.inference_mode():
+        one_call = model(ids, pos, runner.kv_caches, meta, rows)
+        model.one_call_tokens = 0
+        layer_by_layer = model(ids, pos, runner.kv_caches, meta, rows)  # rewrites the same K/V into the cache
+    assert len(calls) == 1
+    assert torch.equal(one_call, layer_by_layer)
+
+
+@pytest.mark.parametrize("activations", ["off", "int8"])
+@pytest.mark.parametrize("march", _kernel_builds())
+def test_the_panels_in_one_call_on_each_branch(tiny_llama_on_4bit_grid, march, activations):
+    """Each ISA branch this machine runs: a step of 9 decodes on the panels, in one call and layer by layer."""
+    core = make_core(tiny_llama_on_4bit_grid, activation_quantization=activations, kernel_march=march)
+    model, runner = core.runner.model, core.runner
+    ids, pos, meta, rows = decode_step_inputs(core, [4 + 5 * i for i in range(9)])
+    calls = counted_calls(model)
+    with torch.inference_mode():
+        one_call = model(ids, pos, runner.kv_caches, meta, rows)
+        model.one_call_tokens = 0
+        layer_by_layer = model(ids, pos, runner.kv_caches, meta, rows)
+    assert len(calls) == 1
+    assert torch.equal(one_call, layer_by_layer)
+
+
+def test_bfloat16_steps_beyond_the_row_kernels_run_layer_by_layer(tiny_llama_on_4bit_grid):
+    """The panel kernels take float32: in bfloat16 only the row kernels' steps run in one call."""
+    core = make_core(tiny_llama_on_4bit_grid, dtype="bfloat16")
+    model, runner = core.runner.model, core.runner
+    assert model.row_tokens == model.one_call_tokens == 4
+    ids, pos, meta, rows = decode_step_inputs(core, [4 + i for i in range(6)])
+    calls = counted_calls(model)
+    with torch.inference_mode():
+        logits = model(ids, pos, runner.kv_caches, meta, rows)
+    assert calls == [] and logits.shape == (6, model.vocab_size) and bool(logits.isfinite().all())
+
+
+def test_the_kernel_refuses_panel_steps_it_has_no_panels_for(tiny_llama):
+    """Rounded 4-bit copies have no panels: a step beyond the row kernels is refused with a code, not run on null
+    weights (the model never asks it: its one_call_tokens is the row kernels' limit there)."""
     checkpoint, _ = tiny_llama
+    core = int4_core(checkpoint, "float32")
+    model, runner = core.runner.model, core.runner
+    assert model.one_call_tokens == model.row_tokens == 4
+    ids, pos, meta, rows = decode_step_inputs(core, [4 + i for i in range(5)])
+    model.one_call_tokens = sys.maxsize
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"eoq_llama_layers_int4 refused .*code 3"):
+        model(ids, pos, runner.kv_caches, meta, rows)
+
+
+@pytest.mark.parametrize("grid", [False, True], ids=["rounded-copies", "q4-checkpoint"])
+def test_same_tokens_through_a_whole_batch(tiny_llama, tiny_llama_on_4bit_grid, grid):
+    """Five requests: their decodes run 5 at a time, then 4 and fewer as they end; with rounded copies the 5 run layer
+    by layer and the rest in one call, with a Q4_1 checkpoint all in one call (panels, then row kernels)."""
+    checkpoint = tiny_llama_on_4bit_grid if grid else tiny_llama[0]
 
     def answers(core):
         for i, (n, m) in enumerate([(12, 30), (40, 9), (3, 22), (27, 14), (55, 5)]):
@@ -79,9 +176,10 @@ def test_same_tokens_through_a_whole_batch(tiny_llama):
                                            SamplingParams(max_tokens=m, ignore_eos=True)))
         return {rid: merge(outs).token_ids for rid, outs in run_to_end(core).items()}
 
-    fused = int4_core(checkpoint, "float32")
-    plain = int4_core(checkpoint, "float32")
-    plain.runner.model.small_step_tokens = 0
+    fused = make_core(checkpoint) if grid else int4_core(checkpoint, "float32")
+    plain = make_core(checkpoint) if grid else int4_core(checkpoint, "float32")
+    assert fused.runner.model.one_call_tokens == (sys.maxsize if grid else 4)
+    plain.runner.model.one_call_tokens = 0
     assert answers(fused) == answers(plain)
 
 
@@ -92,6 +190,6 @@ def test_projections_with_biases_run_layer_by_layer(tmp_path, tokenizer_dir):
     checkpoint = save_checkpoint(LlamaForCausalLM(tiny_llama_config(attention_bias=True)).eval(), tokenizer_dir,
                                  tmp_path / "biased")
     core = int4_core(checkpoint, "float32")
-    assert core.runner.model.small_step_tokens == 0  # the one-call kernel has no biases
+    assert core.runner.model.one_call_tokens == 0  # the one-call kernel has no biases
     core.add_request(EngineRequest("b", prompt_ids(9, seed=1), SamplingParams(max_tokens=3, ignore_eos=True)))
     assert len(merge(run_to_end(core)["b"]).token_ids) == 3

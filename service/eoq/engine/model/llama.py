@@ -7,6 +7,8 @@ layout only: q/k/v and gate/up are fused into single matmuls, and attention runs
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -82,7 +84,8 @@ class LlamaLayer(nn.Module):
 
 class LlamaDecoder(DecoderModel):
     architecture = "llama"
-    small_step_tokens = 0  # set by prepare: decode steps of up to this many tokens run in one kernel call
+    one_call_tokens = 0  # set by prepare: decode steps of up to this many tokens run every layer in one kernel call
+    row_tokens = 0  # set by prepare: the projections' row kernels run steps of up to this many tokens
     _small_layers: LlamaLayersInt4 | None = None
 
     def __init__(self, config: PretrainedConfig, max_positions: int) -> None:
@@ -126,23 +129,28 @@ class LlamaDecoder(DecoderModel):
         super().prepare(dtype, quantized_max_tokens, ops, int8_activations)
         for layer in self.layers:
             layer.ops = ops
-        # Decode steps of up to this many tokens run every layer in one call of eoq's CPU kernels
-        # (csrc/llama_small.cpp) when every projection has a 4-bit copy for them and no bias (with int8
-        # activations where the projections take them: all or none, as prepare set them).
+        # Decode steps run every layer in one call of eoq's CPU kernels (csrc/llama_small.cpp) when every projection
+        # has a 4-bit copy for them and no bias (with int8 activations where the projections take them: all or
+        # none, as prepare set them): steps of up to row_tokens tokens on the row kernels, and in float32 with
+        # every projection's exact copy in panels (a 4-bit checkpoint) the bigger ones too, as Linear runs them.
         projections = [p for la in self.layers for p in (la.qkv, la.o_proj, la.gate_up, la.down)]
-        self.small_step_tokens = 0
+        self.one_call_tokens = self.row_tokens = 0
         self._small_layers = None
-        if ops.kernels is not None and all(p.int4_max_tokens > 0 and p.bias is None for p in projections):
-            self.small_step_tokens = min(p.int4_max_tokens for p in projections)
+        if ops.kernels is None or any(p.bias is not None or p.int4_max_tokens < 0 for p in projections):
+            return
+        self.row_tokens = self.one_call_tokens = min(p.int4_max_tokens for p in projections)
+        if dtype == torch.float32 and all(p.lowbit_panels is not None and p.lowbit_panels.bits == 4
+                                          for p in projections):
+            self.one_call_tokens = sys.maxsize
 
     def forward(self, input_ids, positions, kv_caches, meta, logits_indices):
         emb = self.embed(input_ids)  # (T, hidden), model dtype
         x = emb.float() if emb.dtype != torch.float32 else emb  # the residual stream stays float32; updated in place
         pending = None  # each layer's MLP output, added to x by the next norm
         decode = meta.decode
-        # A step of a few decodes attended by the paged kernel runs all layers in one call, which runs that kernel
-        # itself on the step's tables (a step padded for CUDA graphs attends otherwise: it runs layer by layer).
-        if isinstance(decode, PagedKernel) and decode.num_seqs == x.shape[0] <= self.small_step_tokens:
+        # A step of decodes attended by the paged kernel runs all layers in one call, which runs that kernel itself
+        # on the step's tables (a step padded for CUDA graphs attends otherwise: it runs layer by layer).
+        if isinstance(decode, PagedKernel) and 0 < decode.num_seqs == x.shape[0] <= self.one_call_tokens:
             pending = torch.empty_like(emb)
             self.ops.kernels.llama_layers_int4(self._small_step_layers(kv_caches), x, pending, self.cos_table,
                                                self.sin_table, positions, meta.slot_mapping, decode.block_tables,
@@ -155,8 +163,8 @@ class LlamaDecoder(DecoderModel):
         return self.lm_head(x, meta.decode_only)  # (S, vocab) float32
 
     def _small_step_layers(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> LlamaLayersInt4:
-        """The layers' 4-bit weights, norms and caches by address, for ``CpuKernels.llama_layers_int4`` (made
-        once per KV cache)."""
+        """The layers' 4-bit weights (rows, and panels where there are), norms and caches by address, for
+        ``CpuKernels.llama_layers_int4`` (made once per KV cache)."""
         k0 = kv_caches[0][0]  # (nkv, num_blocks, block_size, hd)
         layers = self._small_layers
         if layers is None or layers.array[0].k_cache != k0.data_ptr() or layers.shape.num_blocks != k0.shape[1]:
@@ -168,9 +176,13 @@ class LlamaDecoder(DecoderModel):
                 dict(input_norm=la.input_norm.weight, post_norm=la.post_norm.weight,
                      qkv_q=la.qkv.int4.values, qkv_s=la.qkv.int4.scales, o_q=la.o_proj.int4.values,
                      o_s=la.o_proj.int4.scales, gate_up_q=la.gate_up.int4.values, gate_up_s=la.gate_up.int4.scales,
-                     down_q=la.down.int4.values, down_s=la.down.int4.scales, k_cache=k, v_cache=v)
+                     down_q=la.down.int4.values, down_s=la.down.int4.scales, k_cache=k, v_cache=v,
+                     **{f"{name}_p{part}": None if panels is None else getattr(panels, field)
+                        for name, panels in (("qkv", la.qkv.lowbit_panels), ("o", la.o_proj.lowbit_panels),
+                                             ("gate_up", la.gate_up.lowbit_panels), ("down", la.down.lowbit_panels))
+                        for part, field in (("q", "values"), ("s", "scales"))})
                 for la, (k, v) in zip(self.layers, kv_caches)
-            ], shape, int8_activations=first.qkv.runs_int8_activations(1, decode=True))
+            ], shape, int8_activations=first.qkv.runs_int8_activations(1, decode=True), row_tokens=self.row_tokens)
         return layers
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:

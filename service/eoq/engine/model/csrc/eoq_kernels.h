@@ -80,8 +80,8 @@ int eoq_gemm_q8_x8(const float* x, const int8_t* q, const float* scales, float* 
 int eoq_argmax(const float* x, int64_t* out, int64_t rows, int64_t n);
 
 // One layer's weights for eoq_llama_layers_int4 (set once at load): RMSNorm weights float32; each projection 4-bit
-// as eoq_int4_matmul takes it (q, scales); the layer's K and V caches (num_kv_heads, num_blocks, block_size,
-// head_dim).
+// as eoq_int4_matmul takes it (q, scales), and as eoq_gemm_q4 takes it (the panels: pq, ps; null where the layer
+// has none); the layer's K and V caches (num_kv_heads, num_blocks, block_size, head_dim).
 typedef struct EoqLlamaLayer {
     const float* input_norm;
     const float* post_norm;
@@ -95,6 +95,14 @@ typedef struct EoqLlamaLayer {
     const float* down_s;
     void* k_cache;
     void* v_cache;
+    const uint8_t* qkv_pq;
+    const float* qkv_ps;
+    const uint8_t* o_pq;
+    const float* o_ps;
+    const uint8_t* gate_up_pq;
+    const float* gate_up_ps;
+    const uint8_t* down_pq;
+    const float* down_ps;
 } EoqLlamaLayer;
 
 typedef struct EoqLlamaShape {
@@ -102,16 +110,18 @@ typedef struct EoqLlamaShape {
     float eps, scale;
 } EoqLlamaShape;
 
-// Every layer of a Llama-family decoder for a decode step of a few tokens, in one call (llama_small.cpp). pending
-// and the caches in dtype. x (tokens, hidden) float32: the residual stream (the embeddings), updated in place;
-// pending (tokens, hidden): on return the last layer's MLP output, not yet added to x (the final norm adds it);
-// every decoding token's position, slot, block table row (table_width blocks) and context length, as the kernels
-// above take them; int8_activations: 1 runs the projections by eoq_int4_matmul_x8, 0 by eoq_int4_matmul. Returns
-// 0, or the first failing kernel's code.
+// Every layer of a Llama-family decoder for a decode step, in one call (llama_small.cpp). pending and the caches in
+// dtype. x (tokens, hidden) float32: the residual stream (the embeddings), updated in place; pending (tokens,
+// hidden): on return the last layer's MLP output, not yet added to x (the final norm adds it); every decoding
+// token's position, slot, block table row (table_width blocks) and context length, as the kernels above take them.
+// The projections: steps of up to row_tokens tokens by the row kernels (eoq_int4_matmul), bigger ones by the
+// panels (eoq_gemm_q4: float32 only, every layer's panels given, else code 3); int8_activations: 1 runs them with
+// int8 activations (eoq_int4_matmul_x8, eoq_gemm_q4_x8). Returns 0, or the first failing kernel's code.
 int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_layers, EoqLlamaShape s, float* x,
                           void* pending, const float* cos_table, const float* sin_table,
                           const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
-                          const int64_t* context_lens, int64_t table_width, int64_t tokens, int int8_activations);
+                          const int64_t* context_lens, int64_t table_width, int64_t tokens, int64_t row_tokens,
+                          int int8_activations);
 
 // Which of simd.h's branches this build took: "avx512", "avx2" or "generic" (isa.cpp).
 const char* eoq_simd_isa(void);

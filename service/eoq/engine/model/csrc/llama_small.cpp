@@ -1,11 +1,13 @@
-// Every layer of a Llama-family decoder for a decode step of a few tokens, in one call.
+// Every layer of a Llama-family decoder for a decode step, in one call.
 //
 // At one token a step each kernel's work is a few microseconds, and so is the cost of calling it from Python
 // (ctypes, the output tensor, the dispatch): nine calls a layer, 270 a step for the default model, cost as much
-// as a third of the step. This runs the same kernels (with float32 or int8 activations, as the caller says) in the same order — the add + RMSNorm, the 4-bit row
-// kernel for the fused q/k/v projection, RoPE with the cache writes, decode attention over the paged cache, the
+// as a third of the step; at 32 tokens the calls and the layer's Python still cost ~15 % of it. This runs the same
+// kernels (with float32 or int8 activations, as the caller says) in the same order — the add + RMSNorm, the 4-bit
+// matmul of the fused q/k/v projection, RoPE with the cache writes, decode attention over the paged cache, the
 // output projection, the add + RMSNorm, the 4-bit gate/up projection, SwiGLU and the 4-bit down projection —
-// from C++, with the step's intermediates in one buffer kept between calls. Same operations, same results.
+// from C++, with the step's intermediates in one buffer kept between calls. The 4-bit matmuls are the row kernels
+// for a few tokens and the panel GEMM beyond, as Linear chooses them. Same operations, same results.
 
 #include <cstdint>
 #include <vector>
@@ -17,11 +19,30 @@ extern "C" {  // the entry point declared in eoq_kernels.h, calling the others t
 int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_layers, EoqLlamaShape s, float* x,
                           void* pending, const float* cos_table, const float* sin_table,
                           const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
-                          const int64_t* context_lens, int64_t table_width, int64_t tokens, int int8_activations) {
+                          const int64_t* context_lens, int64_t table_width, int64_t tokens, int64_t row_tokens,
+                          int int8_activations) {
     if (dtype != 0 && dtype != 1) return 2;
-    // The projections' row kernel: float32 activations, or int8 ones (x8_rows.cpp); the same signature.
-    auto* const matmul = int8_activations ? eoq_int4_matmul_x8 : eoq_int4_matmul;
-    const int64_t elem = dtype == 0 ? 4 : 2, T = tokens, hd = s.head_dim;
+    const int64_t T = tokens;
+    const bool rows = T <= row_tokens;
+    if (!rows) {  // the panels: float32 only, and every layer's
+        if (dtype != 0) return 3;
+        for (int64_t l = 0; l < num_layers; ++l) {
+            const EoqLlamaLayer& L = layers[l];
+            if (!L.qkv_pq || !L.qkv_ps || !L.o_pq || !L.o_ps || !L.gate_up_pq || !L.gate_up_ps || !L.down_pq ||
+                !L.down_ps)
+                return 3;
+        }
+    }
+    // The projections' 4-bit matmul: a row kernel (lowbit_rows.cpp, x8_rows.cpp) or the panels (gemm.cpp,
+    // x8_gemm.cpp), with float32 or int8 activations: y (T, out_f) = in (T, in_f) W^T.
+    auto* const row_kernel = int8_activations ? eoq_int4_matmul_x8 : eoq_int4_matmul;
+    auto* const panel_kernel = int8_activations ? eoq_gemm_q4_x8 : eoq_gemm_q4;
+    auto matmul = [&](const void* in, const uint8_t* q, const float* sc, const uint8_t* pq, const float* ps, void* y,
+                      int64_t in_f, int64_t out_f) {
+        return rows ? row_kernel(dtype, in, q, sc, y, T, in_f, out_f)
+                    : panel_kernel(static_cast<const float*>(in), pq, ps, static_cast<float*>(y), T, out_f, in_f);
+    };
+    const int64_t elem = dtype == 0 ? 4 : 2, hd = s.head_dim;
     const int64_t qkv_f = (s.num_heads + 2 * s.num_kv_heads) * hd, qk_f = (s.num_heads + s.num_kv_heads) * hd;
     const int64_t attn_f = s.num_heads * hd;
     // The step's intermediates, each (T, features) in dtype, on 64-byte boundaries: reused by every layer.
@@ -44,7 +65,7 @@ int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_la
     for (int64_t l = 0; l < num_layers && rc == 0; ++l) {
         const EoqLlamaLayer& L = layers[l];
         rc = eoq_add_rms_norm(dtype, x, l > 0 ? pending : nullptr, L.input_norm, normed, T, s.hidden, s.eps);
-        if (!rc) rc = matmul(dtype, normed, L.qkv_q, L.qkv_s, qkv, T, s.hidden, qkv_f);
+        if (!rc) rc = matmul(normed, L.qkv_q, L.qkv_s, L.qkv_pq, L.qkv_ps, qkv, s.hidden, qkv_f);
         if (!rc)
             rc = eoq_rope_and_store(dtype, qkv, cos_table, sin_table, positions, slots, qk, L.k_cache, L.v_cache, T,
                                     s.num_heads, s.num_kv_heads, hd, cache_slots);
@@ -52,11 +73,12 @@ int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_la
             rc = eoq_paged_decode_attention(dtype, qk, qk_f, L.k_cache, L.v_cache, block_tables, context_lens, attn,
                                             T, s.num_heads, s.num_kv_heads, hd, s.block_size, s.num_blocks,
                                             table_width, s.scale);
-        if (!rc) rc = matmul(dtype, attn, L.o_q, L.o_s, o, T, attn_f, s.hidden);
+        if (!rc) rc = matmul(attn, L.o_q, L.o_s, L.o_pq, L.o_ps, o, attn_f, s.hidden);
         if (!rc) rc = eoq_add_rms_norm(dtype, x, o, L.post_norm, normed, T, s.hidden, s.eps);
-        if (!rc) rc = matmul(dtype, normed, L.gate_up_q, L.gate_up_s, gate_up, T, s.hidden, 2 * s.inter);
+        if (!rc)
+            rc = matmul(normed, L.gate_up_q, L.gate_up_s, L.gate_up_pq, L.gate_up_ps, gate_up, s.hidden, 2 * s.inter);
         if (!rc) rc = eoq_silu_mul(dtype, gate_up, act, T, s.inter);
-        if (!rc) rc = matmul(dtype, act, L.down_q, L.down_s, pending, T, s.inter, s.hidden);
+        if (!rc) rc = matmul(act, L.down_q, L.down_s, L.down_pq, L.down_ps, pending, s.inter, s.hidden);
     }
     return rc;
 }

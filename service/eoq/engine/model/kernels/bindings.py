@@ -31,29 +31,36 @@ class LlamaLayerWeights(ctypes.Structure):
     """``EoqLlamaLayer`` of ``csrc/eoq_kernels.h``: one layer's tensors, by address."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("input_norm", "post_norm", "qkv_q", "qkv_s", "o_q", "o_s", "gate_up_q",
-                                               "gate_up_s", "down_q", "down_s", "k_cache", "v_cache")]
+                                               "gate_up_s", "down_q", "down_s", "k_cache", "v_cache", "qkv_pq",
+                                               "qkv_ps", "o_pq", "o_ps", "gate_up_pq", "gate_up_ps", "down_pq",
+                                               "down_ps")]
 
 
 @dataclass(frozen=True, slots=True)
 class LlamaLayersInt4:
     """A decoder's layers as ``CpuKernels.llama_layers_int4`` takes them, with whether their projections run with
-    int8 activations. It holds addresses only: the model's tensors and the KV cache it names must outlive it."""
+    int8 activations and up to how many tokens they run the row kernels (the panels beyond). It holds addresses
+    only: the model's tensors and the KV cache it names must outlive it."""
 
     array: ctypes.Array
     shape: LlamaShape
-    int8_activations: bool = False
+    int8_activations: bool
+    row_tokens: int
 
     @classmethod
-    def of(cls, layers: list[dict[str, torch.Tensor]], shape: LlamaShape,
-           int8_activations: bool = False) -> LlamaLayersInt4:
-        """``layers``: per layer the tensors named as ``LlamaLayerWeights``' fields, each contiguous."""
+    def of(cls, layers: list[dict[str, torch.Tensor | None]], shape: LlamaShape, int8_activations: bool,
+           row_tokens: int) -> LlamaLayersInt4:
+        """``layers``: per layer the tensors named as ``LlamaLayerWeights``' fields, each contiguous (the panels'
+        may be None: then only steps of up to ``row_tokens`` tokens can run)."""
         array = (LlamaLayerWeights * len(layers))()
         for entry, tensors in zip(array, layers):
             for name, t in tensors.items():
+                if t is None:
+                    continue
                 if not t.is_contiguous():
                     raise ValueError(f"{name} is not contiguous")
                 setattr(entry, name, t.data_ptr())
-        return cls(array, shape, int8_activations)
+        return cls(array, shape, int8_activations, row_tokens)
 
 
 _int, _ptr, _i64, _f32 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -74,7 +81,7 @@ SIGNATURES: dict[str, tuple[type, list[type]]] = {
     "eoq_gemm_q4_x8": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
     "eoq_gemm_q8_x8": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
     "eoq_argmax": (_int, [_ptr, _ptr, _i64, _i64]),
-    "eoq_llama_layers_int4": (_int, [_int, _ptr, _i64, LlamaShape] + [_ptr] * 8 + [_i64] * 2 + [_int]),
+    "eoq_llama_layers_int4": (_int, [_int, _ptr, _i64, LlamaShape] + [_ptr] * 8 + [_i64] * 3 + [_int]),
     "eoq_simd_isa": (ctypes.c_char_p, []),
     "eoq_int8_dot_isa": (ctypes.c_char_p, []),
 }
@@ -214,7 +221,8 @@ class CpuKernels:
                           cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,
                           slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
         """Every layer of a Llama-family decoder for a decode step of T tokens in one call
-        (``csrc/llama_small.cpp``): x (T, hidden) float32, the residual stream (the embeddings), updated in place;
+        (``csrc/llama_small.cpp``; beyond ``layers.row_tokens`` tokens float32 only, on the layers' panels): x
+        (T, hidden) float32, the residual stream (the embeddings), updated in place;
         pending (T, hidden) in the model's dtype receives the last layer's MLP output, not yet added to x.
         positions, slots, context_lens (T,) and block_tables (T * width,) int64, as for ``rope_and_store`` and
         ``paged_decode_attention``."""
@@ -222,7 +230,7 @@ class CpuKernels:
         self._llama_int4(_DTYPES[pending.dtype], ctypes.addressof(layers.array), len(layers.array), layers.shape,
                          x.data_ptr(), pending.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(),
                          positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
-                         block_tables.numel() // max(T, 1), T, int(layers.int8_activations))
+                         block_tables.numel() // max(T, 1), T, layers.row_tokens, int(layers.int8_activations))
 
     def paged_decode_attention(
         self,

@@ -40,6 +40,7 @@ class TargetInfo:
     kv_cache_tokens: int | None = None
     kv_bytes_per_token: int | None = None
     notes: list[str] = field(default_factory=list)
+    kv_cache_dtype: str | None = None
 
     @property
     def kv_cache_bytes(self) -> int | None:
@@ -181,6 +182,7 @@ class ServerTarget(Target):
         info = TargetInfo(self.name, f"eoq server at {self.address} (gRPC Chat)", mi.name, mi.dtype, mi.device,
                           mi.kv_cache_tokens)
         info.kv_bytes_per_token = mi.kv_bytes_per_token or None
+        info.kv_cache_dtype = mi.kv_cache_dtype or None
         if self.server_pid is None:
             info.notes.append("server RSS not measured (pass --server-pid)")
         return info
@@ -299,7 +301,7 @@ class InProcessTarget(Target):
         return TargetInfo(self.name, "eoq AsyncEngine in the bench process (no gRPC, no store)", mi.name, mi.dtype,
                           mi.device, mi.kv_cache_tokens, mi.kv_bytes_per_token,
                           ["turns resends the whole history each turn (no store)",
-                           "RSS is the bench process (the engine runs in a child process)"])
+                           "RSS is the bench process (the engine runs in a child process)"], mi.kv_cache_dtype)
 
     async def _run(self, prompt_ids: list[int], max_tokens: int, ignore_eos: bool, on_tokens: OnTokens,
                    sent: float | None = None):

@@ -90,6 +90,13 @@ class Settings(BaseSettings):
         "bfloat16 (eoq runs float32 there), prompts in float32; int8 = every step, on any CPU; off = float32 "
         "activations (exact to the checkpoint's values)"
     )
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16"] = _from(
+        EngineConfig, "kv_cache_dtype",
+        "the KV cache's element type: auto = bfloat16 where the model runs float32 with int8 activations (a CPU "
+        "without fast bfloat16, low-bit weights: half the bytes a token, twice the tokens a GiB, and decode "
+        "attention reads half as much), else the model's dtype; bfloat16 beside a float32 model rounds keys and "
+        "values to 8 significant bits (lossy); float32 keeps them exact"
+    )
     cpu_kernels: bool = _from(
         EngineConfig, "cpu_kernels",
         "on a CPU, eoq's C++ kernels (decode attention over the paged cache, the float32 GEMM, the "

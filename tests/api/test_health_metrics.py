@@ -74,8 +74,11 @@ async def test_model_info(server: RunningServer, stub) -> None:
     assert info.device == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert (info.max_tokens_limit, info.default_max_tokens) == (8191, 512)
     assert info.end_of_question_marker == "<|im_start|>assistant\n"
-    # The tests' 0.5 GiB of KV cache at 30 layers x 3 KV heads x 64 x 2 (K, V) x 2 or 4 bytes a token, whole blocks.
-    bytes_per_token = 30 * 3 * 64 * 2 * (2 if info.dtype == "bfloat16" else 4)
+    # auto: a bfloat16 cache, beside bfloat16 models and float32 ones running int8 activations (CPUs without fast
+    # bfloat16). The tests' 0.5 GiB at 30 layers x 3 KV heads x 64 x 2 (K, V) x 2 bytes a token, whole blocks.
+    assert info.kv_cache_dtype == server.engine.info.kv_cache_dtype == "bfloat16"
+    bytes_per_token = 30 * 3 * 64 * 2 * 2
+    assert info.kv_bytes_per_token == bytes_per_token
     assert info.kv_cache_tokens == int(0.5 * 2**30 // (bytes_per_token * 16)) * 16
 
 

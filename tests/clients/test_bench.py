@@ -173,7 +173,8 @@ def test_quick_run_against_the_server(eoq_server: ServerThread, tmp_path: Path, 
     assert info["model"] == "SmolLM2-135M-Instruct"
     assert info["kv_cache_tokens"] > 0
     # 30 layers x 3 KV heads x 64 dims x K and V, at 2 (bf16) or 4 (fp32) bytes
-    assert info["kv_bytes_per_token"] == {"bfloat16": 23_040, "float32": 46_080}[info["dtype"]]
+    assert info["kv_cache_dtype"] == "bfloat16"  # auto: bfloat16 models, or float32 with int8 activations
+    assert info["kv_bytes_per_token"] == {"bfloat16": 23_040, "float32": 46_080}[info["kv_cache_dtype"]]
     assert info["kv_cache_bytes"] == info["kv_cache_tokens"] * info["kv_bytes_per_token"]
 
     w = server["workloads"]
@@ -253,7 +254,8 @@ def test_compare_inprocess_engine_with_the_peers(tmp_path: Path, capsys) -> None
     targets = results["targets"]
 
     inprocess = targets["inprocess"]
-    assert inprocess["info"]["kv_bytes_per_token"] in (23_040, 46_080)
+    assert inprocess["info"]["kv_bytes_per_token"] == {"bfloat16": 23_040, "float32": 46_080}[
+        inprocess["info"]["kv_cache_dtype"]]
     assert inprocess["info"]["kv_cache_bytes"] <= 0.5 * 2**30  # --kv-cache-memory-gb reached the engine
     assert inprocess["memory"]["peak_rss_bytes"] > 0
     assert inprocess["workloads"]["single"]["completion_tokens"] == 6

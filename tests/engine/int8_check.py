@@ -42,10 +42,11 @@ AGREEMENT_TOKENS = 64
 NO_FAST_BF16 = "auto-without-bf16"  # auto, decided as on a CPU without fast bfloat16 (AVX2, AVX-512 without BF16)
 
 
-def _core(checkpoint, activations: str, march: str):
+def _core(checkpoint, activations: str, march: str, kv_cache_dtype: str = "auto"):
     from .conftest import make_core
 
-    kind = dict(dtype="float32", kv_cache_memory_gb=0.2, max_model_len=2048, kernel_march=march)
+    kind = dict(dtype="float32", kv_cache_memory_gb=0.2, max_model_len=2048, kernel_march=march,
+                kv_cache_dtype=kv_cache_dtype)
     if activations != NO_FAST_BF16:
         return make_core(checkpoint, activation_quantization=activations, **kind)
     with mock.patch("eoq.engine.builder.cpu_has_fast_bf16", return_value=False):
@@ -70,13 +71,15 @@ def _step_by_step(core, prompt: list[int], answer: list[int]) -> list[int]:
     return predicted
 
 
-def evaluate(checkpoint, march: str = "native", activations: str = "int8") -> dict:
-    """The measures above for eoq's kernels built for ``march``, ``activations`` = "int8" or NO_FAST_BF16."""
+def evaluate(checkpoint, march: str = "native", activations: str = "int8", kv_cache_dtype: str = "auto") -> dict:
+    """The measures above for eoq's kernels built for ``march``, ``activations`` = "int8", "off" or NO_FAST_BF16,
+    with the KV cache ``kv_cache_dtype`` (auto: bfloat16 where int8 activations run); the reference is float32
+    throughout (activations and cache)."""
     builder = PromptBuilder(load_tokenizer(checkpoint))
     prompts = [builder.render(None, [ChatMessage("user", q)]) for q in PROMPTS]
     questions = [builder.render(None, [ChatMessage("user", q)]) for q in REFERENCE_QUESTIONS]
     reference = _greedy(_core(checkpoint, "off", march), prompts, AGREEMENT_TOKENS, ignore_eos=True)
-    core = _core(checkpoint, activations, march)
+    core = _core(checkpoint, activations, march, kv_cache_dtype)
     agree = total = 0
     for p, ref in zip(prompts, reference):
         predicted = _all_logits(core, p + ref)[len(p) - 1 : -1].argmax(-1).tolist()
@@ -96,6 +99,7 @@ def evaluate(checkpoint, march: str = "native", activations: str = "int8") -> di
                               for rows in (1, len(prompts))],
         "int8_prompt_steps": sum(lin.runs_int8_activations(64) for lin in core.runner.model.linears()),
         "one_call_tokens": core.runner.model.one_call_tokens,
+        "kv_cache_dtype": str(core.runner.kv_dtype).removeprefix("torch."),
         "row_tokens": core.runner.model.row_tokens,
         "agreement": agree / total,
         "step_agreement": step_agree / total,

@@ -197,3 +197,70 @@ def test_kernel_with_peaked_attention(kernel) -> None:
     k, v = keys[:, kv_head].transpose(0, 1), values[:, kv_head].transpose(0, 1)  # (nh, n, hd)
     probs = torch.softmax((q[0].unsqueeze(1) @ k.transpose(1, 2)).squeeze(1) / hd**0.5, dim=-1)
     torch.testing.assert_close(out[0], (probs.unsqueeze(1) @ v).squeeze(1), atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_reads_a_bfloat16_cache_beside_float32_queries(kernel) -> None:
+    """A float32 model's cache held in bfloat16 (``--kv-cache-dtype``): the kernel widens each key and value exactly
+    and computes in float32 as over a float32 cache holding the same values, so the two give the same result."""
+    gen = torch.Generator().manual_seed(5)
+    nh, hd, bs, num_blocks = NKV * GROUP, 64, 16, 120
+    k16 = torch.randn(NKV, num_blocks, bs, hd, generator=gen).bfloat16()
+    v16 = torch.randn(NKV, num_blocks, bs, hd, generator=gen).bfloat16()
+    lengths = [1, 16, 37, 400]
+    width = -(-max(lengths) // bs)
+    blocks = torch.randperm(num_blocks, generator=gen)
+    tables = [blocks[i * 30 : i * 30 + -(-n // bs)].tolist() for i, n in enumerate(lengths)]
+    flat = torch.tensor([b for t in tables for b in t + [0] * (width - len(t))])
+    q = torch.randn(len(lengths), nh, hd, generator=gen)
+    out = kernel(q, k16, v16, flat, torch.tensor(lengths))
+    assert out.dtype == torch.float32
+    assert torch.equal(out, kernel(q, k16.float(), v16.float(), flat, torch.tensor(lengths)))
+
+
+def test_rope_writes_a_bfloat16_cache_rounded_from_float32(cpu_kernels_lib) -> None:
+    """RoPE with the cache writes, a float32 step into a bfloat16 cache: the queries and keys come back in float32,
+    the cache holds them (and the values) rounded to bfloat16 as torch rounds them."""
+    gen = torch.Generator().manual_seed(6)
+    nh, hd, T, positions = NKV * GROUP, 16, 5, 64
+    qkv = torch.randn(T, (nh + 2 * NKV) * hd, generator=gen)
+    angles = torch.rand(positions, hd, generator=gen)
+    cos, sin = angles.cos(), angles.sin()
+    k_cache = torch.zeros(NKV, 10, BS, hd, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([3, 17, 18, 30, 39])
+    pos = torch.tensor([0, 5, 9, 33, 63])
+    qk = cpu_kernels_lib.rope_and_store(qkv, cos, sin, pos, slots, k_cache, v_cache, nh, NKV, hd)
+    wide = cpu_kernels_lib.rope_and_store(qkv, cos, sin, pos, slots, torch.zeros_like(k_cache, dtype=torch.float32),
+                                          torch.zeros_like(v_cache, dtype=torch.float32), nh, NKV, hd)
+    assert qk.dtype == torch.float32 and torch.equal(qk, wide)
+    v = qkv[:, (nh + NKV) * hd :].view(T, NKV, hd)
+    for t, slot in enumerate(slots.tolist()):
+        assert torch.equal(k_cache.view(NKV, -1, hd)[:, slot], qk[t, nh:].bfloat16())
+        assert torch.equal(v_cache.view(NKV, -1, hd)[:, slot], v[t].bfloat16())
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch", "padded"])
+def test_decode_attention_over_a_bfloat16_cache_of_float32_tokens(backend: str, cpu_kernels_lib) -> None:
+    """Every decode path over a bfloat16 cache beside float32 queries: the new tokens' K/V are rounded into it, and
+    the result is plain float32 attention over the values the cache holds."""
+    gen = torch.Generator().manual_seed(7)
+    ops = {"kernel": KernelDecode(cpu_kernels_lib), "torch": TorchDecode(BS, torch.float32),
+           "padded": PaddedDecode(BS, torch.float32)}[backend]
+    lengths = [3, 9, 22]
+    D, nh = len(lengths), NKV * GROUP
+    k_cache = torch.randn(NKV, NUM_BLOCKS, BS, HD, generator=gen).bfloat16()
+    v_cache = torch.randn(NKV, NUM_BLOCKS, BS, HD, generator=gen).bfloat16()
+    width = -(-max(lengths) // BS)
+    tables = [list(range(i * 10, i * 10 + -(-n // BS))) for i, n in enumerate(lengths)]
+    slots = torch.tensor([t[(n - 1) // BS] * BS + (n - 1) % BS for t, n in zip(tables, lengths)])
+    q = torch.randn(D, nh, HD, generator=gen)
+    k_new, v_new = torch.randn(D, NKV, HD, generator=gen), torch.randn(D, NKV, HD, generator=gen)
+    flat = torch.tensor([b for t in tables for b in t + [0] * (width - len(t))])
+    meta = AttentionMetadata(slot_mapping=slots, decode=ops.plan(flat, torch.tensor(lengths), lengths))
+    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta).view(D, nh, HD)
+    assert out.dtype == torch.float32
+    for i, (n, table) in enumerate(zip(lengths, tables)):
+        keys = k_cache[:, table].reshape(NKV, -1, HD)[:, :n].transpose(0, 1)  # (n, nkv, hd) bfloat16
+        values = v_cache[:, table].reshape(NKV, -1, HD)[:, :n].transpose(0, 1)
+        assert torch.equal(keys[-1], k_new[i].bfloat16()) and torch.equal(values[-1], v_new[i].bfloat16())
+        torch.testing.assert_close(out[i], _reference(q[i], keys.float(), values.float()), atol=1e-5, rtol=1e-5)

@@ -18,6 +18,7 @@ from eoq.engine.device import (
     select_device,
     select_dtype,
     select_int8_activations,
+    select_kv_cache_dtype,
     tune_cpu_allocator,
 )
 from eoq.engine.model.checkpoint import context_length, load_config, load_tokenizer
@@ -78,8 +79,10 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
     model = build_model(config, model_len, device, dtype, state, cfg.quantized_weights,
                         cfg.quantized_max_tokens, ops, int8_activations)
     del state
+    kv_dtype = select_kv_cache_dtype(cfg.kv_cache_dtype, dtype, any(
+        lin.runs_int8_activations(1, decode=True) for lin in model.linears()))
 
-    bytes_per_token = model.kv_spec.bytes_per_token(dtype)
+    bytes_per_token = model.kv_spec.bytes_per_token(kv_dtype)
     budget = _kv_budget_bytes(cfg, device)
     graphs = _decode_graphs(cfg.decode_graphs, device)
     # With decode graphs one block of the budget is their null block (padding rows write there).
@@ -95,7 +98,8 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
     eos = eos_token_ids(cfg.checkpoint, tokenizer, config) | set(cfg.extra_eos_token_ids)
     blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
     scheduler = Scheduler(blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-    runner = ModelRunner(model, num_blocks, cfg.block_size, device, dtype, cfg.seed, graphs, cfg.max_num_seqs)
+    runner = ModelRunner(model, num_blocks, cfg.block_size, device, dtype, cfg.seed, graphs, cfg.max_num_seqs,
+                         kv_dtype)
     grammars = GrammarCompiler(tokenizer, model.vocab_size, cfg.grammar_cache_mb)  # xgrammar loads on first use
     core = EngineCore(runner, scheduler, tokenizer, frozenset(eos), grammars, cfg.max_grammar_compile_seconds)
     info = ModelInfo(
@@ -107,12 +111,13 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
         vocab_size=model.vocab_size,
         kv_cache_tokens=capacity,
         kv_bytes_per_token=bytes_per_token,
+        kv_cache_dtype=dtype_name(kv_dtype),
         eos_token_ids=tuple(sorted(eos)),
     )
     log.info(
-        "model %s (%s) on %s in %s, context %d tokens, loaded in %.1f s; KV cache %.2f GiB = %d tokens "
+        "model %s (%s) on %s in %s, context %d tokens, loaded in %.1f s; KV cache (%s) %.2f GiB = %d tokens "
         "(%d blocks of %d, %d bytes/token) = %d full-length or ~%d sequences of 1k tokens; %s threads; %s%s",
-        info.name, info.architecture, info.device, info.dtype, model_len, time.monotonic() - t0,
+        info.name, info.architecture, info.device, info.dtype, model_len, time.monotonic() - t0, dtype_name(kv_dtype),
         num_blocks * cfg.block_size * bytes_per_token / GiB, capacity, num_blocks, cfg.block_size, bytes_per_token,
         capacity // model_len, capacity // 1024, torch.get_num_threads(),
         ops.name,

@@ -83,6 +83,29 @@ def select_int8_activations(setting: str, device: torch.device, dtype: torch.dty
     return Int8Activations.DECODE_STEPS if dtype == torch.float32 and not cpu_fast_bf16 else Int8Activations.OFF
 
 
+KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def select_kv_cache_dtype(setting: str, dtype: torch.dtype, int8_activations_run: bool) -> torch.dtype:
+    """The KV cache's element type (``--kv-cache-dtype``). 'auto' = bfloat16 beside a float32 model whose matmuls
+    run int8 activations (``int8_activations_run``: some low-bit copy takes them, as ``auto`` does on a CPU without
+    fast bfloat16): that engine already trades float32's exactness for speed, and a 16-bit cache halves what decode
+    attention reads a step and doubles the tokens a budget holds; else the model's dtype. A cache wider than the
+    model (float32 beside bfloat16) gains nothing and is refused."""
+    if setting == "auto":
+        return torch.bfloat16 if dtype == torch.float32 and int8_activations_run else dtype
+    if setting not in KV_CACHE_DTYPES:
+        raise ConfigError(f"--kv-cache-dtype {setting!r}: use auto, float32 or bfloat16")
+    kv = KV_CACHE_DTYPES[setting]
+    if kv.itemsize > dtype.itemsize:
+        raise ConfigError(f"--kv-cache-dtype {setting} is wider than the model's {dtype_name(dtype)}: the cache holds "
+                          f"what the model computes, so it would only take more memory (use auto or bfloat16)")
+    if kv != dtype and dtype != torch.float32:
+        raise ConfigError(f"--kv-cache-dtype {setting} beside a {dtype_name(dtype)} model: a narrower cache is "
+                          "bfloat16 beside float32 only")
+    return kv
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

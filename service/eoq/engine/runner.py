@@ -48,11 +48,13 @@ def fork_seed(seed: int, index: int) -> int:
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, seed: int = 0, decode_graphs: str = "off", max_num_seqs: int = 64) -> None:
+                 dtype: torch.dtype, seed: int = 0, decode_graphs: str = "off", max_num_seqs: int = 64,
+                 kv_dtype: torch.dtype | None = None) -> None:
         """``model``: prepared, with the ops chosen at load (``model.ops``: its decode attention and argmax come
         from them). ``decode_graphs``: ``cuda`` replays decode steps from CUDA graphs (``cuda_graphs.py``),
         ``eager`` runs the same padded steps without graphs (tests), ``off`` neither. With graphs the cache holds
-        one block more than ``num_blocks``, the null block that padding rows write to."""
+        one block more than ``num_blocks``, the null block that padding rows write to. ``kv_dtype``: the cache's
+        element type (default ``dtype``; bfloat16 beside float32: ``device.select_kv_cache_dtype``)."""
         self.model = model
         self.decode_attention = model.ops.decode_attention(block_size, dtype)  # the eager steps' backend
         self.device = device
@@ -62,8 +64,9 @@ class ModelRunner:
         spec = model.kv_spec
         # One allocation for the whole cache: (layers, K/V, kv_heads, blocks, block_size, head_dim).
         null_blocks = 0 if decode_graphs == "off" else 1
+        self.kv_dtype = kv_dtype or dtype
         self.kv_cache = torch.zeros(spec.num_layers, 2, spec.num_kv_heads, num_blocks + null_blocks, block_size,
-                                    spec.head_dim, dtype=dtype, device=device)
+                                    spec.head_dim, dtype=self.kv_dtype, device=device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_layers)]
         self.graphs: DecodeGraphs | None = None
         if decode_graphs != "off":

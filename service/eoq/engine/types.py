@@ -285,6 +285,8 @@ class EngineConfig:
     quantized_max_tokens: int = 4
     # auto | int8 | off: int8 activations for the low-bit copies' matmuls (see device.select_int8_activations)
     activation_quantization: str = "auto"
+    # auto | float32 | bfloat16: the KV cache's element type (see device.select_kv_cache_dtype)
+    kv_cache_dtype: str = "auto"
     cpu_kernels: bool = True  # CPU: eoq's C++ kernels (model.kernels), built on first use
     kernel_cache_dir: Path | None = None  # where built kernels are kept (default: <eoq cache>/kernels)
     # -march of those kernels: this CPU's, or an older level (x86-64-v3 = AVX2) to run that branch (tests)
@@ -305,4 +307,5 @@ class ModelInfo:
     vocab_size: int
     kv_cache_tokens: int
     kv_bytes_per_token: int
+    kv_cache_dtype: str = ""  # the KV cache's element type (the model's dtype, or bfloat16 beside float32)
     eos_token_ids: tuple[int, ...] = field(default=())

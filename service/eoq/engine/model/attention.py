@@ -8,7 +8,9 @@ kernel that does it with RoPE), then:
 - each prefill chunk attends to its sequence's earlier tokens (cached prefix or earlier chunks) plus itself,
   causally, with SDPA; a chunk with no earlier tokens attends to its own K/V, with no gather.
 The cache of one layer is head-major, (num_kv_heads, num_blocks, block_size, head_dim), so a gather of
-blocks is contiguous per head; slot = block * block_size + offset.
+blocks is contiguous per head; slot = block * block_size + offset. Its dtype is the queries' or a narrower one
+(``--kv-cache-dtype``: bfloat16 beside float32): keys and values are rounded to it when written and widened back to
+the queries' dtype where they are read.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ class AttentionMetadata:
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """The new tokens' keys and values (T, nkv, hd) into their slots of the caches (nkv, num_blocks, bs, hd)."""
+    """The new tokens' keys and values (T, nkv, hd) into their slots of the caches (nkv, num_blocks, bs, hd; in
+    their dtype, or a narrower one: rounded to it)."""
     nkv, hd = k.shape[1], k.shape[2]
-    k_cache.view(nkv, -1, hd).index_copy_(1, slot_mapping, k.transpose(0, 1))
-    v_cache.view(nkv, -1, hd).index_copy_(1, slot_mapping, v.transpose(0, 1))
+    k_cache.view(nkv, -1, hd).index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(nkv, -1, hd).index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
 
 
 def paged_attention(
@@ -83,12 +86,15 @@ def paged_attention(
         if p.context_start == 0:
             kp = k[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, nkv, n, hd)
             vp = v[s : s + n].transpose(0, 1).unsqueeze(0)
+            if k_cache.dtype != q.dtype:  # as the cache holds them: the same whether a prompt was split or cached
+                kp, vp = kp.to(k_cache.dtype).to(q.dtype), vp.to(v_cache.dtype).to(q.dtype)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa)
         else:
             assert p.block_ids is not None
             ctx = p.context_start + n
-            kp = k_cache.index_select(1, p.block_ids).view(nkv, -1, hd)[:, :ctx].unsqueeze(0)  # (1, nkv, ctx, hd)
-            vp = v_cache.index_select(1, p.block_ids).view(nkv, -1, hd)[:, :ctx].unsqueeze(0)
+            # (1, nkv, ctx, hd) in q's dtype
+            kp = k_cache.index_select(1, p.block_ids).view(nkv, -1, hd)[:, :ctx].unsqueeze(0).to(q.dtype)
+            vp = v_cache.index_select(1, p.block_ids).view(nkv, -1, hd)[:, :ctx].unsqueeze(0).to(q.dtype)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, enable_gqa=gqa)
         out[s : s + n] = op[0].transpose(0, 1)  # (n, nh, hd)
     return out.view(T, nh * hd)

@@ -57,7 +57,8 @@ class DecodeAttention(ABC):
 
     @abstractmethod
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """q (D, nh, hd), the new tokens' K/V already in the caches (nkv, num_blocks, bs, hd) -> (D, nh, hd)."""
+        """q (D, nh, hd), the new tokens' K/V already in the caches (nkv, num_blocks, bs, hd; in q's dtype or a
+        narrower one) -> (D, nh, hd)."""
 
 
 @dataclass(slots=True)
@@ -92,8 +93,8 @@ class PerSequenceSDPA(DecodeAttention):
         nkv = k_cache.shape[0]
         outs = []
         for i, (blocks, ctx) in enumerate(zip(self.tables, self.lens)):
-            k = k_cache.index_select(1, blocks).view(nkv, -1, hd)[:, :ctx].unsqueeze(0)  # (1, nkv, ctx, hd)
-            v = v_cache.index_select(1, blocks).view(nkv, -1, hd)[:, :ctx].unsqueeze(0)  # (1, nkv, ctx, hd)
+            k = k_cache.index_select(1, blocks).view(nkv, -1, hd)[:, :ctx].unsqueeze(0).to(q.dtype)  # (1, nkv, ctx, hd)
+            v = v_cache.index_select(1, blocks).view(nkv, -1, hd)[:, :ctx].unsqueeze(0).to(q.dtype)
             o = F.scaled_dot_product_attention(q[i].view(1, nkv, nh // nkv, hd), k, v)  # (1, nkv, G, hd)
             outs.append(o.view(nh, hd))
         return torch.stack(outs)  # (D, nh, hd)
@@ -110,17 +111,18 @@ class GatheredSDPA(DecodeAttention):
     def num_seqs(self) -> int:
         return self.bias.shape[1]
 
-    def gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sequences' keys and values, (nkv, D, width * bs, hd) each."""
+    def gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequences' keys and values, (nkv, D, width * bs, hd) each, in ``dtype`` (the queries')."""
         nkv, hd = k_cache.shape[0], k_cache.shape[-1]
         shape = (nkv, self.bias.shape[1], self.bias.shape[-1], hd)
-        return (k_cache.index_select(1, self.block_tables).view(shape),
-                v_cache.index_select(1, self.block_tables).view(shape))
+        return (k_cache.index_select(1, self.block_tables).view(shape).to(dtype),
+                v_cache.index_select(1, self.block_tables).view(shape).to(dtype))
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         D, nh, hd = q.shape
         nkv = k_cache.shape[0]
-        k, v = self.gather(k_cache, v_cache)
+        k, v = self.gather(k_cache, v_cache, q.dtype)
         # Each sequence's query heads sharing a KV head are SDPA's query rows; padding masked by the bias.
         o = F.scaled_dot_product_attention(q.view(D, nkv, nh // nkv, hd), k.transpose(0, 1), v.transpose(0, 1),
                                            attn_mask=self.bias.transpose(0, 1))  # (D, nkv, G, hd)
@@ -135,7 +137,7 @@ class BatchedMatmul(GatheredSDPA):
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         D, nh, hd = q.shape
         nkv = k_cache.shape[0]
-        k, v = self.gather(k_cache, v_cache)
+        k, v = self.gather(k_cache, v_cache, q.dtype)
         qh = (q * hd**-0.5).view(D, nkv, nh // nkv, hd).transpose(0, 1)  # (nkv, D, G, hd)
         scores = torch.matmul(qh, k.transpose(-1, -2))  # (nkv, D, G, L)
         scores += self.bias

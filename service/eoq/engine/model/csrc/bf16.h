@@ -43,4 +43,15 @@ int with_dtype(int dtype, F&& f) {
     return 0;
 }
 
+// f(tag, cache_tag) for two element types: the tensors "in dtype" and the KV cache "in cache_dtype" (the cache may
+// be held narrower than the activations: bfloat16 beside float32). Returns 0, or 2 for a dtype it lacks.
+template <typename F>
+int with_dtypes(int dtype, int cache_dtype, F&& f) {
+    int inner = 0;
+    const int rc = with_dtype(dtype, [&](auto* tag) {
+        inner = with_dtype(cache_dtype, [&](auto* cache_tag) { f(tag, cache_tag); });
+    });
+    return rc ? rc : inner;
+}
+
 }  // namespace eoq

@@ -6,8 +6,9 @@
 // tests/engine/test_kernel_header.py parses this file to check that they agree.
 //
 // dtype arguments name the element type of the tensors marked "in dtype": 0 = float32, 1 = bfloat16 (held as
-// uint16_t). Tensors are contiguous unless a stride is passed. Every entry point returns 0, or a non-zero code for
-// arguments it cannot take (2: a dtype it lacks).
+// uint16_t); cache_dtype, the same for the KV cache (which may be narrower: bfloat16 beside float32). Tensors are
+// contiguous unless a stride is passed. Every entry point returns 0, or a non-zero code for arguments it cannot take
+// (2: a dtype it lacks).
 #pragma once
 
 #include <stdint.h>
@@ -24,20 +25,21 @@ int eoq_add_rms_norm(int dtype, float* x, const void* delta, const float* weight
 // RoPE on a step's queries and keys, with the keys and values written to their cache slots (rope.cpp). qkv
 // (tokens, (nh + 2 nkv) hd) in dtype; cos/sin tables float32 (positions, hd), sin with its first half negated
 // (rotate_half folded in, as the decoder keeps it); positions and slots (tokens) int64; qk_out (tokens, nh + nkv, hd)
-// and the caches (nkv, cache_slots, hd) in dtype.
-int eoq_rope_and_store(int dtype, const void* qkv, const float* cos_table, const float* sin_table,
-                       const int64_t* positions, const int64_t* slots, void* qk_out, void* k_cache, void* v_cache,
-                       int64_t tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                       int64_t cache_slots);
+// in dtype, the caches (nkv, cache_slots, hd) in cache_dtype.
+int eoq_rope_and_store(int dtype, int cache_dtype, const void* qkv, const float* cos_table,
+                       const float* sin_table, const int64_t* positions, const int64_t* slots, void* qk_out,
+                       void* k_cache, void* v_cache, int64_t tokens, int64_t num_heads, int64_t num_kv_heads,
+                       int64_t head_dim, int64_t cache_slots);
 
 // Decode attention straight from the paged KV cache (paged_decode.cpp). q (num_seqs, num_heads, head_dim) in dtype
 // with q_stride elements from one sequence to the next (heads and their elements contiguous); out (num_seqs,
-// num_heads, head_dim) and the caches (num_kv_heads, num_blocks, block_size, head_dim) in dtype; block_tables
-// (num_seqs, table_width) and context_lens (num_seqs) int64.
-int eoq_paged_decode_attention(int dtype, const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
-                               const int64_t* block_tables, const int64_t* context_lens, void* out, int64_t num_seqs,
-                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                               int64_t num_blocks, int64_t table_width, float scale);
+// num_heads, head_dim) in dtype; the caches (num_kv_heads, num_blocks, block_size, head_dim) in cache_dtype;
+// block_tables (num_seqs, table_width) and context_lens (num_seqs) int64.
+int eoq_paged_decode_attention(int dtype, int cache_dtype, const void* q, int64_t q_stride, const void* k_cache,
+                               const void* v_cache, const int64_t* block_tables, const int64_t* context_lens,
+                               void* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                               int64_t head_dim, int64_t block_size, int64_t num_blocks, int64_t table_width,
+                               float scale);
 
 // SwiGLU's gate (silu_mul.cpp): out (rows, inter) = silu(gate) * up for gate_up (rows, 2 inter) = [gate | up], both
 // in dtype.
@@ -110,15 +112,15 @@ typedef struct EoqLlamaShape {
     float eps, scale;
 } EoqLlamaShape;
 
-// Every layer of a Llama-family decoder for a decode step, in one call (llama_small.cpp). pending and the caches in
-// dtype. x (tokens, hidden) float32: the residual stream (the embeddings), updated in place; pending (tokens,
-// hidden): on return the last layer's MLP output, not yet added to x (the final norm adds it); every decoding
-// token's position, slot, block table row (table_width blocks) and context length, as the kernels above take them.
-// The projections: steps of up to row_tokens tokens by the row kernels (eoq_int4_matmul), bigger ones by the
-// panels (eoq_gemm_q4: float32 only, every layer's panels given, else code 3); int8_activations: 1 runs them with
-// int8 activations (eoq_int4_matmul_x8, eoq_gemm_q4_x8). Returns 0, or the first failing kernel's code.
-int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_layers, EoqLlamaShape s, float* x,
-                          void* pending, const float* cos_table, const float* sin_table,
+// Every layer of a Llama-family decoder for a decode step, in one call (llama_small.cpp). pending in dtype, the
+// caches in cache_dtype. x (tokens, hidden) float32: the residual stream (the embeddings), updated in place;
+// pending (tokens, hidden): on return the last layer's MLP output, not yet added to x (the final norm adds it);
+// every decoding token's position, slot, block table row (table_width blocks) and context length, as the kernels
+// above take them. The projections: steps of up to row_tokens tokens by the row kernels (eoq_int4_matmul), bigger
+// ones by the panels (eoq_gemm_q4: float32 only, every layer's panels given, else code 3); int8_activations: 1 runs
+// them with int8 activations (eoq_int4_matmul_x8, eoq_gemm_q4_x8). Returns 0, or the first failing kernel's code.
+int eoq_llama_layers_int4(int dtype, int cache_dtype, const EoqLlamaLayer* layers, int64_t num_layers,
+                          EoqLlamaShape s, float* x, void* pending, const float* cos_table, const float* sin_table,
                           const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
                           const int64_t* context_lens, int64_t table_width, int64_t tokens, int64_t row_tokens,
                           int int8_activations);

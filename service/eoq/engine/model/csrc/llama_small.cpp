@@ -16,8 +16,8 @@
 
 extern "C" {  // the entry point declared in eoq_kernels.h, calling the others through it
 
-int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_layers, EoqLlamaShape s, float* x,
-                          void* pending, const float* cos_table, const float* sin_table,
+int eoq_llama_layers_int4(int dtype, int cache_dtype, const EoqLlamaLayer* layers, int64_t num_layers,
+                          EoqLlamaShape s, float* x, void* pending, const float* cos_table, const float* sin_table,
                           const int64_t* positions, const int64_t* slots, const int64_t* block_tables,
                           const int64_t* context_lens, int64_t table_width, int64_t tokens, int64_t row_tokens,
                           int int8_activations) {
@@ -67,12 +67,12 @@ int eoq_llama_layers_int4(int dtype, const EoqLlamaLayer* layers, int64_t num_la
         rc = eoq_add_rms_norm(dtype, x, l > 0 ? pending : nullptr, L.input_norm, normed, T, s.hidden, s.eps);
         if (!rc) rc = matmul(normed, L.qkv_q, L.qkv_s, L.qkv_pq, L.qkv_ps, qkv, s.hidden, qkv_f);
         if (!rc)
-            rc = eoq_rope_and_store(dtype, qkv, cos_table, sin_table, positions, slots, qk, L.k_cache, L.v_cache, T,
-                                    s.num_heads, s.num_kv_heads, hd, cache_slots);
+            rc = eoq_rope_and_store(dtype, cache_dtype, qkv, cos_table, sin_table, positions, slots, qk, L.k_cache,
+                                    L.v_cache, T, s.num_heads, s.num_kv_heads, hd, cache_slots);
         if (!rc)
-            rc = eoq_paged_decode_attention(dtype, qk, qk_f, L.k_cache, L.v_cache, block_tables, context_lens, attn,
-                                            T, s.num_heads, s.num_kv_heads, hd, s.block_size, s.num_blocks,
-                                            table_width, s.scale);
+            rc = eoq_paged_decode_attention(dtype, cache_dtype, qk, qk_f, L.k_cache, L.v_cache, block_tables,
+                                            context_lens, attn, T, s.num_heads, s.num_kv_heads, hd, s.block_size,
+                                            s.num_blocks, table_width, s.scale);
         if (!rc) rc = matmul(attn, L.o_q, L.o_s, L.o_pq, L.o_ps, o, attn_f, s.hidden);
         if (!rc) rc = eoq_add_rms_norm(dtype, x, o, L.post_norm, normed, T, s.hidden, s.eps);
         if (!rc)

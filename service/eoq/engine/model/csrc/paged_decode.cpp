@@ -4,7 +4,8 @@
 // threads (torch's own runtime: this library is loaded into a process that has torch's libgomp) — the G query
 // heads that share the KV head are scored against the sequence's keys block by block, softmaxed in float32,
 // and the values are summed with those weights. The cache of one layer is head-major,
-// (num_kv_heads, num_blocks, block_size, head_dim); element types are float32 or bfloat16.
+// (num_kv_heads, num_blocks, block_size, head_dim); element types are float32 or bfloat16, the cache's either
+// the queries' or bfloat16 beside float32 queries (half the bytes to read, widened exactly to float32).
 //
 // Built by eoq.engine.model.kernels with the machine's compiler when the engine starts; the engine falls back
 // to torch's SDPA over gathered blocks when it can't be built.
@@ -107,13 +108,13 @@ inline void for_each_row(const T* block, int64_t n, int64_t head_dim, float* row
     }
 }
 
-template <typename T>
-void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int64_t* block_tables,
+template <typename T, typename C>
+void decode(const T* q, int64_t q_stride, const C* k_cache, const C* v_cache, const int64_t* block_tables,
             const int64_t* context_lens, T* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
             int64_t head_dim, int64_t block_size, int64_t num_blocks, int64_t table_width, float scale) {
     const int64_t G = num_heads / num_kv_heads;
     const int64_t items = num_seqs * num_kv_heads;
-    const int64_t block_bytes = block_size * head_dim * static_cast<int64_t>(sizeof(T));
+    const int64_t block_bytes = block_size * head_dim * static_cast<int64_t>(sizeof(C));
 #pragma omp parallel
     {
         std::vector<float> qf(G * head_dim), row(head_dim), acc(G * head_dim), scores;
@@ -136,7 +137,7 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
                 const int64_t* tn = block_tables + sn * table_width;
                 for (int64_t t0 = 0; t0 < context_lens[sn]; t0 += block_size) {
                     const int64_t off = (hn * num_blocks + tn[t0 / block_size]) * block_size * head_dim;
-                    const int64_t bytes = std::min(block_size, context_lens[sn] - t0) * head_dim * sizeof(T);
+                    const int64_t bytes = std::min(block_size, context_lens[sn] - t0) * head_dim * sizeof(C);
                     prefetch<2>(k_cache + off, bytes);
                     prefetch<2>(v_cache + off, bytes);
                 }
@@ -154,7 +155,7 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
             // Scores: q . k for every cached token, block by block.
             for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
                 const int64_t b = t0 / block_size;
-                const T* kb = k_cache + (h * num_blocks + table[b]) * block_size * head_dim;
+                const C* kb = k_cache + (h * num_blocks + table[b]) * block_size * head_dim;
                 const int64_t n = std::min(block_size, ctx - t0);
                 // Blocks lie anywhere in the cache, so the hardware prefetcher stops at each block's end: fetch
                 // the next block's keys, and this block's values for the second pass, ahead (-22 % per layer at
@@ -196,7 +197,7 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
             // Weighted sum of the values.
             std::fill(acc.begin(), acc.end(), 0.f);
             for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
-                const T* vb = v_cache + (h * num_blocks + table[t0 / block_size]) * block_size * head_dim;
+                const C* vb = v_cache + (h * num_blocks + table[t0 / block_size]) * block_size * head_dim;
                 const int64_t n = std::min(block_size, ctx - t0);
                 if (with_head_vectors(head_dim, [&](auto hv) {
                         for (int64_t g = 0; g < G; ++g)
@@ -224,14 +225,16 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
 
 extern "C" {  // the entry points declared in eoq_kernels.h
 
-int eoq_paged_decode_attention(int dtype, const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
-                               const int64_t* block_tables, const int64_t* context_lens, void* out, int64_t num_seqs,
-                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                               int64_t num_blocks, int64_t table_width, float scale) {
+int eoq_paged_decode_attention(int dtype, int cache_dtype, const void* q, int64_t q_stride, const void* k_cache,
+                               const void* v_cache, const int64_t* block_tables, const int64_t* context_lens,
+                               void* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                               int64_t head_dim, int64_t block_size, int64_t num_blocks, int64_t table_width,
+                               float scale) {
     if (num_kv_heads <= 0 || num_heads % num_kv_heads) return 1;
-    return eoq::with_dtype(dtype, [&](auto* tag) {
+    return eoq::with_dtypes(dtype, cache_dtype, [&](auto* tag, auto* cache_tag) {
         using T = eoq::Elem<decltype(tag)>;
-        decode(static_cast<const T*>(q), q_stride, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),
+        using C = eoq::Elem<decltype(cache_tag)>;
+        decode(static_cast<const T*>(q), q_stride, static_cast<const C*>(k_cache), static_cast<const C*>(v_cache),
                block_tables, context_lens, static_cast<T*>(out), num_seqs, num_heads, num_kv_heads, head_dim,
                block_size, num_blocks, table_width, scale);
     });

@@ -16,9 +16,9 @@ namespace {
 using eoq::load;
 using eoq::store;
 
-template <typename T>
+template <typename T, typename C>
 void rope_and_store(const T* qkv, const float* cos_table, const float* sin_table, const int64_t* positions,
-                    const int64_t* slots, T* qk_out, T* k_cache, T* v_cache, int64_t tokens, int64_t num_heads,
+                    const int64_t* slots, T* qk_out, C* k_cache, C* v_cache, int64_t tokens, int64_t num_heads,
                     int64_t num_kv_heads, int64_t head_dim, int64_t cache_slots) {
     const int64_t half = head_dim / 2;
     const int64_t row = (num_heads + 2 * num_kv_heads) * head_dim;
@@ -35,15 +35,15 @@ void rope_and_store(const T* qkv, const float* cos_table, const float* sin_table
                 store(a * c[i] + b * s[i], o + i);
                 store(b * c[i + half] + a * s[i + half], o + i + half);
             }
-            if (h >= num_heads) {  // a key head: into the cache too
-                T* dst = k_cache + ((h - num_heads) * cache_slots + slots[t]) * head_dim;
-                for (int64_t i = 0; i < head_dim; ++i) dst[i] = o[i];
+            if (h >= num_heads) {  // a key head: into the cache too (rounded once more if the cache is narrower)
+                C* dst = k_cache + ((h - num_heads) * cache_slots + slots[t]) * head_dim;
+                for (int64_t i = 0; i < head_dim; ++i) store(load(o[i]), dst + i);
             }
         }
         const T* v = src + (num_heads + num_kv_heads) * head_dim;
         for (int64_t h = 0; h < num_kv_heads; ++h) {
-            T* dst = v_cache + (h * cache_slots + slots[t]) * head_dim;
-            for (int64_t i = 0; i < head_dim; ++i) dst[i] = v[h * head_dim + i];
+            C* dst = v_cache + (h * cache_slots + slots[t]) * head_dim;
+            for (int64_t i = 0; i < head_dim; ++i) store(load(v[h * head_dim + i]), dst + i);
         }
     }
 }
@@ -52,15 +52,16 @@ void rope_and_store(const T* qkv, const float* cos_table, const float* sin_table
 
 extern "C" {  // the entry points declared in eoq_kernels.h
 
-int eoq_rope_and_store(int dtype, const void* qkv, const float* cos_table, const float* sin_table,
-                       const int64_t* positions, const int64_t* slots, void* qk_out, void* k_cache, void* v_cache,
-                       int64_t tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                       int64_t cache_slots) {
+int eoq_rope_and_store(int dtype, int cache_dtype, const void* qkv, const float* cos_table,
+                       const float* sin_table, const int64_t* positions, const int64_t* slots, void* qk_out,
+                       void* k_cache, void* v_cache, int64_t tokens, int64_t num_heads, int64_t num_kv_heads,
+                       int64_t head_dim, int64_t cache_slots) {
     if (head_dim % 2) return 1;
-    return eoq::with_dtype(dtype, [&](auto* tag) {
+    return eoq::with_dtypes(dtype, cache_dtype, [&](auto* tag, auto* cache_tag) {
         using T = eoq::Elem<decltype(tag)>;
+        using C = eoq::Elem<decltype(cache_tag)>;
         rope_and_store(static_cast<const T*>(qkv), cos_table, sin_table, positions, slots, static_cast<T*>(qk_out),
-                       static_cast<T*>(k_cache), static_cast<T*>(v_cache), tokens, num_heads, num_kv_heads, head_dim,
+                       static_cast<C*>(k_cache), static_cast<C*>(v_cache), tokens, num_heads, num_kv_heads, head_dim,
                        cache_slots);
     });
 }

@@ -39,13 +39,14 @@ class LlamaLayerWeights(ctypes.Structure):
 @dataclass(frozen=True, slots=True)
 class LlamaLayersInt4:
     """A decoder's layers as ``CpuKernels.llama_layers_int4`` takes them, with whether their projections run with
-    int8 activations and up to how many tokens they run the row kernels (the panels beyond). It holds addresses
-    only: the model's tensors and the KV cache it names must outlive it."""
+    int8 activations, up to how many tokens they run the row kernels (the panels beyond), and the KV cache's dtype.
+    It holds addresses only: the model's tensors and the KV cache it names must outlive it."""
 
     array: ctypes.Array
     shape: LlamaShape
     int8_activations: bool
     row_tokens: int
+    cache_dtype: torch.dtype
 
     @classmethod
     def of(cls, layers: list[dict[str, torch.Tensor | None]], shape: LlamaShape, int8_activations: bool,
@@ -60,7 +61,10 @@ class LlamaLayersInt4:
                 if not t.is_contiguous():
                     raise ValueError(f"{name} is not contiguous")
                 setattr(entry, name, t.data_ptr())
-        return cls(array, shape, int8_activations, row_tokens)
+        cache_dtypes = {tensors[name].dtype for tensors in layers for name in ("k_cache", "v_cache")}
+        if len(cache_dtypes) != 1:
+            raise ValueError(f"the layers' caches differ in dtype: {cache_dtypes}")
+        return cls(array, shape, int8_activations, row_tokens, cache_dtypes.pop())
 
 
 _int, _ptr, _i64, _f32 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -68,8 +72,8 @@ _int, _ptr, _i64, _f32 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c
 # Every entry point of csrc/eoq_kernels.h as ctypes calls it: (restype, argtypes), every pointer a void*.
 SIGNATURES: dict[str, tuple[type, list[type]]] = {
     "eoq_add_rms_norm": (_int, [_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]),
-    "eoq_rope_and_store": (_int, [_int] + [_ptr] * 8 + [_i64] * 5),
-    "eoq_paged_decode_attention": (_int, [_int, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr] + [_i64] * 7 + [_f32]),
+    "eoq_rope_and_store": (_int, [_int, _int] + [_ptr] * 8 + [_i64] * 5),
+    "eoq_paged_decode_attention": (_int, [_int, _int, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr] + [_i64] * 7 + [_f32]),
     "eoq_silu_mul": (_int, [_int, _ptr, _ptr, _i64, _i64]),
     "eoq_int4_matmul": (_int, [_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
     "eoq_int8_matmul": (_int, [_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
@@ -81,7 +85,7 @@ SIGNATURES: dict[str, tuple[type, list[type]]] = {
     "eoq_gemm_q4_x8": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
     "eoq_gemm_q8_x8": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]),
     "eoq_argmax": (_int, [_ptr, _ptr, _i64, _i64]),
-    "eoq_llama_layers_int4": (_int, [_int, _ptr, _i64, LlamaShape] + [_ptr] * 8 + [_i64] * 3 + [_int]),
+    "eoq_llama_layers_int4": (_int, [_int, _int, _ptr, _i64, LlamaShape] + [_ptr] * 8 + [_i64] * 3 + [_int]),
     "eoq_simd_isa": (ctypes.c_char_p, []),
     "eoq_int8_dot_isa": (ctypes.c_char_p, []),
 }
@@ -156,15 +160,16 @@ class CpuKernels:
                        positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
         """RoPE on the queries and keys of ``qkv`` (T, (nh + 2 nkv) hd), returned as (T, nh + nkv, hd); the
-        rotated keys and the values written to ``slots`` of the caches (nkv, num_blocks, bs, hd). The tables are
-        float32 (positions, hd) with sin's first half negated (``csrc/rope.cpp``)."""
+        rotated keys and the values written to ``slots`` of the caches (nkv, num_blocks, bs, hd; in qkv's dtype, or
+        bfloat16 beside float32: rounded once more). The tables are float32 (positions, hd) with sin's first half
+        negated (``csrc/rope.cpp``)."""
         qkv = qkv.contiguous()
         T = qkv.shape[0]
         out = torch.empty(T, num_heads + num_kv_heads, head_dim, dtype=qkv.dtype)
         cache_slots = k_cache.shape[1] * k_cache.shape[2]
-        self._rope(_DTYPES[qkv.dtype], qkv.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(),
-                   positions.data_ptr(), slots.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                   T, num_heads, num_kv_heads, head_dim, cache_slots)
+        self._rope(_DTYPES[qkv.dtype], _DTYPES[k_cache.dtype], qkv.data_ptr(), cos_table.data_ptr(),
+                   sin_table.data_ptr(), positions.data_ptr(), slots.data_ptr(), out.data_ptr(), k_cache.data_ptr(),
+                   v_cache.data_ptr(), T, num_heads, num_kv_heads, head_dim, cache_slots)
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -227,15 +232,16 @@ class CpuKernels:
         positions, slots, context_lens (T,) and block_tables (T * width,) int64, as for ``rope_and_store`` and
         ``paged_decode_attention``."""
         T = x.shape[0]
-        self._llama_int4(_DTYPES[pending.dtype], ctypes.addressof(layers.array), len(layers.array), layers.shape,
-                         x.data_ptr(), pending.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(),
-                         positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
-                         block_tables.numel() // max(T, 1), T, layers.row_tokens, int(layers.int8_activations))
+        self._llama_int4(_DTYPES[pending.dtype], _DTYPES[layers.cache_dtype], ctypes.addressof(layers.array),
+                         len(layers.array), layers.shape, x.data_ptr(), pending.data_ptr(), cos_table.data_ptr(),
+                         sin_table.data_ptr(), positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
+                         context_lens.data_ptr(), block_tables.numel() // max(T, 1), T, layers.row_tokens,
+                         int(layers.int8_activations))
 
     def paged_decode_attention(
         self,
         q: torch.Tensor,  # (D, nh, hd); heads contiguous, any stride between sequences
-        k_cache: torch.Tensor,  # (nkv, num_blocks, bs, hd) contiguous
+        k_cache: torch.Tensor,  # (nkv, num_blocks, bs, hd) contiguous, in q's dtype or bfloat16
         v_cache: torch.Tensor,
         block_tables: torch.Tensor,  # (D * width,) int64
         context_lens: torch.Tensor,  # (D,) int64
@@ -247,7 +253,7 @@ class CpuKernels:
         if q.stride(2) != 1 or q.stride(1) != hd:
             q = q.contiguous()
         out = torch.empty(D, nh, hd, dtype=q.dtype)
-        self._decode(_DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                     block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(), D, nh, nkv, hd, bs,
-                     num_blocks, block_tables.numel() // max(D, 1), hd**-0.5)
+        self._decode(_DTYPES[q.dtype], _DTYPES[k_cache.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(),
+                     v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(), D, nh,
+                     nkv, hd, bs, num_blocks, block_tables.numel() // max(D, 1), hd**-0.5)
         return out

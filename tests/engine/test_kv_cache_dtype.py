@@ -80,11 +80,12 @@ def _answers(core, sampling) -> dict[str, tuple[list[int], list[float]]]:
             for rid, outs in run_to_end(core).items()}
 
 
-def test_kernels_and_torch_ops_agree_over_a_bfloat16_cache(tiny_llama) -> None:
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_kernels_and_torch_ops_agree_over_a_bfloat16_cache(request, family: str) -> None:
     """A float32 model over a bfloat16 cache, prompts split into chunks (a budget of 16 tokens a step): eoq's kernels
-    (RoPE with the cache writes, decode attention) and torch's ops (index_copy_, SDPA over the widened blocks) give
-    the same greedy tokens, their logprobs within float32's rounding."""
-    checkpoint, _ = tiny_llama
+    (Llama's RoPE with the cache writes, decode attention) and torch's ops (index_copy_, SDPA over the widened
+    blocks) give the same greedy tokens, their logprobs within float32's rounding."""
+    checkpoint, _ = request.getfixturevalue(f"tiny_{family}")
     sampling = dict(ignore_eos=True, temperature=0.0, logprobs=True)
     kernels = _answers(make_core(checkpoint, kv_cache_dtype="bfloat16", max_num_batched_tokens=16), sampling)
     torch_ops = _answers(make_core(checkpoint, kv_cache_dtype="bfloat16", max_num_batched_tokens=16,

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+import jsonschema
 import openai
+import pydantic
 import pytest
 
 from eoq._proto.chat.v1 import chat_pb2 as pb
@@ -19,6 +21,9 @@ from tests.api.http.conftest import base_url, raw_client
 pytestmark = pytest.mark.asyncio(loop_scope="package")
 
 GERMANY = "What is the capital of Germany?"
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
 ITALY = "What is the capital of Italy?"
 
 
@@ -231,3 +236,61 @@ async def test_errors_in_openai_shape(client: openai.AsyncOpenAI, model: str, ht
                                                   "conversation": started.conversation.id})
         assert r.status_code == 409 and r.json()["error"]["type"] == "invalid_request_error"
         await client.responses.cancel(started.id)
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=20)
+    age: int = pydantic.Field(ge=0, le=120)
+
+
+async def test_structured_output_through_text_format(client: openai.AsyncOpenAI, model: str,
+                                                      http_server: RunningServer) -> None:
+    """``text.format`` (the schema in the format itself, as the Responses API has it): json_schema, json_object,
+    streamed, regenerated (eoq's extension), and the client's ``responses.parse`` into a pydantic model; the format
+    is echoed."""
+    fmt = {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}
+    made = await client.responses.create(model=model, input="Invent a person.", max_output_tokens=80,
+                                         temperature=1.0, extra_body={"seed": 5}, text={"format": fmt})
+    assert made.status == "completed"
+    jsonschema.validate(json.loads(made.output_text), PERSON)
+    assert made.text.format.type == "json_schema" and made.text.format.name == "person"
+    async with raw_client(http_server) as raw:
+        r = await raw.post(f"/v1/conversations/{made.conversation.id}/regenerate",
+                           json={"model": model, "temperature": 1.0, "seed": 6, "max_output_tokens": 80,
+                                 "text": {"format": fmt}})
+        assert r.status_code == 200, r.text
+        again = r.json()
+    assert again["text"]["format"]["name"] == "person"
+    jsonschema.validate(json.loads(again["output"][0]["content"][0]["text"]), PERSON)
+    parsed = await client.responses.parse(model=model, input="Invent a person.", max_output_tokens=80,
+                                          text_format=Person)
+    assert isinstance(parsed.output_parsed, Person), parsed.output_text
+    obj = await client.responses.create(model=model, input=FRANCE, max_output_tokens=60, store=False,
+                                        text={"format": {"type": "json_object"}})
+    assert isinstance(json.loads(obj.output_text), dict)
+    text = ""
+    async with client.responses.stream(model=model, input="Invent a person.", max_output_tokens=80,
+                                       text={"format": fmt}) as stream:
+        async for event in stream:
+            if event.type == "response.output_text.delta":
+                text += event.delta
+        final = await stream.get_final_response()
+    jsonschema.validate(json.loads(text), PERSON)
+    assert final.output_text == text and final.text.format.type == "json_schema"
+    plain = await client.responses.create(model=model, input=FRANCE, max_output_tokens=8, store=False,
+                                          text={"format": {"type": "text"}})
+    assert plain.text.format.type == "text" and plain.output_text
+
+
+@pytest.mark.parametrize("text, param", [
+    ({"format": {"type": "xml"}}, "text.format.type"),
+    ({"format": {"type": "json_schema", "name": "x"}}, "text.format.schema"),
+    ({"format": {"type": "json_schema", "name": "x", "schema": {"type": "objectx"}}}, None),  # xgrammar's reason
+    ("json", "text"),
+])
+async def test_a_text_format_it_cannot_follow_is_refused(client: openai.AsyncOpenAI, model: str, text,
+                                                         param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.responses.create(model=model, input=FRANCE, max_output_tokens=8, store=False,
+                                      extra_body={"text": text})
+    assert e.value.param == param and e.value.code in ("invalid_value", "invalid_type"), e.value.body

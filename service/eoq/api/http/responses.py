@@ -36,11 +36,11 @@ from pydantic import Field
 
 from eoq.api.adapter import SamplingPolicy
 from eoq.api.http.errors import InvalidParam
-from eoq.api.http.schemas import SamplingFields, _Strict, sampling_params, text_content
+from eoq.api.http.schemas import SamplingFields, _Strict, format_constraint, sampling_params, text_content
 from eoq.chat.events import AnswerEvent, Usage
 from eoq.chat.prompt import ChatMessage
 from eoq.chat.store import Conversation, Role, StoredMessage
-from eoq.engine.types import FinishReason, SamplingParams
+from eoq.engine.types import Constraint, FinishReason, SamplingParams
 from eoq.errors import NotFound
 
 PREAMBLE = 4  # created, in_progress, output_item.added, content_part.added: sequence numbers 0..3
@@ -88,10 +88,27 @@ class _Sampled(SamplingFields):
 
     background: bool | None = None
     max_output_tokens: int | None = Field(None, ge=1)
+    text: Any = None  # {"format": ...}: the answer's format (structured output)
 
     def sampling(self, policy: SamplingPolicy) -> SamplingParams:
         """The chat completions' rule (``schemas.sampling_params``), with ``max_output_tokens`` as the limit."""
         return sampling_params(self, policy, self.max_output_tokens, "max_output_tokens")
+
+    @property
+    def text_format(self) -> dict:
+        """``text.format`` as given (OpenAI's default: plain text), echoed in the response object."""
+        if self.text is None:
+            return {"type": "text"}
+        if not isinstance(self.text, dict):
+            raise InvalidParam("Invalid type for 'text': expected an object", "text", "invalid_type")
+        fmt = self.text.get("format")
+        return fmt if fmt is not None else {"type": "text"}
+
+    def constraint(self) -> Constraint | None:
+        """``text.format``: ``{"type": "json_schema", "name": ..., "schema": {...}, "strict": ...}`` (the schema in the
+        format itself, unlike chat completions' ``response_format``), ``{"type": "json_object"}`` or text."""
+        fmt = self.text_format
+        return format_constraint(fmt, "text.format", fmt, "text.format.schema")
 
 
 class ResponseRequest(_Sampled):
@@ -100,7 +117,6 @@ class ResponseRequest(_Sampled):
     previous_response_id: str | None = None
     conversation: Any = None
     store: bool | None = None
-    text: Any = None
     reasoning: Any = None
     include: Any = None
     prompt: Any = None
@@ -114,9 +130,7 @@ class ResponseRequest(_Sampled):
                      "top_logprobs": "top_logprobs is not supported",
                      "prompt": "prompt templates are not supported"})
         self.refuse_unless("tool_choice", (None, "none", "auto"), "tool_choice is not supported (no tools)")
-        fmt = (self.text or {}).get("format") if isinstance(self.text, dict) else None
-        if self.text is not None and not (isinstance(self.text, dict) and fmt in (None, {"type": "text"})):
-            raise InvalidParam('text.format: only {"type": "text"} is supported', "text.format", "unsupported_value")
+        self.constraint()  # a format it cannot follow is refused before anything runs
         if self.truncation not in (None, "disabled", "auto"):
             raise InvalidParam("truncation must be 'auto' or 'disabled'", "truncation")
         if self.background and self.store is False:
@@ -218,7 +232,8 @@ def output_item(message_id: str, text: str, status: str) -> dict:
 
 def response_object(*, rid: str, model: str, created_at: float, status: str, text: str | None, message_id: str,
                     conversation: str | None, previous: str | None, usage: Usage | None, background: bool,
-                    instructions: str | None, store: bool, max_output_tokens: int | None) -> dict:
+                    instructions: str | None, store: bool, max_output_tokens: int | None,
+                    text_format: dict | None = None) -> dict:
     item_status = "completed" if status in ("completed", "incomplete", "cancelled") else "in_progress"
     return {
         "id": rid, "object": "response", "created_at": int(created_at), "status": status,
@@ -226,7 +241,7 @@ def response_object(*, rid: str, model: str, created_at: float, status: str, tex
         "instructions": instructions, "max_output_tokens": max_output_tokens, "model": model,
         "output": [] if text is None else [output_item(message_id, text, item_status)],
         "parallel_tool_calls": False, "previous_response_id": previous, "reasoning": None, "store": store,
-        "temperature": None, "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
+        "temperature": None, "text": {"format": text_format or {"type": "text"}}, "tool_choice": "none", "tools": [],
         "top_p": None, "truncation": "disabled", "usage": usage_object(usage), "user": None, "metadata": {},
         "background": background, "conversation": {"id": conversation_id(conversation)} if conversation else None,
     }

@@ -74,6 +74,10 @@ class SamplingFields(_Strict):
             if getattr(self, name):
                 raise InvalidParam(message, name, "unsupported_parameter")
 
+    def constraint(self) -> Constraint | None:
+        """The structured output the request asks for (None: free text); each API names it its own way."""
+        return None
+
     def refuse_unless(self, name: str, allowed: tuple, message: str) -> None:
         """A 400 ``unsupported_parameter`` when the field ``name`` has a value outside ``allowed``."""
         if getattr(self, name) not in allowed:
@@ -112,19 +116,8 @@ class _Sampling(SamplingFields):
         rf, so = self.response_format, self.structured_outputs
         c = None
         if rf is not None:
-            kind = rf.get("type") if isinstance(rf, dict) else None
-            if kind == "json_schema":
-                spec = rf.get("json_schema")
-                schema = spec.get("schema") if isinstance(spec, dict) else None
-                if not isinstance(schema, dict):
-                    raise InvalidParam("response_format.json_schema.schema must be a JSON Schema object",
-                                       "response_format.json_schema.schema", "invalid_value")
-                c = Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))
-            elif kind == "json_object":
-                c = Constraint(ConstraintKind.JSON_OBJECT)
-            elif kind != "text":
-                raise InvalidParam("response_format.type must be text, json_object or json_schema",
-                                   "response_format.type", "invalid_value")
+            spec = rf.get("json_schema") if isinstance(rf, dict) else None
+            c = format_constraint(rf, "response_format", spec, "response_format.json_schema.schema")
         if so:
             if c is not None:
                 raise InvalidParam("send response_format or structured_outputs, not both", "structured_outputs")
@@ -282,7 +275,24 @@ _SAMPLING_FIELD = re.compile(r"\b(temperature|top_p|top_k|repetition_penalty|max
                              r"choice)\b")
 
 
-def sampling_params(req: _Strict, policy: SamplingPolicy, max_tokens: int | None, max_tokens_param: str,
+def format_constraint(fmt: Any, param: str, schema_holder: Any, schema_param: str) -> Constraint | None:
+    """An OpenAI output format (``{"type": "text" | "json_object" | "json_schema", ...}``, the request's field
+    ``param``) as a constraint; a json_schema format's schema is ``schema_holder["schema"]`` (chat completions nest
+    it under ``json_schema``, Responses hold it in the format itself), named ``schema_param`` in a refusal."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_schema":
+        schema = schema_holder.get("schema") if isinstance(schema_holder, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidParam(f"{schema_param} must be a JSON Schema object", schema_param, "invalid_value")
+        return Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))
+    if kind == "json_object":
+        return Constraint(ConstraintKind.JSON_OBJECT)
+    if kind != "text":
+        raise InvalidParam(f"{param}.type must be text, json_object or json_schema", f"{param}.type", "invalid_value")
+    return None
+
+
+def sampling_params(req: SamplingFields, policy: SamplingPolicy, max_tokens: int | None, max_tokens_param: str,
                     logprobs: bool = False, top_logprobs: int = 0) -> SamplingParams:
     """The request's sampling, the server's defaults for what it leaves out, checked by the gRPC API's rules
     (``SamplingParams.validate`` with the policy's limits); a refusal names the field in ``param``."""
@@ -310,7 +320,7 @@ def sampling_params(req: _Strict, policy: SamplingPolicy, max_tokens: int | None
         logit_bias=req.logit_bias_pairs() if isinstance(req, _Sampling) else (),
         min_tokens=opt("min_tokens", 0),
         stop_token_ids=tuple(opt("stop_token_ids", ())),
-        constraint=req.constraint() if isinstance(req, _Sampling) else None,
+        constraint=req.constraint(),
     )
     try:
         return policy.validate(params)

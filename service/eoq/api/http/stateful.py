@@ -89,7 +89,7 @@ class StatefulRoutes:
                                      status="in_progress", text=None, message_id=first.message_id,
                                      conversation=first.conversation_id, previous=previous, usage=None,
                                      background=background, instructions=instructions, store=True,
-                                     max_output_tokens=req.max_output_tokens)
+                                     max_output_tokens=req.max_output_tokens, text_format=req.text_format)
 
         if req.stream:
             numbers: list[R.EventNumbers] = []
@@ -133,7 +133,7 @@ class StatefulRoutes:
         obj = R.response_object(rid=rid, model=self.api.model, created_at=R.now(), status="in_progress", text=None,
                                 message_id=request_id, conversation=None, previous=req.previous_response_id,
                                 usage=None, background=False, instructions=system, store=False,
-                                max_output_tokens=req.max_output_tokens)
+                                max_output_tokens=req.max_output_tokens, text_format=req.text_format)
         if req.stream:
             numbers = R.EventNumbers(obj, request_id)
             sequence = [0]

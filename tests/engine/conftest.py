@@ -72,6 +72,25 @@ def tiny_gpt2(tmp_path_factory, tokenizer_dir):
     return out, _build("gpt2", tokenizer_dir, out)
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_on_4bit_grid(tmp_path_factory, tokenizer_dir):
+    """A tiny random Llama whose projections' weights lie on a 4-bit grid, as a Q4_1 checkpoint (the default model's
+    GGUF) holds them: per group of 32 inputs, min + q * step with q in 0..15. In float32 each projection then keeps
+    an exact 4-bit copy, in rows and in panels, and drops its float32 weight."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.weight"):
+                groups = p.view(p.shape[0], -1, 32)
+                lo = groups.amin(-1, keepdim=True)
+                step = (groups.amax(-1, keepdim=True) - lo) / 15
+                groups.copy_(lo + ((groups - lo) / step).round() * step)
+    return save_checkpoint(model, tokenizer_dir, tmp_path_factory.mktemp("tiny-llama-q4"))
+
+
 def make_core(checkpoint: Path, **overrides) -> EngineCore:
     """An engine core in float32 with float32 activations (``activation_quantization="off"``: on a CPU without fast
     bfloat16 ``auto`` would take int8 ones for low-bit weights, and these tests compare float32 exactly); tests of

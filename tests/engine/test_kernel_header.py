@@ -11,11 +11,11 @@ import subprocess
 
 import pytest
 
-from eoq.engine.model.kernels.bindings import SIGNATURES, LlamaLayerWeights, LlamaShape
+from eoq.engine.model.kernels.bindings import SIGNATURES, Int4Projection, LlamaLayerWeights, LlamaShape
 from eoq.engine.model.kernels.build import HEADER, sources
 
 SCALARS = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
-STRUCTS = {"EoqLlamaShape": LlamaShape, "EoqLlamaLayer": LlamaLayerWeights}
+STRUCTS = {"EoqLlamaShape": LlamaShape, "EoqLlamaLayer": LlamaLayerWeights, "EoqInt4Projection": Int4Projection}
 
 
 def _header() -> str:

@@ -14,7 +14,7 @@ from eoq.errors import ConfigError
 
 from .conftest import _kernel_builds, make_core, merge, run_to_end
 from .test_fidelity import prompt_ids
-from .test_small_steps import decode_step_inputs, tiny_llama_on_4bit_grid  # noqa: F401 (a fixture)
+from .test_small_steps import both_paths
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -58,19 +58,14 @@ def test_a_bfloat16_cache_holds_twice_the_tokens_of_a_float32_one(tiny_llama) ->
 
 @pytest.mark.parametrize("activations", ["off", "int8"])
 @pytest.mark.parametrize("march", _kernel_builds())
-def test_the_one_call_step_over_a_bfloat16_cache(tiny_llama_on_4bit_grid, march, activations):  # noqa: F811
+def test_the_one_call_step_over_a_bfloat16_cache(tiny_llama_on_4bit_grid, march, activations):
     """The one call (row kernels at 3 tokens, panels at 9) writes and reads a bfloat16 cache as the layers do."""
     for lengths in ([7, 30, 12], [4 + 5 * i for i in range(9)]):
         core = make_core(tiny_llama_on_4bit_grid, activation_quantization=activations, kv_cache_dtype="bfloat16",
                          kernel_march=march)
-        model, runner = core.runner.model, core.runner
-        assert runner.kv_cache.dtype == torch.bfloat16
-        ids, pos, meta, rows = decode_step_inputs(core, lengths)
-        with torch.inference_mode():
-            one_call = model(ids, pos, runner.kv_caches, meta, rows)
-            model.one_call_tokens = 0
-            layer_by_layer = model(ids, pos, runner.kv_caches, meta, rows)
-        assert one_call.dtype == torch.float32 and torch.equal(one_call, layer_by_layer)
+        assert core.runner.kv_cache.dtype == torch.bfloat16
+        calls, one_call, layer_by_layer = both_paths(core, lengths)
+        assert calls == 1 and one_call.dtype == torch.float32 and torch.equal(one_call, layer_by_layer)
 
 
 def _answers(core, sampling) -> dict[str, tuple[list[int], list[float]]]:

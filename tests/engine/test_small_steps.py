@@ -22,25 +22,6 @@ def int4_core(checkpoint, dtype: str, activations: str = "off"):
                      activation_quantization=activations)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_on_4bit_grid(tmp_path_factory, tokenizer_dir):
-    """A tiny random Llama whose projections' weights lie on a 4-bit grid, as a Q4_1 checkpoint (the default model's
-    GGUF) holds them: per group of 32 inputs, min + q * step with q in 0..15. In float32 each projection then keeps
-    an exact 4-bit copy, in rows and in panels, and drops its float32 weight."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(tiny_llama_config()).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("_proj.weight"):
-                groups = p.view(p.shape[0], -1, 32)
-                lo = groups.amin(-1, keepdim=True)
-                step = (groups.amax(-1, keepdim=True) - lo) / 15
-                groups.copy_(lo + ((groups - lo) / step).round() * step)
-    return save_checkpoint(model, tokenizer_dir, tmp_path_factory.mktemp("tiny-llama-q4"))
-
-
 def decode_step_inputs(core, lengths: list[int]):
     """Prefill requests of these prompt lengths; return the model inputs of the first decode-only step."""
     for i, n in enumerate(lengths):
@@ -53,24 +34,38 @@ def decode_step_inputs(core, lengths: list[int]):
     return step.input_ids, step.positions, step.meta, step.logits_indices
 
 
+def counted_calls(model) -> list[int]:
+    """The model's one-call kernel, wrapped to count its calls (appended to the list returned)."""
+    calls = []
+    fused = model.ops.kernels.llama_layers_int4
+    model.ops.kernels.llama_layers_int4 = lambda *a: calls.append(len(a)) or fused(*a)
+    return calls
+
+
+def both_paths(core, lengths: list[int]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The logits of the first decode-only step of requests with these prompt lengths, run in one call and then
+    layer by layer (rewriting the same K/V into the cache), and how many times the one-call kernel ran."""
+    model, runner = core.runner.model, core.runner
+    ids, pos, meta, rows = decode_step_inputs(core, lengths)
+    calls = counted_calls(model)
+    with torch.inference_mode():
+        one_call = model(ids, pos, runner.kv_caches, meta, rows)
+        model.one_call_tokens = 0
+        layer_by_layer = model(ids, pos, runner.kv_caches, meta, rows)
+    return len(calls), one_call, layer_by_layer
+
+
 @pytest.mark.parametrize("activations", ["off", "int8"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("lengths", [[7], [40, 3], [18, 33, 5, 61]], ids=["1", "2", "4"])
 def test_one_call_gives_the_layer_by_layer_logits(tiny_llama, dtype, lengths, activations):
     checkpoint, _ = tiny_llama
     core = int4_core(checkpoint, dtype, activations)
-    model, runner = core.runner.model, core.runner
+    model = core.runner.model
     assert model.one_call_tokens == 4
     assert model.layers[0].qkv.runs_int8_activations(4, decode=True) == (activations == "int8")
-    ids, pos, meta, rows = decode_step_inputs(core, lengths)
-    calls = []
-    fused = model.ops.kernels.llama_layers_int4
-    model.ops.kernels.llama_layers_int4 = lambda *a: calls.append(len(a)) or fused(*a)
-    with torch.inference_mode():
-        one_call = model(ids, pos, runner.kv_caches, meta, rows)
-        model.one_call_tokens = 0
-        layer_by_layer = model(ids, pos, runner.kv_caches, meta, rows)  # rewrites the same K/V into the cache
-    assert len(calls) == 1
+    calls, one_call, layer_by_layer = both_paths(core, lengths)
+    assert calls == 1
     assert torch.equal(one_call, layer_by_layer)
 
 
@@ -81,25 +76,13 @@ def test_one_call_gives_the_layer_by_layer_logits_with_int8_activations_on_each_
     checkpoint, _ = tiny_llama
     core = make_core(checkpoint, quantized_weights="int4", quantized_max_tokens=4, activation_quantization="int8",
                      kernel_march=march)
-    model, runner = core.runner.model, core.runner
+    model = core.runner.model
     assert model.one_call_tokens == 4 and model.layers[0].down.runs_int8_activations(4, decode=True)
-    ids, pos, meta, rows = decode_step_inputs(core, [18, 33, 5, 61])
-    with torch.inference_mode():
-        one_call = model(ids, pos, runner.kv_caches, meta, rows)
-        model.one_call_tokens = 0
-        layer_by_layer = model(ids, pos, runner.kv_caches, meta, rows)
-    assert torch.equal(one_call, layer_by_layer)
+    calls, one_call, layer_by_layer = both_paths(core, [18, 33, 5, 61])
+    assert calls == 1 and torch.equal(one_call, layer_by_layer)
 
 
 MANY = [3 + (7 * i) % 23 for i in range(32)]  # 32 prompts of 3 to 25 tokens
-
-
-def counted_calls(model) -> list[int]:
-    """The model's one-call kernel, wrapped to count its calls (appended to the list returned)."""
-    calls = []
-    fused = model.ops.kernels.llama_layers_int4
-    model.ops.kernels.llama_layers_int4 = lambda *a: calls.append(len(a)) or fused(*a)
-    return calls
 
 
 @pytest.mark.parametrize("activations", ["off", "int8"])
@@ -108,18 +91,13 @@ def test_any_decode_step_runs_in_one_call_on_the_panels(tiny_llama_on_4bit_grid,
     """In float32 with exact 4-bit copies, decode steps beyond the row kernels' 4 tokens run the panels in the one
     call, as the layers run them: the same logits as layer by layer."""
     core = make_core(tiny_llama_on_4bit_grid, activation_quantization=activations)
-    model, runner = core.runner.model, core.runner
+    model = core.runner.model
     assert model.row_tokens == 4 and model.one_call_tokens == sys.maxsize
     assert all(p.lowbit_panels is not None and p.weight.numel() == 0 for la in model.layers
                for p in (la.qkv, la.o_proj, la.gate_up, la.down))
     assert model.layers[0].qkv.runs_int8_activations(len(lengths), decode=True) == (activations == "int8")
-    ids, pos, meta, rows = decode_step_inputs(core, lengths)
-    calls = counted_calls(model)
-    with torch.inference_mode():
-        one_call = model(ids, pos, runner.kv_caches, meta, rows)
-        model.one_call_tokens = 0
-        layer_by_layer = model(ids, pos, runner.kv_caches, meta, rows)  # rewrites the same K/V into the cache
-    assert len(calls) == 1
+    calls, one_call, layer_by_layer = both_paths(core, lengths)
+    assert calls == 1
     assert torch.equal(one_call, layer_by_layer)
 
 
@@ -128,15 +106,8 @@ def test_any_decode_step_runs_in_one_call_on_the_panels(tiny_llama_on_4bit_grid,
 def test_the_panels_in_one_call_on_each_branch(tiny_llama_on_4bit_grid, march, activations):
     """Each ISA branch this machine runs: a step of 9 decodes on the panels, in one call and layer by layer."""
     core = make_core(tiny_llama_on_4bit_grid, activation_quantization=activations, kernel_march=march)
-    model, runner = core.runner.model, core.runner
-    ids, pos, meta, rows = decode_step_inputs(core, [4 + 5 * i for i in range(9)])
-    calls = counted_calls(model)
-    with torch.inference_mode():
-        one_call = model(ids, pos, runner.kv_caches, meta, rows)
-        model.one_call_tokens = 0
-        layer_by_layer = model(ids, pos, runner.kv_caches, meta, rows)
-    assert len(calls) == 1
-    assert torch.equal(one_call, layer_by_layer)
+    calls, one_call, layer_by_layer = both_paths(core, [4 + 5 * i for i in range(9)])
+    assert calls == 1 and torch.equal(one_call, layer_by_layer)
 
 
 def test_bfloat16_steps_beyond_the_row_kernels_run_layer_by_layer(tiny_llama_on_4bit_grid):

@@ -29,7 +29,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 from eoq.engine.backends import Abort, Add, ProcessBackend, ThreadBackend

@@ -54,7 +54,6 @@ class SamplingBatch:
     @classmethod
     def build(cls, rows: list[SamplingRow], device: torch.device) -> SamplingBatch:
         params = [r.params for r in rows]
-        S = len(params)
         all_greedy = all(p.is_greedy for p in params)
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         top_k = top_p = penalty = seen = None

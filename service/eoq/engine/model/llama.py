@@ -17,7 +17,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from eoq.engine.model.attention import AttentionMetadata, paged_attention
 from eoq.engine.model.base import DecoderModel, KVSpec, copy_into, take
 from eoq.engine.model.decode_attention import PagedKernel
-from eoq.engine.model.kernels.bindings import LlamaLayersInt4, LlamaShape
+from eoq.engine.model.kernels.bindings import PROJECTIONS, LlamaLayersInt4, LlamaShape
 from eoq.engine.model.linear import Int8Activations, Linear, LMHead
 from eoq.engine.model.norms import RMSNorm
 from eoq.engine.model.ops import TORCH_OPS, KernelRope, TorchOps, TorchRope
@@ -172,15 +172,14 @@ class LlamaDecoder(DecoderModel):
             shape = LlamaShape(hidden=self.embed.embedding_dim, num_heads=first.nh, num_kv_heads=first.nkv,
                                head_dim=first.hd, inter=first.inter, block_size=k0.shape[2], num_blocks=k0.shape[1],
                                eps=first.input_norm.eps, scale=first.hd**-0.5)
+
+            def projection(p: Linear) -> tuple:  # Int4Projection's fields: rows, then panels (or none)
+                panels = (None, None) if p.lowbit_panels is None else (p.lowbit_panels.values, p.lowbit_panels.scales)
+                return p.int4.values, p.int4.scales, *panels
+
             layers = self._small_layers = LlamaLayersInt4.of([
-                dict(input_norm=la.input_norm.weight, post_norm=la.post_norm.weight,
-                     qkv_q=la.qkv.int4.values, qkv_s=la.qkv.int4.scales, o_q=la.o_proj.int4.values,
-                     o_s=la.o_proj.int4.scales, gate_up_q=la.gate_up.int4.values, gate_up_s=la.gate_up.int4.scales,
-                     down_q=la.down.int4.values, down_s=la.down.int4.scales, k_cache=k, v_cache=v,
-                     **{f"{name}_p{part}": None if panels is None else getattr(panels, field)
-                        for name, panels in (("qkv", la.qkv.lowbit_panels), ("o", la.o_proj.lowbit_panels),
-                                             ("gate_up", la.gate_up.lowbit_panels), ("down", la.down.lowbit_panels))
-                        for part, field in (("q", "values"), ("s", "scales"))})
+                dict(input_norm=la.input_norm.weight, post_norm=la.post_norm.weight, k_cache=k, v_cache=v,
+                     **{name: projection(p) for name, p in zip(PROJECTIONS, (la.qkv, la.o_proj, la.gate_up, la.down))})
                 for la, (k, v) in zip(self.layers, kv_caches)
             ], shape, int8_activations=first.qkv.runs_int8_activations(1, decode=True), row_tokens=self.row_tokens)
         return layers

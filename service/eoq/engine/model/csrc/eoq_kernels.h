@@ -81,30 +81,23 @@ int eoq_gemm_q8_x8(const float* x, const int8_t* q, const float* scales, float* 
 // The index of each row's first largest value (argmax.cpp): x float32 (rows, n), out int64 (rows).
 int eoq_argmax(const float* x, int64_t* out, int64_t rows, int64_t n);
 
-// One layer's weights for eoq_llama_layers_int4 (set once at load): RMSNorm weights float32; each projection 4-bit
-// as eoq_int4_matmul takes it (q, scales), and as eoq_gemm_q4 takes it (the panels: pq, ps; null where the layer
-// has none); the layer's K and V caches (num_kv_heads, num_blocks, block_size, head_dim).
+// A projection's 4-bit weight for eoq_llama_layers_int4: in rows as eoq_int4_matmul takes it (q, s), and in panels
+// as eoq_gemm_q4 takes it (pq, ps; null where there are none).
+typedef struct EoqInt4Projection {
+    const uint8_t* q;
+    const float* s;
+    const uint8_t* pq;
+    const float* ps;
+} EoqInt4Projection;
+
+// One layer's weights for eoq_llama_layers_int4 (set once at load): RMSNorm weights float32, the four projections,
+// the layer's K and V caches (num_kv_heads, num_blocks, block_size, head_dim).
 typedef struct EoqLlamaLayer {
     const float* input_norm;
     const float* post_norm;
-    const uint8_t* qkv_q;
-    const float* qkv_s;
-    const uint8_t* o_q;
-    const float* o_s;
-    const uint8_t* gate_up_q;
-    const float* gate_up_s;
-    const uint8_t* down_q;
-    const float* down_s;
+    EoqInt4Projection qkv, o, gate_up, down;
     void* k_cache;
     void* v_cache;
-    const uint8_t* qkv_pq;
-    const float* qkv_ps;
-    const uint8_t* o_pq;
-    const float* o_ps;
-    const uint8_t* gate_up_pq;
-    const float* gate_up_ps;
-    const uint8_t* down_pq;
-    const float* down_ps;
 } EoqLlamaLayer;
 
 typedef struct EoqLlamaShape {

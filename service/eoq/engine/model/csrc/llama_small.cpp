@@ -26,21 +26,17 @@ int eoq_llama_layers_int4(int dtype, int cache_dtype, const EoqLlamaLayer* layer
     const bool rows = T <= row_tokens;
     if (!rows) {  // the panels: float32 only, and every layer's
         if (dtype != 0) return 3;
-        for (int64_t l = 0; l < num_layers; ++l) {
-            const EoqLlamaLayer& L = layers[l];
-            if (!L.qkv_pq || !L.qkv_ps || !L.o_pq || !L.o_ps || !L.gate_up_pq || !L.gate_up_ps || !L.down_pq ||
-                !L.down_ps)
-                return 3;
-        }
+        for (int64_t l = 0; l < num_layers; ++l)
+            for (const EoqInt4Projection* P : {&layers[l].qkv, &layers[l].o, &layers[l].gate_up, &layers[l].down})
+                if (!P->pq || !P->ps) return 3;
     }
     // The projections' 4-bit matmul: a row kernel (lowbit_rows.cpp, x8_rows.cpp) or the panels (gemm.cpp,
     // x8_gemm.cpp), with float32 or int8 activations: y (T, out_f) = in (T, in_f) W^T.
     auto* const row_kernel = int8_activations ? eoq_int4_matmul_x8 : eoq_int4_matmul;
     auto* const panel_kernel = int8_activations ? eoq_gemm_q4_x8 : eoq_gemm_q4;
-    auto matmul = [&](const void* in, const uint8_t* q, const float* sc, const uint8_t* pq, const float* ps, void* y,
-                      int64_t in_f, int64_t out_f) {
-        return rows ? row_kernel(dtype, in, q, sc, y, T, in_f, out_f)
-                    : panel_kernel(static_cast<const float*>(in), pq, ps, static_cast<float*>(y), T, out_f, in_f);
+    auto matmul = [&](const void* in, const EoqInt4Projection& P, void* y, int64_t in_f, int64_t out_f) {
+        return rows ? row_kernel(dtype, in, P.q, P.s, y, T, in_f, out_f)
+                    : panel_kernel(static_cast<const float*>(in), P.pq, P.ps, static_cast<float*>(y), T, out_f, in_f);
     };
     const int64_t elem = dtype == 0 ? 4 : 2, hd = s.head_dim;
     const int64_t qkv_f = (s.num_heads + 2 * s.num_kv_heads) * hd, qk_f = (s.num_heads + s.num_kv_heads) * hd;
@@ -65,7 +61,7 @@ int eoq_llama_layers_int4(int dtype, int cache_dtype, const EoqLlamaLayer* layer
     for (int64_t l = 0; l < num_layers && rc == 0; ++l) {
         const EoqLlamaLayer& L = layers[l];
         rc = eoq_add_rms_norm(dtype, x, l > 0 ? pending : nullptr, L.input_norm, normed, T, s.hidden, s.eps);
-        if (!rc) rc = matmul(normed, L.qkv_q, L.qkv_s, L.qkv_pq, L.qkv_ps, qkv, s.hidden, qkv_f);
+        if (!rc) rc = matmul(normed, L.qkv, qkv, s.hidden, qkv_f);
         if (!rc)
             rc = eoq_rope_and_store(dtype, cache_dtype, qkv, cos_table, sin_table, positions, slots, qk, L.k_cache,
                                     L.v_cache, T, s.num_heads, s.num_kv_heads, hd, cache_slots);
@@ -73,12 +69,11 @@ int eoq_llama_layers_int4(int dtype, int cache_dtype, const EoqLlamaLayer* layer
             rc = eoq_paged_decode_attention(dtype, cache_dtype, qk, qk_f, L.k_cache, L.v_cache, block_tables,
                                             context_lens, attn, T, s.num_heads, s.num_kv_heads, hd, s.block_size,
                                             s.num_blocks, table_width, s.scale);
-        if (!rc) rc = matmul(attn, L.o_q, L.o_s, L.o_pq, L.o_ps, o, attn_f, s.hidden);
+        if (!rc) rc = matmul(attn, L.o, o, attn_f, s.hidden);
         if (!rc) rc = eoq_add_rms_norm(dtype, x, o, L.post_norm, normed, T, s.hidden, s.eps);
-        if (!rc)
-            rc = matmul(normed, L.gate_up_q, L.gate_up_s, L.gate_up_pq, L.gate_up_ps, gate_up, s.hidden, 2 * s.inter);
+        if (!rc) rc = matmul(normed, L.gate_up, gate_up, s.hidden, 2 * s.inter);
         if (!rc) rc = eoq_silu_mul(dtype, gate_up, act, T, s.inter);
-        if (!rc) rc = matmul(act, L.down_q, L.down_s, L.down_pq, L.down_ps, pending, s.inter, s.hidden);
+        if (!rc) rc = matmul(act, L.down, pending, s.inter, s.hidden);
     }
     return rc;
 }

@@ -27,13 +27,21 @@ class LlamaShape(ctypes.Structure):
                                                                                ("scale", ctypes.c_float)]
 
 
+class Int4Projection(ctypes.Structure):
+    """``EoqInt4Projection`` of ``csrc/eoq_kernels.h``: a projection's 4-bit weight in rows (q, s) and panels (pq, ps),
+    by address."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "s", "pq", "ps")]
+
+
+PROJECTIONS = ("qkv", "o", "gate_up", "down")  # a Llama layer's, as EoqLlamaLayer names them
+
+
 class LlamaLayerWeights(ctypes.Structure):
     """``EoqLlamaLayer`` of ``csrc/eoq_kernels.h``: one layer's tensors, by address."""
 
-    _fields_ = [(n, ctypes.c_void_p) for n in ("input_norm", "post_norm", "qkv_q", "qkv_s", "o_q", "o_s", "gate_up_q",
-                                               "gate_up_s", "down_q", "down_s", "k_cache", "v_cache", "qkv_pq",
-                                               "qkv_ps", "o_pq", "o_ps", "gate_up_pq", "gate_up_ps", "down_pq",
-                                               "down_ps")]
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("input_norm", "post_norm")]
+                + [(n, Int4Projection) for n in PROJECTIONS] + [(n, ctypes.c_void_p) for n in ("k_cache", "v_cache")])
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,16 +59,25 @@ class LlamaLayersInt4:
     @classmethod
     def of(cls, layers: list[dict[str, torch.Tensor | None]], shape: LlamaShape, int8_activations: bool,
            row_tokens: int) -> LlamaLayersInt4:
-        """``layers``: per layer the tensors named as ``LlamaLayerWeights``' fields, each contiguous (the panels'
-        may be None: then only steps of up to ``row_tokens`` tokens can run)."""
+        """``layers``: per layer the tensors named as ``LlamaLayerWeights``' fields, each contiguous, a projection's
+        as the tuple of ``Int4Projection``'s (its panels may be None: then only steps of up to ``row_tokens`` tokens
+        can run)."""
         array = (LlamaLayerWeights * len(layers))()
+
+        def address(name: str, t: torch.Tensor) -> int:
+            if not t.is_contiguous():
+                raise ValueError(f"{name} is not contiguous")
+            return t.data_ptr()
+
         for entry, tensors in zip(array, layers):
             for name, t in tensors.items():
-                if t is None:
-                    continue
-                if not t.is_contiguous():
-                    raise ValueError(f"{name} is not contiguous")
-                setattr(entry, name, t.data_ptr())
+                if name in PROJECTIONS:
+                    projection = getattr(entry, name)  # a view of the entry's own bytes
+                    for (part, _), tp in zip(Int4Projection._fields_, t):
+                        if tp is not None:
+                            setattr(projection, part, address(f"{name}.{part}", tp))
+                else:
+                    setattr(entry, name, address(name, t))
         cache_dtypes = {tensors[name].dtype for tensors in layers for name in ("k_cache", "v_cache")}
         if len(cache_dtypes) != 1:
             raise ValueError(f"the layers' caches differ in dtype: {cache_dtypes}")

@@ -184,7 +184,10 @@ async def test_one_tenant_flooding_neither_starves_nor_rejects_another() -> None
                 return grpc.StatusCode.OK
 
             flooding = [asyncio.get_running_loop().create_task(flood(i)) for i in range(12)]
-            await asyncio.sleep(0.5)  # the batch is full of alice's answers, her queue holds the rest
+            for _ in range(200):  # until the batch is full of alice's answers (her queue holds the rest)
+                if running.engine.last_stats.num_running == 4:
+                    break
+                await asyncio.sleep(0.05)
             assert running.engine.last_stats.num_running == 4
             loaded = [await first_token_seconds(stub, FRANCE, bob) for _ in range(3)]
             codes = await asyncio.gather(*flooding)

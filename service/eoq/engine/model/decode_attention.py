@@ -181,7 +181,7 @@ class TorchDecode(DecodeBackend):
 
     def __init__(self, block_size: int, dtype: torch.dtype) -> None:
         self.block_size = block_size
-        self.dtype = dtype  # the queries' and the cache's (the bias is added to their scores)
+        self.dtype = dtype  # the queries' (the cache's is theirs or narrower; the bias is added to their scores)
 
     def plan(self, block_tables: torch.Tensor, context_lens: torch.Tensor,
              host_lens: Sequence[int] | None) -> DecodeAttention:

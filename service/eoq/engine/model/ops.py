@@ -50,7 +50,7 @@ class TorchOps:
         return TorchRope(cos_table[positions].to(dtype).unsqueeze(1), sin_table[positions].to(dtype).unsqueeze(1))
 
     def decode_attention(self, block_size: int, dtype: torch.dtype) -> DecodeBackend:
-        """How decode steps attend (``decode_attention``), for a cache of ``block_size`` blocks in ``dtype``."""
+        """How decode steps attend (``decode_attention``), for blocks of ``block_size`` and queries in ``dtype``."""
         return TorchDecode(block_size, dtype)
 
 

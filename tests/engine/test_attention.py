@@ -104,6 +104,16 @@ def _check_decode_attention(num_decodes: int, backend: DecodeBackend) -> None:
         torch.testing.assert_close(out[i], _reference(q[i], keys, values), atol=1e-5, rtol=1e-5)
 
 
+def _scattered_tables(gen: torch.Generator, num_blocks: int, lengths: list[int], stride: int,
+                      bs: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Each sequence's blocks, drawn from a random permutation of the cache's (``stride`` apart per sequence), as
+    lists and as the kernel's flat (D * width,) table padded with block 0."""
+    width = -(-max(lengths) // bs)
+    blocks = torch.randperm(num_blocks, generator=gen)
+    tables = [blocks[i * stride : i * stride + -(-n // bs)].tolist() for i, n in enumerate(lengths)]
+    return tables, torch.tensor([b for t in tables for b in t + [0] * (width - len(t))])
+
+
 @pytest.mark.parametrize("group", [1, GROUP])
 def test_kernel_in_bfloat16_over_long_contexts(kernel, group: int) -> None:
     """bfloat16 cache and queries, contexts up to 150 blocks, heads grouped or not, queries taken as a strided
@@ -113,13 +123,10 @@ def test_kernel_in_bfloat16_over_long_contexts(kernel, group: int) -> None:
     k_cache = torch.randn(NKV, num_blocks, bs, hd, generator=gen).bfloat16()
     v_cache = torch.randn(NKV, num_blocks, bs, hd, generator=gen).bfloat16()
     lengths = [1, 17, 2400, 999]
-    width = -(-max(lengths) // bs)
-    blocks = torch.randperm(num_blocks, generator=gen)
-    tables = [blocks[i * 150 : i * 150 + -(-n // bs)].tolist() for i, n in enumerate(lengths)]
+    tables, flat = _scattered_tables(gen, num_blocks, lengths, 150, bs)
     qk = torch.randn(len(lengths), nh + NKV, hd, generator=gen).bfloat16()  # q and k side by side, as in Llama
     q = qk[:, :nh]
-    out = kernel(q, k_cache, v_cache, torch.tensor([b for t in tables for b in t + [0] * (width - len(t))]),
-                 torch.tensor(lengths))
+    out = kernel(q, k_cache, v_cache, flat, torch.tensor(lengths))
     kv_head = torch.arange(nh) // group
     for i, (n, table) in enumerate(zip(lengths, tables)):
         keys = k_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n].float()  # (nh, n, hd)
@@ -207,10 +214,7 @@ def test_kernel_reads_a_bfloat16_cache_beside_float32_queries(kernel) -> None:
     k16 = torch.randn(NKV, num_blocks, bs, hd, generator=gen).bfloat16()
     v16 = torch.randn(NKV, num_blocks, bs, hd, generator=gen).bfloat16()
     lengths = [1, 16, 37, 400]
-    width = -(-max(lengths) // bs)
-    blocks = torch.randperm(num_blocks, generator=gen)
-    tables = [blocks[i * 30 : i * 30 + -(-n // bs)].tolist() for i, n in enumerate(lengths)]
-    flat = torch.tensor([b for t in tables for b in t + [0] * (width - len(t))])
+    _, flat = _scattered_tables(gen, num_blocks, lengths, 30, bs)
     q = torch.randn(len(lengths), nh, hd, generator=gen)
     out = kernel(q, k16, v16, flat, torch.tensor(lengths))
     assert out.dtype == torch.float32

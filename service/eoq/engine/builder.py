@@ -117,7 +117,7 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
     log.info(
         "model %s (%s) on %s in %s, context %d tokens, loaded in %.1f s; KV cache (%s) %.2f GiB = %d tokens "
         "(%d blocks of %d, %d bytes/token) = %d full-length or ~%d sequences of 1k tokens; %s threads; %s%s",
-        info.name, info.architecture, info.device, info.dtype, model_len, time.monotonic() - t0, dtype_name(kv_dtype),
+        info.name, info.architecture, info.device, info.dtype, model_len, time.monotonic() - t0, info.kv_cache_dtype,
         num_blocks * cfg.block_size * bytes_per_token / GiB, capacity, num_blocks, cfg.block_size, bytes_per_token,
         capacity // model_len, capacity // 1024, torch.get_num_threads(),
         ops.name,

@@ -67,6 +67,11 @@ class LlamaLayer(nn.Module):
         self.down = Linear(inter, hidden, bias=mlp_bias)
         self.ops: TorchOps = TORCH_OPS  # set by LlamaDecoder.prepare
 
+    @property
+    def projections(self) -> tuple[Linear, Linear, Linear, Linear]:
+        """The layer's matmuls, in the order of ``bindings.PROJECTIONS`` (the one-call kernel's names)."""
+        return self.qkv, self.o_proj, self.gate_up, self.down
+
     def forward(self, x: torch.Tensor, pending: torch.Tensor | None, rope: TorchRope | KernelRope,
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """x: (T, hidden) the float32 residual stream, still without ``pending`` (the previous layer's MLP output,
@@ -133,7 +138,7 @@ class LlamaDecoder(DecoderModel):
         # has a 4-bit copy for them and no bias (with int8 activations where the projections take them: all or
         # none, as prepare set them): steps of up to row_tokens tokens on the row kernels, and in float32 with
         # every projection's exact copy in panels (a 4-bit checkpoint) the bigger ones too, as Linear runs them.
-        projections = [p for la in self.layers for p in (la.qkv, la.o_proj, la.gate_up, la.down)]
+        projections = [p for la in self.layers for p in la.projections]
         self.one_call_tokens = self.row_tokens = 0
         self._small_layers = None
         if ops.kernels is None or any(p.bias is not None or p.int4_max_tokens < 0 for p in projections):
@@ -179,7 +184,7 @@ class LlamaDecoder(DecoderModel):
 
             layers = self._small_layers = LlamaLayersInt4.of([
                 dict(input_norm=la.input_norm.weight, post_norm=la.post_norm.weight, k_cache=k, v_cache=v,
-                     **{name: projection(p) for name, p in zip(PROJECTIONS, (la.qkv, la.o_proj, la.gate_up, la.down))})
+                     **{name: projection(p) for name, p in zip(PROJECTIONS, la.projections)})
                 for la, (k, v) in zip(self.layers, kv_caches)
             ], shape, int8_activations=first.qkv.runs_int8_activations(1, decode=True), row_tokens=self.row_tokens)
         return layers

@@ -164,6 +164,28 @@ def test_kernel_in_float32_for_each_head_size(kernel, hd: int) -> None:
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("group", [2, 4, 5, 8])  # the values pass takes up to 4 heads at once: 5 and 8 take two
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_for_each_query_group_size(kernel, group: int, cache_dtype: torch.dtype) -> None:
+    """Query heads per KV head from 2 to 8, float32 queries beside a float32 or bfloat16 cache (each key and value
+    is read once for the whole group): plain attention of each head on its KV head."""
+    gen = torch.Generator().manual_seed(group)
+    nh, hd, bs, num_blocks = NKV * group, 64, 16, 120
+    k_cache = torch.randn(NKV, num_blocks, bs, hd, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(NKV, num_blocks, bs, hd, generator=gen).to(cache_dtype)
+    lengths = [1, 9, 16, 50, 301]
+    tables, flat = _scattered_tables(gen, num_blocks, lengths, 20, bs)
+    q = torch.randn(len(lengths), nh, hd, generator=gen)
+    out = kernel(q, k_cache, v_cache, flat, torch.tensor(lengths))
+    kv_head = torch.arange(nh) // group
+    for i, (n, table) in enumerate(zip(lengths, tables)):
+        keys = k_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n].float()  # (nh, n, hd)
+        values = v_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n].float()
+        probs = torch.softmax((q[i].unsqueeze(1) @ keys.transpose(1, 2)).squeeze(1) / hd**0.5, dim=-1)
+        ref = (probs.unsqueeze(1) @ values).squeeze(1)  # (nh, hd)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
+
+
 def test_without_a_compiler_the_engine_falls_back_to_torch(monkeypatch, tmp_path, caplog) -> None:
     from eoq.engine.model.kernels import load_cpu_kernels
 

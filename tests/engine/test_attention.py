@@ -114,6 +114,18 @@ def _scattered_tables(gen: torch.Generator, num_blocks: int, lengths: list[int],
     return tables, torch.tensor([b for t in tables for b in t + [0] * (width - len(t))])
 
 
+def _grouped_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: list[int], n: int,
+                       group: int) -> torch.Tensor:
+    """One sequence's attention in float32: q (nh, hd) over the first n tokens of its blocks ``table`` in caches
+    (nkv, num_blocks, bs, hd), query head h on KV head h // group -> (nh, hd)."""
+    nkv, hd = k_cache.shape[0], k_cache.shape[-1]
+    kv_head = torch.arange(q.shape[0]) // group
+    keys = k_cache[:, table].reshape(nkv, -1, hd)[kv_head, :n].float()  # (nh, n, hd)
+    values = v_cache[:, table].reshape(nkv, -1, hd)[kv_head, :n].float()
+    probs = torch.softmax((q.float().unsqueeze(1) @ keys.transpose(1, 2)).squeeze(1) / hd**0.5, dim=-1)
+    return (probs.unsqueeze(1) @ values).squeeze(1)
+
+
 @pytest.mark.parametrize("group", [1, GROUP])
 def test_kernel_in_bfloat16_over_long_contexts(kernel, group: int) -> None:
     """bfloat16 cache and queries, contexts up to 150 blocks, heads grouped or not, queries taken as a strided
@@ -127,12 +139,8 @@ def test_kernel_in_bfloat16_over_long_contexts(kernel, group: int) -> None:
     qk = torch.randn(len(lengths), nh + NKV, hd, generator=gen).bfloat16()  # q and k side by side, as in Llama
     q = qk[:, :nh]
     out = kernel(q, k_cache, v_cache, flat, torch.tensor(lengths))
-    kv_head = torch.arange(nh) // group
     for i, (n, table) in enumerate(zip(lengths, tables)):
-        keys = k_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n].float()  # (nh, n, hd)
-        values = v_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n].float()
-        probs = torch.softmax((q[i].float().unsqueeze(1) @ keys.transpose(1, 2)).squeeze(1) / hd**0.5, dim=-1)
-        ref = (probs.unsqueeze(1) @ values).squeeze(1)  # (nh, hd)
+        ref = _grouped_reference(q[i], k_cache, v_cache, table, n, group)
         torch.testing.assert_close(out[i].float(), ref, atol=2e-2, rtol=2e-2)
 
 
@@ -155,13 +163,9 @@ def test_kernel_in_float32_for_each_head_size(kernel, hd: int) -> None:
     q = torch.randn(len(lengths), nh, hd, generator=gen)
     out = kernel(q, k_cache, v_cache, torch.tensor([b for t in tables for b in t + [0] * (width - len(t))]),
                  torch.tensor(lengths))
-    kv_head = torch.arange(nh) // GROUP
     for i, (n, table) in enumerate(zip(lengths, tables)):
-        keys = k_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n]  # (nh, n, hd)
-        values = v_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n]
-        probs = torch.softmax((q[i].unsqueeze(1) @ keys.transpose(1, 2)).squeeze(1) / hd**0.5, dim=-1)
-        ref = (probs.unsqueeze(1) @ values).squeeze(1)  # (nh, hd)
-        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[i], _grouped_reference(q[i], k_cache, v_cache, table, n, GROUP),
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("group", [2, 4, 5, 8])  # the values pass takes up to 4 heads at once: 5 and 8 take two
@@ -177,13 +181,9 @@ def test_kernel_for_each_query_group_size(kernel, group: int, cache_dtype: torch
     tables, flat = _scattered_tables(gen, num_blocks, lengths, 20, bs)
     q = torch.randn(len(lengths), nh, hd, generator=gen)
     out = kernel(q, k_cache, v_cache, flat, torch.tensor(lengths))
-    kv_head = torch.arange(nh) // group
     for i, (n, table) in enumerate(zip(lengths, tables)):
-        keys = k_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n].float()  # (nh, n, hd)
-        values = v_cache[:, table].reshape(NKV, -1, hd)[kv_head, :n].float()
-        probs = torch.softmax((q[i].unsqueeze(1) @ keys.transpose(1, 2)).squeeze(1) / hd**0.5, dim=-1)
-        ref = (probs.unsqueeze(1) @ values).squeeze(1)  # (nh, hd)
-        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[i], _grouped_reference(q[i], k_cache, v_cache, table, n, group),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_without_a_compiler_the_engine_falls_back_to_torch(monkeypatch, tmp_path, caplog) -> None:

@@ -147,13 +147,16 @@ def cpu_flags() -> set[str]:
 def _kernel_builds() -> list[str]:
     """The ``-march`` levels to build eoq's CPU kernels for: this machine's, and on x86-64 each older branch of
     ``csrc/simd.h`` it can run (AVX2 under AVX-512, the generic vectors under AVX2), so every branch this machine
-    can execute is tested here, not only the one its own build takes."""
+    can execute is tested here, not only the one its own build takes; under AVX-512 with VNNI also AVX-512 without
+    it (``x86-64-v4``: the int8 panels' vpmaddubsw on 512-bit registers, ``csrc/x8_gemm.cpp``)."""
     builds = ["native"]
     flags = cpu_flags()
     if "avx512f" in flags and {"avx2", "fma"} <= flags:
         builds.append("x86-64-v3")
     if "avx512f" in flags or {"avx2", "fma"} <= flags:
         builds.append("x86-64")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:  # last: the fidelity tests take the first two
+        builds.append("x86-64-v4")
     return builds
 
 
@@ -164,6 +167,6 @@ def cpu_kernels_lib(request, tmp_path_factory):
     from eoq.engine.model.kernels.build import build
 
     lib = CpuKernels(build(tmp_path_factory.mktemp("kernels"), march=request.param))
-    expected = {"x86-64-v3": "avx2", "x86-64": "generic"}.get(request.param)
+    expected = {"x86-64-v4": "avx512", "x86-64-v3": "avx2", "x86-64": "generic"}.get(request.param)
     assert expected in (None, lib.isa), f"-march={request.param} built the {lib.isa} branch"
     return lib

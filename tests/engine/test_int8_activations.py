@@ -19,11 +19,12 @@ import torch.nn.functional as F
 
 from eoq.engine.device import select_int8_activations
 from eoq.engine.model.kernels.bindings import CpuKernels
+from eoq.engine.model.kernels.build import build
 from eoq.engine.model.kernels.formats import pack_int4_panels, pack_int8_panels
 from eoq.engine.model.linear import INT4_GROUP, INT4_LEVELS, INT8_MAX_TOKENS, Int8Activations, Linear, LMHead
 from eoq.errors import ConfigError
 
-from .conftest import cpu_flags
+from .conftest import _kernel_builds, cpu_flags
 
 BLOCK = 32
 FLOAT_TOL = 1e-5
@@ -36,7 +37,9 @@ def _expected_dot_isa(march: str) -> str:
         return "generic"
     if march == "native" and {"avx512f", "avx512_vnni", "avx512vl"} <= flags:
         return "avx512-vnni"
-    return "avx-vnni" if march == "native" and "avx_vnni" in flags else "avx2"
+    if march == "native" and "avx_vnni" in flags:
+        return "avx-vnni"
+    return "avx512bw" if march == "x86-64-v4" or (march == "native" and "avx512bw" in flags) else "avx2"
 
 
 def _bound(x: torch.Tensor, w_abs: torch.Tensor, w_abs_parts: torch.Tensor) -> torch.Tensor:
@@ -152,6 +155,34 @@ def test_panel_kernels_are_within_the_quantization_bound(cpu_kernels_lib, bits: 
     ones = torch.ones(out_f, in_f // BLOCK)
     _check(cpu_kernels_lib.gemm_lowbit(x, pack_int8_panels(ramp, ones), out_f, int8_activations=True), x,
            ramp.float(), ramp.float().abs(), "ramp")
+
+
+@pytest.fixture(scope="module")
+def avx2_kernels(tmp_path_factory) -> CpuKernels:
+    """The kernels built for AVX2 (``x86-64-v3``), where this machine has more than AVX2."""
+    if "x86-64-v3" not in _kernel_builds():
+        pytest.skip("this machine's own build is the AVX2 one, or it has no AVX2")
+    return CpuKernels(build(tmp_path_factory.mktemp("avx2-kernels"), march="x86-64-v3"))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_x86_branches_give_the_panels_the_same_sums(cpu_kernels_lib, avx2_kernels, bits: int) -> None:
+    """AVX-512's 512-bit tiles (with VNNI's vpdpbusd, or vpmaddubsw without) sum each group exactly and scale it with
+    the float32 operations of the AVX2 tiles, lane for lane: the same outputs, bit for bit."""
+    if cpu_kernels_lib.isa == "generic":
+        pytest.skip("the portable vectors round the scales differently (no fused multiply-add)")
+    gen = torch.Generator().manual_seed(bits)
+    out_f, in_f = 100, 576  # 7 panels: a tile's panels and a remainder
+    if bits == 4:
+        q, step, lo, _, _ = _int4_weight(gen, out_f, in_f)
+        panels = pack_int4_panels(q, step, lo)
+    else:
+        q, scale, _ = _int8_weight(gen, out_f, in_f)
+        panels = pack_int8_panels(q, scale)
+    for rows in (1, 3, 5, 32, 70):
+        x = _activations(gen, rows, in_f)
+        assert torch.equal(cpu_kernels_lib.gemm_lowbit(x, panels, out_f, int8_activations=True),
+                           avx2_kernels.gemm_lowbit(x, panels, out_f, int8_activations=True)), f"{rows} rows"
 
 
 def test_the_row_and_panel_kernels_agree(cpu_kernels_lib) -> None:

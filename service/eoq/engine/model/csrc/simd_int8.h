@@ -30,10 +30,14 @@ constexpr int kNibbleDots = 8;  // dot_us of 4-bit values a NibbleSums may add u
 
 #if defined(__AVX2__)
 
+// The integer dot product the kernels use (the load log names it): without VNNI an AVX-512 build's panels take
+// vpmaddubsw on 512-bit registers (x8_gemm.cpp), its row kernels the 256-bit one.
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 constexpr const char* kDot = "avx512-vnni";
 #elif defined(__AVXVNNI__)
 constexpr const char* kDot = "avx-vnni";
+#elif defined(__AVX512BW__)
+constexpr const char* kDot = "avx512bw";
 #else
 constexpr const char* kDot = "avx2";
 #endif

@@ -204,12 +204,36 @@ def test_default_model_with_auto_int8_activations_answers_as_float32(default_che
     # Every decode step runs the one-call path (the row kernels at one token, the panels at 12), int8 activations.
     assert result["row_tokens"] == 4 and result["one_call_tokens"] == sys.maxsize
     assert result["step_agreement"] >= 0.95, f"{result['step_agreement']:.3f} of float32's tokens ({march})"
+    assert result["batch_agreement"] >= 0.95, f"{result['batch_agreement']:.3f} in steps of 12 ({march})"
     tokenizer = load_tokenizer(default_checkpoint.path)
     answers = [tokenizer.decode(a) for a in result["answers"]]
     assert "Paris" in answers[0] and "Berlin" in answers[1] and "Shakespeare" in answers[2], answers
     assert "Berlin" in tokenizer.decode(result["follow_up"])
     print(f"auto, int8 in decode steps ({march}): teacher forced {result['step_agreement']:.4f} of float32's "
-          f"tokens; free-running, equal for the first {result['same_prefix']}")
+          f"tokens ({result['batch_agreement']:.4f} in steps of 12); free-running, equal for the first "
+          f"{result['same_prefix']}")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("march", _kernel_builds()[:2])
+def test_default_model_in_bfloat16_with_auto_int8_panels_answers_as_float32(default_checkpoint, march):
+    """``auto`` on a CPU with AVX-512 BF16 and no AMX (decided here as there): a bfloat16 model whose decode steps
+    beyond the row kernels run the 4-bit panels with int8 activations (``DECODE_PANELS``), every decode step in one
+    call; one-token steps and prompts keep bfloat16's path. Teacher forced through decode steps of all 12 prompts at
+    once, >= 95 % of float32's greedy tokens; the reference questions are answered as in float32, alone and decoded
+    among the prompts (15 rows a step: the int8 panels)."""
+    result = int8_check.evaluate(default_checkpoint.path, march, int8_check.BF16_MACHINE)
+    assert result["int8_decode_steps"] == [0, 30 * 4 + 1] and result["int8_prompt_steps"] == 0
+    assert result["row_tokens"] == 4 and result["one_call_tokens"] == sys.maxsize
+    assert result["kv_cache_dtype"] == "bfloat16"
+    assert result["batch_agreement"] >= 0.95, f"{result['batch_agreement']:.3f} of float32's tokens ({march})"
+    tokenizer = load_tokenizer(default_checkpoint.path)
+    for which in ("answers", "batched_answers"):
+        answers = [tokenizer.decode(a) for a in result[which]]
+        assert "Paris" in answers[0] and "Berlin" in answers[1] and "Shakespeare" in answers[2], (which, answers)
+    assert "Berlin" in tokenizer.decode(result["follow_up"])
+    print(f"bfloat16, auto on an AVX-512 BF16 CPU ({march}): teacher forced {result['batch_agreement']:.4f} of "
+          f"float32's tokens in steps of 12 (int8 panels), {result['step_agreement']:.4f} in one-token steps")
 
 
 @pytest.mark.e2e

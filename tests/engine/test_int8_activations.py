@@ -253,6 +253,38 @@ def test_decode_steps_take_int8_at_any_size_and_prompt_steps_stay_exact(cpu_kern
         torch.testing.assert_close(lin(x).double(), exact, atol=1e-4, rtol=1e-5)
 
 
+def test_bfloat16_decode_panels_take_int8_beyond_the_row_kernels_only(cpu_kernels_lib) -> None:
+    """``DECODE_PANELS`` (auto in bfloat16 on an AVX-512 BF16 CPU): the exact copy in panels is kept beside the
+    dtype's weight (oneDNN's, where it packs); decode steps beyond the row kernels run the panels with int8
+    activations (the rows widened, the results rounded to bfloat16), the row kernels keep float32 arithmetic, and
+    prompts the dtype's matmul."""
+    gen = torch.Generator().manual_seed(15)
+    out_f, in_f = 48, 128
+    weight = _on_int4_grid(gen, out_f, in_f)
+    lin = Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    assert lin.quantize("auto") == "int4"
+    lin.to(torch.bfloat16)
+    lin.prepare(torch.bfloat16, max_tokens=4, kernels=cpu_kernels_lib, int8_activations=Int8Activations.DECODE_PANELS)
+    assert lin.lowbit_panels is not None and lin.decodes_run_panels()
+    parts = weight.abs() + 0.05
+    for rows in (1, 4):  # the row kernel, float32 arithmetic on the bfloat16 rows
+        x = _activations(gen, rows, in_f).bfloat16()
+        assert not lin.runs_int8_activations(rows, decode=True)
+        assert torch.equal(lin(x, decode=True), cpu_kernels_lib.int4_matmul(x, lin.int4.values, lin.int4.scales))
+    for rows in (5, 9, 40):  # the panels, int8
+        x = _activations(gen, rows, in_f).bfloat16()
+        assert lin.runs_int8_activations(rows, decode=True) and not lin.runs_int8_activations(rows, decode=False)
+        decoded = lin(x, decode=True)
+        assert decoded.dtype == torch.bfloat16
+        assert torch.equal(decoded, cpu_kernels_lib.gemm_lowbit(x.float(), lin.lowbit_panels, out_f, True).bfloat16())
+        bound = _bound(x.float(), weight.abs(), parts) + F.linear(x.double(), weight.double()).abs() * 2**-8
+        assert bool(((decoded.double() - F.linear(x.double(), weight.double())).abs() <= bound).all())
+        # A prompt's step of the same rows: the dtype's matmul, bfloat16's rounding only.
+        torch.testing.assert_close(lin(x).double(), F.linear(x.double(), weight.double()), atol=0.05, rtol=0.02)
+
+
 def test_an_int8_activation_lm_head_recomputes_its_best_logits_exactly(cpu_kernels_lib) -> None:
     """The head's few largest logits are the copy's float32 ones: greedy picks what float32 would among them."""
     gen = torch.Generator().manual_seed(13)
@@ -272,16 +304,19 @@ def test_an_int8_activation_lm_head_recomputes_its_best_logits_exactly(cpu_kerne
         assert out.argmax(-1).tolist() == ref.argmax(-1).tolist()
 
 
-FAST_BF16, NO_BF16 = True, False
+FAST_BF16, NO_BF16, AMX = True, False, "amx"
 OFF, DECODE, ALL = Int8Activations.OFF, Int8Activations.DECODE_STEPS, Int8Activations.ALL_STEPS
+PANELS = Int8Activations.DECODE_PANELS
 
 
 @pytest.mark.parametrize("setting, device, dtype, fast_bf16, expected", [
     ("auto", "cpu", torch.float32, NO_BF16, DECODE),  # AVX2-only, AVX-512 without BF16: eoq runs float32 there
     ("auto", "cpu", torch.float32, FAST_BF16, OFF),  # --dtype float32 on a bf16 machine: its path unchanged
-    ("auto", "cpu", torch.bfloat16, FAST_BF16, OFF),  # a bf16 machine as served
+    ("auto", "cpu", torch.bfloat16, FAST_BF16, PANELS),  # an AVX-512 BF16 machine as served: VNNI's panels
+    ("auto", "cpu", torch.bfloat16, AMX, OFF),  # AMX: oneDNN's bfloat16 tiles keep every big step
     ("auto", "cpu", torch.bfloat16, NO_BF16, OFF),  # bfloat16 asked for on an AVX2 machine
     ("auto", "cuda", torch.float32, NO_BF16, OFF),
+    ("auto", "cuda", torch.bfloat16, FAST_BF16, OFF),
     ("int8", "cpu", torch.bfloat16, FAST_BF16, ALL),
     ("int8", "cpu", torch.float32, NO_BF16, ALL),
     ("int8", "cuda", torch.bfloat16, NO_BF16, OFF),  # the low-bit kernels are CPU-only
@@ -289,7 +324,8 @@ OFF, DECODE, ALL = Int8Activations.OFF, Int8Activations.DECODE_STEPS, Int8Activa
     ("off", "cpu", torch.bfloat16, FAST_BF16, OFF),
 ])
 def test_activation_quantization_for_each_cpu_kind(setting, device, dtype, fast_bf16, expected) -> None:
-    assert select_int8_activations(setting, torch.device(device), dtype, fast_bf16) is expected
+    amx = fast_bf16 == AMX
+    assert select_int8_activations(setting, torch.device(device), dtype, bool(fast_bf16), amx) is expected
 
 
 def test_an_unknown_activation_quantization_names_the_setting() -> None:

@@ -1,14 +1,17 @@
 """Decode steps run every Llama layer in one call of eoq's CPU kernels (``csrc/llama_small.cpp``): a few tokens on
-the 4-bit row kernels, and in float32 with exact 4-bit copies (a Q4_1 checkpoint) any number on the panels; the same
+the 4-bit row kernels, and in float32 with exact 4-bit copies (a Q4_1 checkpoint), or in bfloat16 with int8
+activations on the panels (auto on an AVX-512 BF16 CPU), any number on the panels; the same
 kernels in the same order as the layer-by-layer path, so the same logits, bit for bit."""
 
 from __future__ import annotations
 
 import sys
+from unittest import mock
 
 import pytest
 import torch
 
+from eoq.engine.model.linear import _onednn_packing_available
 from eoq.engine.types import EngineRequest, SamplingParams
 
 from .conftest import _kernel_builds, make_core, merge, run_to_end, save_checkpoint, tiny_llama_config
@@ -109,16 +112,50 @@ def test_the_panels_in_one_call_on_each_branch(tiny_llama_on_4bit_grid, march, a
     assert calls == 1 and torch.equal(one_call, layer_by_layer)
 
 
-def test_bfloat16_steps_beyond_the_row_kernels_run_layer_by_layer(tiny_llama_on_4bit_grid):
-    """The panel kernels take float32: in bfloat16 only the row kernels' steps run in one call."""
+def bf16_machine_core(checkpoint, march: str = "native"):
+    """An engine in bfloat16 with ``--activation-quantization auto`` decided as on a CPU with AVX-512 BF16 and no AMX
+    (a Zen 4 or 5): int8 activations in the decode steps beyond the row kernels (``DECODE_PANELS``)."""
+    with mock.patch("eoq.engine.builder.cpu_has_fast_bf16", return_value=True), \
+            mock.patch("eoq.engine.builder.cpu_has_amx", return_value=False):
+        return make_core(checkpoint, dtype="bfloat16", activation_quantization="auto", kernel_march=march)
+
+
+@pytest.mark.parametrize("march", _kernel_builds())
+@pytest.mark.parametrize("lengths", [[18, 33, 5, 61, 9], MANY], ids=["5", "32"])
+def test_bfloat16_decode_steps_beyond_the_row_kernels_run_the_int8_panels_in_one_call(tiny_llama_on_4bit_grid,
+                                                                                      lengths, march):
+    """``DECODE_PANELS`` (auto on an AVX-512 BF16 machine): a bfloat16 model keeps its 4-bit panels beside oneDNN's
+    weight, and every decode step runs in one call — the row kernels with float32 arithmetic up to 4 tokens, the
+    panels with int8 activations beyond (the rows widened to float32 and rounded back, as the layers do): the same
+    logits as layer by layer, on each ISA branch; prompts stay on the dtype's path."""
+    core = bf16_machine_core(tiny_llama_on_4bit_grid, march)
+    model = core.runner.model
+    assert model.row_tokens == 4 and model.one_call_tokens == sys.maxsize
+    qkv = model.layers[0].qkv
+    assert qkv.lowbit_panels is not None and not qkv.runs_int8_activations(4, decode=True)
+    assert qkv.runs_int8_activations(5, decode=True) and not qkv.runs_int8_activations(64, decode=False)
+    calls, one_call, layer_by_layer = both_paths(core, lengths)
+    assert calls == 1 and torch.equal(one_call, layer_by_layer)
+
+
+def test_bfloat16_steps_beyond_the_row_kernels_without_int8(tiny_llama_on_4bit_grid):
+    """With ``--activation-quantization off`` a bfloat16 model's bigger decode steps run the dtype's own matmul:
+    where oneDNN packs bfloat16 (AVX-512) its weight, layer by layer, only the row kernels' steps in one call; where it
+    does not (AVX2) the exact copy's float32 panels, in one call like float32's, the same logits as layer by layer."""
     core = make_core(tiny_llama_on_4bit_grid, dtype="bfloat16")
-    model, runner = core.runner.model, core.runner
-    assert model.row_tokens == model.one_call_tokens == 4
-    ids, pos, meta, rows = decode_step_inputs(core, [4 + i for i in range(6)])
-    calls = counted_calls(model)
-    with torch.inference_mode():
-        logits = model(ids, pos, runner.kv_caches, meta, rows)
-    assert calls == [] and logits.shape == (6, model.vocab_size) and bool(logits.isfinite().all())
+    model = core.runner.model
+    assert model.row_tokens == 4
+    if _onednn_packing_available():
+        assert model.one_call_tokens == 4
+        ids, pos, meta, rows = decode_step_inputs(core, [4 + i for i in range(6)])
+        calls = counted_calls(model)
+        with torch.inference_mode():
+            logits = model(ids, pos, core.runner.kv_caches, meta, rows)
+        assert calls == [] and logits.shape == (6, model.vocab_size) and bool(logits.isfinite().all())
+    else:
+        assert model.one_call_tokens == sys.maxsize
+        calls, one_call, layer_by_layer = both_paths(core, [4 + i for i in range(6)])
+        assert calls == 1 and torch.equal(one_call, layer_by_layer)
 
 
 def test_the_kernel_refuses_panel_steps_it_has_no_panels_for(tiny_llama):

@@ -13,6 +13,7 @@ from eoq.config import default_cache_dir
 from eoq.engine.block_manager import BlockManager
 from eoq.engine.core import EngineCore
 from eoq.engine.device import (
+    cpu_has_amx,
     cpu_has_fast_bf16,
     dtype_name,
     select_device,
@@ -75,7 +76,8 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
         model_len = cfg.max_model_len
     state = read_state_dict(cfg.checkpoint)
     ops = _ops(cfg, device, dtype)  # torch's ops or eoq's CPU kernels: chosen here, once
-    int8_activations = select_int8_activations(cfg.activation_quantization, device, dtype, cpu_has_fast_bf16())
+    int8_activations = select_int8_activations(cfg.activation_quantization, device, dtype, cpu_has_fast_bf16(),
+                                               cpu_has_amx())
     model = build_model(config, model_len, device, dtype, state, cfg.quantized_weights,
                         cfg.quantized_max_tokens, ops, int8_activations)
     del state

@@ -30,7 +30,9 @@ float32's FMAs where there is no fast bfloat16, at a small loss (the activations
 layout serves both kinds of activations, so a step picks its kind when it runs: ``DECODE_STEPS`` takes int8 for
 the steps that carry no prompt token (decodes, whatever their number: row kernels and panels), so a prompt's
 positions and the first answer token are float32's (int8 prompts flipped the default model's near-tie France
-answer); ``ALL_STEPS`` takes int8 for every step.
+answer); ``DECODE_PANELS`` (bfloat16 on a CPU) only for the decode steps bigger than the row kernels', which then
+run an exact copy in panels kept beside oneDNN's weight (prompts stay on oneDNN); ``ALL_STEPS`` takes int8 for
+every step.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class Int8Activations(enum.Enum):
 
     OFF = "off"  # none: float32 activations (exact to the copy's values)
     DECODE_STEPS = "decode steps"  # the steps of decodes only (no prompt token); prompts' steps float32
+    # The decode steps bigger than the row kernels': the panels, kept beside oneDNN's bfloat16 weight for them; the
+    # small steps keep the row kernels' float32 arithmetic, prompts the dtype's path (bfloat16 CPUs: device.py)
+    DECODE_PANELS = "decode steps on the panels"
     ALL_STEPS = "all steps"  # every step
 
 
@@ -80,7 +85,8 @@ class Linear(nn.Module):
     is None where there is none, and ``weight`` is empty once a re-laid-out copy replaced it (``prepare``):
     - ``int4``, ``int8``: low-bit copies (``LowBitRows``, by ``quantize``) run by the row kernels for steps of up to
       ``int4_max_tokens`` / ``int8_max_tokens`` rows (-1: none);
-    - ``lowbit_panels``: an exact low-bit copy in panels (``LowBitPanels``) running every bigger step;
+    - ``lowbit_panels``: an exact low-bit copy in panels (``LowBitPanels``) running every bigger step
+      (``panels_every_step``), or only the bigger decode steps (``Int8Activations.DECODE_PANELS``);
     - ``float32_panels``: a float32 weight in panels for eoq's float32 GEMM;
     - ``onednn_weight``: a bfloat16 weight re-laid out for oneDNN (unless ``pack_for_onednn`` is turned off)."""
 
@@ -99,6 +105,7 @@ class Linear(nn.Module):
         # In float32, an exact copy in panels for eoq's float32 kernel (csrc/gemm.cpp), which then runs every other
         # step too, in place of the float32 weight (made by prepare).
         self.lowbit_panels: LowBitPanels | None = None
+        self.panels_every_step = False  # the panels run every step beyond the row kernels (else: decodes only)
         self.pack_for_onednn = True  # a bfloat16 weight is re-laid out for oneDNN (dropping the plain one)
         self._exact_copy = False  # the low-bit copy holds the weight's own values (made by quantize, auto)
         # Which steps of the low-bit copy's kernels (row kernels, panels) take int8 activations (set by prepare).
@@ -183,14 +190,18 @@ class Linear(nn.Module):
 
         ``max_tokens``: steps of at most this many rows run the low-bit copy's row kernel, if a copy was made (it
         needs eoq's CPU ``kernels``: without them it is dropped). In float32 an exact copy also runs the bigger
-        steps, in panels, and the weight itself is dropped. ``int8_activations``: which of a low-bit copy's steps
-        quantize their input to int8 (lossy; the float32 weight's own steps, if kept, stay float32)."""
+        steps, in panels, and the weight itself is dropped; with ``Int8Activations.DECODE_PANELS`` (bfloat16) the
+        panels are kept beside the dtype's weight, for the bigger decode steps. ``int8_activations``: which of a
+        low-bit copy's steps quantize their input to int8 (lossy; the float32 weight's own steps, if kept, stay
+        float32)."""
         usable = kernels is not None and kernels.supports(self.weight.device, dtype)
+        every_step = dtype == torch.float32 or (dtype == torch.bfloat16 and not _onednn_packing_available())
         if not usable:
             self.int4 = self.int8 = None
         elif self.lowbit_panels is None and self.weight.numel() and (
-                dtype == torch.float32 or (dtype == torch.bfloat16 and not _onednn_packing_available())):
+                every_step or int8_activations is Int8Activations.DECODE_PANELS):
             self.lowbit_panels = self._pack_exact_copy()
+            self.panels_every_step = every_step and self.lowbit_panels is not None
         has_copy = usable and (self.int4 is not None or self.int8 is not None)
         self.int8_activations = int8_activations if has_copy else Int8Activations.OFF
         self._kernels = kernels if usable else None
@@ -201,7 +212,7 @@ class Linear(nn.Module):
         if self.weight.numel() == 0:  # prepared already: a re-laid-out copy replaced the weight
             return
         w = self.weight
-        if self.lowbit_panels is not None:  # the exact low-bit copy serves every step: no float32 copy
+        if self.panels_every_step:  # the exact low-bit copy serves every step: no float32 copy
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
         elif usable and w.dtype == torch.float32:
             self.float32_panels = pack_gemm_weight(w.data)
@@ -215,16 +226,25 @@ class Linear(nn.Module):
     def runs_float32(self, rows: int) -> bool:
         """Whether a step of ``rows`` rows runs float32 arithmetic whatever the model's dtype (a row kernel of a
         low-bit copy, or eoq's float32 GEMM), so that a float32 input gives a float32 result."""
-        return (rows <= max(self.int4_max_tokens, self.int8_max_tokens) or self.lowbit_panels is not None
+        return (rows <= max(self.int4_max_tokens, self.int8_max_tokens) or self.panels_every_step
                 or self.float32_panels is not None)
 
     def runs_int8_activations(self, rows: int, decode: bool = False) -> bool:
         """Whether a step of ``rows`` rows quantizes its input to int8: it runs a low-bit copy's kernel, and the
         setting takes int8 for its kind of step (``decode``: the step carries no prompt token)."""
         mode = self.int8_activations
-        if mode is Int8Activations.OFF or (mode is Int8Activations.DECODE_STEPS and not decode):
+        if mode is Int8Activations.OFF or (mode is not Int8Activations.ALL_STEPS and not decode):
             return False
-        return rows <= max(self.int4_max_tokens, self.int8_max_tokens) or self.lowbit_panels is not None
+        row_kernel = rows <= max(self.int4_max_tokens, self.int8_max_tokens)
+        if mode is Int8Activations.DECODE_PANELS:
+            return not row_kernel and self.lowbit_panels is not None
+        return row_kernel or self.lowbit_panels is not None
+
+    def decodes_run_panels(self) -> bool:
+        """Whether the decode steps beyond the row kernels run the exact 4-bit copy's panels (the one-call step's
+        condition for them)."""
+        return (self.lowbit_panels is not None and self.lowbit_panels.bits == 4
+                and (self.panels_every_step or self.int8_activations is Int8Activations.DECODE_PANELS))
 
     def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
         """x (rows, in_features); ``decode``: the step carries no prompt token (``AttentionMetadata.decode_only``),
@@ -234,7 +254,8 @@ class Linear(nn.Module):
             y = self._kernels.int4_matmul(x, self.int4.values, self.int4.scales, int8)
         elif x.shape[0] <= self.int8_max_tokens:
             y = self._kernels.int8_matmul(x, self.int8.values, self.int8.scales, int8)
-        elif self.lowbit_panels is not None:  # float32 arithmetic (or int8): a bfloat16 step's rows are widened
+        elif self.lowbit_panels is not None and (self.panels_every_step or int8):
+            # float32 arithmetic (or int8): a bfloat16 step's rows are widened
             y = self._kernels.gemm_lowbit(x.float(), self.lowbit_panels, self.out_features, int8).to(x.dtype)
         elif self.float32_panels is not None:
             y = self._kernels.gemm(x, self.float32_panels, self.out_features)

@@ -136,16 +136,16 @@ class LlamaDecoder(DecoderModel):
             layer.ops = ops
         # Decode steps run every layer in one call of eoq's CPU kernels (csrc/llama_small.cpp) when every projection
         # has a 4-bit copy for them and no bias (with int8 activations where the projections take them: all or
-        # none, as prepare set them): steps of up to row_tokens tokens on the row kernels, and in float32 with
-        # every projection's exact copy in panels (a 4-bit checkpoint) the bigger ones too, as Linear runs them.
+        # none, as prepare set them): steps of up to row_tokens tokens on the row kernels, and where every
+        # projection's decodes beyond them run its exact copy in panels (a 4-bit checkpoint: in float32, or beside
+        # oneDNN's bfloat16 weight with Int8Activations.DECODE_PANELS) the bigger ones too, as Linear runs them.
         projections = [p for la in self.layers for p in la.projections]
         self.one_call_tokens = self.row_tokens = 0
         self._small_layers = None
         if ops.kernels is None or any(p.bias is not None or p.int4_max_tokens < 0 for p in projections):
             return
         self.row_tokens = self.one_call_tokens = min(p.int4_max_tokens for p in projections)
-        if dtype == torch.float32 and all(p.lowbit_panels is not None and p.lowbit_panels.bits == 4
-                                          for p in projections):
+        if all(p.decodes_run_panels() for p in projections):
             self.one_call_tokens = sys.maxsize
 
     def forward(self, input_ids, positions, kv_caches, meta, logits_indices):
@@ -186,7 +186,8 @@ class LlamaDecoder(DecoderModel):
                 dict(input_norm=la.input_norm.weight, post_norm=la.post_norm.weight, k_cache=k, v_cache=v,
                      **{name: projection(p) for name, p in zip(PROJECTIONS, la.projections)})
                 for la, (k, v) in zip(self.layers, kv_caches)
-            ], shape, int8_activations=first.qkv.runs_int8_activations(1, decode=True), row_tokens=self.row_tokens)
+            ], shape, row_tokens=self.row_tokens, int8_rows=first.qkv.runs_int8_activations(1, decode=True),
+                int8_panels=first.qkv.runs_int8_activations(self.row_tokens + 1, decode=True))
         return layers
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:

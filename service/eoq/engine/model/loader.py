@@ -72,12 +72,14 @@ def _log_quantized(model: DecoderModel, mode: str, max_tokens: int, dtype: torch
         log.info("quantized weights (%s): none (the checkpoint's weights are not low-bit, or eoq's CPU kernels are "
                  "missing); every matmul runs in %s", mode, dtype)
         return
-    panels = sum(lin.lowbit_panels is not None for lin in linears)
+    panels = sum(lin.panels_every_step for lin in linears)
+    decode_panels = sum(lin.lowbit_panels is not None and not lin.panels_every_step for lin in linears)
     int8 = {lin.int8_activations for lin in linears} - {Int8Activations.OFF}
     log.info("quantized weights (%s): %s copies of %d matmuls (%d MiB), used by steps of <= %d tokens%s%s", mode,
              " and ".join(f"{n} {k}" for k, n in kinds.items() if n), len(linears),
              sum(lin.quantized_bytes() for lin in linears) >> 20, max_tokens,
              f"; {panels} of them exact, running every bigger step too in place of their float32 weights"
-             if panels else "",
+             if panels else f"; {decode_panels} of them exact, in panels too for the bigger decode steps"
+             if decode_panels else "",
              f"; int8 activations in {' and '.join(sorted(m.value for m in int8))} (integer dot products: "
              f"{model.ops.kernels.int8_dot_isa})" if int8 else "; float32 activations")

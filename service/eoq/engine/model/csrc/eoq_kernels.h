@@ -110,8 +110,9 @@ typedef struct EoqLlamaShape {
 // pending (tokens, hidden): on return the last layer's MLP output, not yet added to x (the final norm adds it);
 // every decoding token's position, slot, block table row (table_width blocks) and context length, as the kernels
 // above take them. The projections: steps of up to row_tokens tokens by the row kernels (eoq_int4_matmul), bigger
-// ones by the panels (eoq_gemm_q4: float32 only, every layer's panels given, else code 3); int8_activations: 1 runs
-// them with int8 activations (eoq_int4_matmul_x8, eoq_gemm_q4_x8). Returns 0, or the first failing kernel's code.
+// ones by the panels (eoq_gemm_q4, a bfloat16 step's rows widened to float32 and back; every layer's panels given,
+// else code 3); int8_activations: bit 0 runs the row kernels with int8 activations (eoq_int4_matmul_x8), bit 1 the
+// panels (eoq_gemm_q4_x8). Returns 0, or the first failing kernel's code.
 int eoq_llama_layers_int4(int dtype, int cache_dtype, const EoqLlamaLayer* layers, int64_t num_layers,
                           EoqLlamaShape s, float* x, void* pending, const float* cos_table, const float* sin_table,
                           const int64_t* positions, const int64_t* slots, const int64_t* block_tables,

@@ -7,11 +7,13 @@
 // matmul of the fused q/k/v projection, RoPE with the cache writes, decode attention over the paged cache, the
 // output projection, the add + RMSNorm, the 4-bit gate/up projection, SwiGLU and the 4-bit down projection —
 // from C++, with the step's intermediates in one buffer kept between calls. The 4-bit matmuls are the row kernels
-// for a few tokens and the panel GEMM beyond, as Linear chooses them. Same operations, same results.
+// for a few tokens and the panel GEMM beyond (a bfloat16 step's rows widened to float32 for it and its results
+// rounded back, as Linear does), as Linear chooses them. Same operations, same results.
 
 #include <cstdint>
 #include <vector>
 
+#include "bf16.h"
 #include "eoq_kernels.h"
 
 extern "C" {  // the entry point declared in eoq_kernels.h, calling the others through it
@@ -24,19 +26,29 @@ int eoq_llama_layers_int4(int dtype, int cache_dtype, const EoqLlamaLayer* layer
     if (dtype != 0 && dtype != 1) return 2;
     const int64_t T = tokens;
     const bool rows = T <= row_tokens;
-    if (!rows) {  // the panels: float32 only, and every layer's
-        if (dtype != 0) return 3;
+    if (!rows) {  // the panels: every layer's
         for (int64_t l = 0; l < num_layers; ++l)
             for (const EoqInt4Projection* P : {&layers[l].qkv, &layers[l].o, &layers[l].gate_up, &layers[l].down})
                 if (!P->pq || !P->ps) return 3;
     }
     // The projections' 4-bit matmul: a row kernel (lowbit_rows.cpp, x8_rows.cpp) or the panels (gemm.cpp,
-    // x8_gemm.cpp), with float32 or int8 activations: y (T, out_f) = in (T, in_f) W^T.
-    auto* const row_kernel = int8_activations ? eoq_int4_matmul_x8 : eoq_int4_matmul;
-    auto* const panel_kernel = int8_activations ? eoq_gemm_q4_x8 : eoq_gemm_q4;
+    // x8_gemm.cpp), with float32 or int8 activations (int8_activations: bit 0 the row kernels', bit 1 the panels'):
+    // y (T, out_f) = in (T, in_f) W^T.
+    auto* const row_kernel = int8_activations & 1 ? eoq_int4_matmul_x8 : eoq_int4_matmul;
+    auto* const panel_kernel = int8_activations & 2 ? eoq_gemm_q4_x8 : eoq_gemm_q4;
+    thread_local std::vector<float> wide_in, wide_out;  // a bfloat16 step's rows and results for the panels
     auto matmul = [&](const void* in, const EoqInt4Projection& P, void* y, int64_t in_f, int64_t out_f) {
-        return rows ? row_kernel(dtype, in, P.q, P.s, y, T, in_f, out_f)
-                    : panel_kernel(static_cast<const float*>(in), P.pq, P.ps, static_cast<float*>(y), T, out_f, in_f);
+        if (rows) return row_kernel(dtype, in, P.q, P.s, y, T, in_f, out_f);
+        if (dtype == 0)
+            return panel_kernel(static_cast<const float*>(in), P.pq, P.ps, static_cast<float*>(y), T, out_f, in_f);
+        wide_in.resize(T * in_f);
+        wide_out.resize(T * out_f);
+        const uint16_t* src = static_cast<const uint16_t*>(in);
+        for (int64_t i = 0; i < T * in_f; ++i) wide_in[i] = eoq::load(src[i]);
+        const int rc = panel_kernel(wide_in.data(), P.pq, P.ps, wide_out.data(), T, out_f, in_f);
+        uint16_t* dst = static_cast<uint16_t*>(y);
+        for (int64_t i = 0; i < T * out_f; ++i) eoq::store(wide_out[i], dst + i);
+        return rc;
     };
     const int64_t elem = dtype == 0 ? 4 : 2, hd = s.head_dim;
     const int64_t qkv_f = (s.num_heads + 2 * s.num_kv_heads) * hd, qk_f = (s.num_heads + s.num_kv_heads) * hd;

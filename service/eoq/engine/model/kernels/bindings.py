@@ -46,19 +46,20 @@ class LlamaLayerWeights(ctypes.Structure):
 
 @dataclass(frozen=True, slots=True)
 class LlamaLayersInt4:
-    """A decoder's layers as ``CpuKernels.llama_layers_int4`` takes them, with whether their projections run with
-    int8 activations, up to how many tokens they run the row kernels (the panels beyond), and the KV cache's dtype.
-    It holds addresses only: the model's tensors and the KV cache it names must outlive it."""
+    """A decoder's layers as ``CpuKernels.llama_layers_int4`` takes them, with up to how many tokens they run the
+    row kernels (the panels beyond), whether the row kernels and the panels take int8 activations, and the KV
+    cache's dtype. It holds addresses only: the model's tensors and the KV cache it names must outlive it."""
 
     array: ctypes.Array
     shape: LlamaShape
-    int8_activations: bool
     row_tokens: int
+    int8_rows: bool
+    int8_panels: bool
     cache_dtype: torch.dtype
 
     @classmethod
-    def of(cls, layers: list[dict[str, torch.Tensor | None]], shape: LlamaShape, int8_activations: bool,
-           row_tokens: int) -> LlamaLayersInt4:
+    def of(cls, layers: list[dict[str, torch.Tensor | None]], shape: LlamaShape, row_tokens: int, int8_rows: bool,
+           int8_panels: bool) -> LlamaLayersInt4:
         """``layers``: per layer the tensors named as ``LlamaLayerWeights``' fields, each contiguous, a projection's
         as the tuple of ``Int4Projection``'s (its panels may be None: then only steps of up to ``row_tokens`` tokens
         can run)."""
@@ -81,7 +82,7 @@ class LlamaLayersInt4:
         cache_dtypes = {tensors[name].dtype for tensors in layers for name in ("k_cache", "v_cache")}
         if len(cache_dtypes) != 1:
             raise ValueError(f"the layers' caches differ in dtype: {cache_dtypes}")
-        return cls(array, shape, int8_activations, row_tokens, cache_dtypes.pop())
+        return cls(array, shape, row_tokens, int8_rows, int8_panels, cache_dtypes.pop())
 
 
 _int, _ptr, _i64, _f32 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -243,7 +244,7 @@ class CpuKernels:
                           cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,
                           slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
         """Every layer of a Llama-family decoder for a decode step of T tokens in one call
-        (``csrc/llama_small.cpp``; beyond ``layers.row_tokens`` tokens float32 only, on the layers' panels): x
+        (``csrc/llama_small.cpp``; beyond ``layers.row_tokens`` tokens on the layers' panels): x
         (T, hidden) float32, the residual stream (the embeddings), updated in place;
         pending (T, hidden) in the model's dtype receives the last layer's MLP output, not yet added to x.
         positions, slots, context_lens (T,) and block_tables (T * width,) int64, as for ``rope_and_store`` and
@@ -253,7 +254,7 @@ class CpuKernels:
                          len(layers.array), layers.shape, x.data_ptr(), pending.data_ptr(), cos_table.data_ptr(),
                          sin_table.data_ptr(), positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
                          context_lens.data_ptr(), block_tables.numel() // max(T, 1), T, layers.row_tokens,
-                         int(layers.int8_activations))
+                         int(layers.int8_rows) | int(layers.int8_panels) << 1)
 
     def paged_decode_attention(
         self,

@@ -87,7 +87,8 @@ class Settings(BaseSettings):
         EngineConfig, "activation_quantization",
         "the low-bit weight copies' matmuls (CPU) with activations quantized to int8 per block of 32 "
         "and integer dot products (lossy, less arithmetic per weight): auto = decode steps where the CPU has no fast "
-        "bfloat16 (eoq runs float32 there), prompts in float32; int8 = every step, on any CPU; off = float32 "
+        "bfloat16 (eoq runs float32 there), prompts in float32, and on AVX-512 BF16 CPUs without AMX (bfloat16) "
+        "the decode steps beyond the row kernels; int8 = every step, on any CPU; off = float32 "
         "activations (exact to the checkpoint's values)"
     )
     kv_cache_dtype: Literal["auto", "float32", "bfloat16"] = _from(

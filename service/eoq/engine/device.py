@@ -81,9 +81,10 @@ def select_int8_activations(setting: str, device: torch.device, dtype: torch.dty
     - on a CPU without fast bfloat16 running float32: the decode steps (those without a prompt token), where the
       integer dot products do less work per weight than float32's FMAs;
     - on a CPU with AVX-512 BF16 but no AMX running bfloat16: the decode steps bigger than the row kernels', which
-      then run the panels with VNNI's integer dot products instead of oneDNN's bfloat16 GEMM (measured faster on
-      Zen 4 and Zen 5: all of the default model's layers at 32 rows ~8.4 ms against 13.3 on a Zen 5); the small
-      steps keep the row kernels' float32 arithmetic and prompts oneDNN's bfloat16 (faster there for prompts);
+      then run the panels with VNNI's integer dot products instead of oneDNN's bfloat16 GEMM (on a Zen 5 all of
+      the default model's layers at 32 rows ~8.4 ms against 13.3, and 1.26x the tokens a second at 32 streams;
+      not yet measured on a Zen 4); the small steps keep the row kernels' float32 arithmetic, prompts oneDNN's
+      bfloat16 (faster there for both);
     - else none (AMX's bfloat16 tiles were not measured against it; CUDA).
     A prompt's own steps never take int8 under 'auto' (int8 there flipped the default model's near-tie France
     answer). 'int8' = every step, on any CPU; 'off' = none (float32 stays exact to the checkpoint's values). Only

@@ -334,17 +334,28 @@ window.fetch = async (url, options) => {
   window.__urls.push(method + " " + url);
   const resp = await realFetch(url, options);
   if (method !== "POST" || url !== "/v1/responses") return resp;
+  // The stream breaks after its 6th event (the preamble and a delta or two), however the network chunks them:
+  // a loaded machine may deliver the whole answer in a few reads.
   const reader = resp.body.getReader();
-  let chunks = 0;
+  let events = 0, broken = false;
   const body = new ReadableStream({
     async pull(controller) {
-      if (++chunks > 7) {
+      if (broken) {
         reader.cancel();
         controller.error(new TypeError("network error (made by the test)"));
         return;
       }
       const r = await reader.read();
-      if (r.done) controller.close(); else controller.enqueue(r.value);
+      if (r.done) { controller.close(); return; }
+      const bytes = r.value;
+      for (let i = 0; i + 1 < bytes.length; i++) {
+        if (bytes[i] === 10 && bytes[i + 1] === 10 && ++events === 6) {
+          controller.enqueue(bytes.slice(0, i + 2));
+          broken = true;
+          return;
+        }
+      }
+      controller.enqueue(bytes);
     },
   });
   return new Response(body, { status: resp.status, headers: resp.headers });

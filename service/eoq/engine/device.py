@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 
@@ -37,7 +38,9 @@ def select_device(setting: str) -> torch.device:
     return device
 
 
+@functools.cache
 def _cpuinfo() -> str:
+    """/proc/cpuinfo, read once a process (the CPU's flags do not change)."""
     try:
         with open("/proc/cpuinfo") as f:
             return f.read()

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace eoq {
 
@@ -41,6 +42,24 @@ int with_dtype(int dtype, F&& f) {
         return 2;
     }
     return 0;
+}
+
+// kernel(xf, out) with xf the rows of x (rows, in_f) in float32 (x itself when it is float32) and out (rows, out_f)
+// float32 for the kernel's results (y itself when it is float32; narrowed into y after the kernel when it is
+// bfloat16), for a float32-only kernel called on a step in dtype. Returns 2 for another dtype, else 0.
+template <typename Kernel>
+int in_float32(int dtype, const void* x, void* y, int64_t rows, int64_t in_f, int64_t out_f, Kernel&& kernel) {
+    return with_dtype(dtype, [&](auto* tag) {
+        using T = Elem<decltype(tag)>;
+        constexpr bool kFloat = std::is_same_v<T, float>;
+        if (rows == 0) return;
+        std::vector<float> xf(kFloat ? 0 : rows * in_f), out(kFloat ? 0 : rows * out_f);
+        if constexpr (!kFloat)
+            for (int64_t i = 0; i < rows * in_f; ++i) xf[i] = load(static_cast<const T*>(x)[i]);
+        kernel(kFloat ? static_cast<const float*>(x) : xf.data(), kFloat ? static_cast<float*>(y) : out.data());
+        if constexpr (!kFloat)
+            for (int64_t i = 0; i < rows * out_f; ++i) store(out[i], static_cast<T*>(y) + i);
+    });
 }
 
 // f(tag, cache_tag) for two element types: the tensors "in dtype" and the KV cache "in cache_dtype" (the cache may

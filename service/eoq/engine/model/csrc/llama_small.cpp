@@ -36,19 +36,13 @@ int eoq_llama_layers_int4(int dtype, int cache_dtype, const EoqLlamaLayer* layer
     // y (T, out_f) = in (T, in_f) W^T.
     auto* const row_kernel = int8_activations & 1 ? eoq_int4_matmul_x8 : eoq_int4_matmul;
     auto* const panel_kernel = int8_activations & 2 ? eoq_gemm_q4_x8 : eoq_gemm_q4;
-    thread_local std::vector<float> wide_in, wide_out;  // a bfloat16 step's rows and results for the panels
     auto matmul = [&](const void* in, const EoqInt4Projection& P, void* y, int64_t in_f, int64_t out_f) {
         if (rows) return row_kernel(dtype, in, P.q, P.s, y, T, in_f, out_f);
-        if (dtype == 0)
-            return panel_kernel(static_cast<const float*>(in), P.pq, P.ps, static_cast<float*>(y), T, out_f, in_f);
-        wide_in.resize(T * in_f);
-        wide_out.resize(T * out_f);
-        const uint16_t* src = static_cast<const uint16_t*>(in);
-        for (int64_t i = 0; i < T * in_f; ++i) wide_in[i] = eoq::load(src[i]);
-        const int rc = panel_kernel(wide_in.data(), P.pq, P.ps, wide_out.data(), T, out_f, in_f);
-        uint16_t* dst = static_cast<uint16_t*>(y);
-        for (int64_t i = 0; i < T * out_f; ++i) eoq::store(wide_out[i], dst + i);
-        return rc;
+        int rc = 0;  // the panels take float32: a bfloat16 step's rows widened, the results rounded back
+        const int dtype_rc = eoq::in_float32(dtype, in, y, T, in_f, out_f, [&](const float* xf, float* out) {
+            rc = panel_kernel(xf, P.pq, P.ps, out, T, out_f, in_f);
+        });
+        return dtype_rc ? dtype_rc : rc;
     };
     const int64_t elem = dtype == 0 ? 4 : 2, hd = s.head_dim;
     const int64_t qkv_f = (s.num_heads + 2 * s.num_kv_heads) * hd, qk_f = (s.num_heads + s.num_kv_heads) * hd;

@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "bf16.h"
 #include "simd.h"
@@ -43,23 +42,13 @@ void with_row_count(int64_t rows, F&& f) {
 }
 
 // The entry points' shared body: 1 for a shape the row kernels do not take (more than kMaxRows rows, in_f not a
-// multiple of kGroup), 2 for a dtype other than float32 or bfloat16, else 0 after kernel(xf, out): xf the rows of x
-// (rows, in_f) in float32 (x itself when it is float32), out (rows, out_f) float32 for the kernel's results (y
-// itself when it is float32; narrowed into y after the kernel when it is bfloat16). Nothing runs for 0 rows.
+// multiple of kGroup), else bf16.h's in_float32: 2 for a dtype other than float32 or bfloat16, else 0 after
+// kernel(xf, out) on the rows widened to float32 and its float32 results (narrowed into y in bfloat16). Nothing
+// runs for 0 rows.
 template <typename Kernel>
 int in_float32(int dtype, const void* x, void* y, int64_t rows, int64_t in_f, int64_t out_f, Kernel&& kernel) {
     if (rows < 0 || rows > kMaxRows || in_f % kGroup) return 1;
-    return eoq::with_dtype(dtype, [&](auto* tag) {
-        using T = eoq::Elem<decltype(tag)>;
-        constexpr bool kFloat = std::is_same_v<T, float>;
-        if (rows == 0) return;
-        std::vector<float> xf(kFloat ? 0 : rows * in_f), out(kFloat ? 0 : rows * out_f);
-        if constexpr (!kFloat)
-            for (int64_t i = 0; i < rows * in_f; ++i) xf[i] = eoq::load(static_cast<const T*>(x)[i]);
-        kernel(kFloat ? static_cast<const float*>(x) : xf.data(), kFloat ? static_cast<float*>(y) : out.data());
-        if constexpr (!kFloat)
-            for (int64_t i = 0; i < rows * out_f; ++i) eoq::store(out[i], static_cast<T*>(y) + i);
-    });
+    return eoq::in_float32(dtype, x, y, rows, in_f, out_f, kernel);
 }
 
 }  // namespace eoq::rows

@@ -27,10 +27,6 @@ namespace {
 using eoq::panels::kLanes;  // outputs per panel
 using namespace eoq::simd8;
 
-// The 256-bit tiles (AVX2 and the portable vectors; AVX-512 builds take the 512-bit ones below): measured on a Zen
-// AVX2 CPU, 2 rows ~8 % faster than 3 (fewer spills of the 16 ymm).
-constexpr int kMR = 2, kNR = 1;
-
 // The formats: q in 64-byte lines, one 32-bit lane of a line per output of a panel, a group's inputs a line after
 // another (a panel's lines in input order); s a group's kScales x 16 float32 for a panel.
 template <typename Q, int64_t S>
@@ -156,35 +152,48 @@ void tile(const QuantizedRows& x, int64_t r0, const Format& w, int64_t p0, float
     }
 }
 
+// The 256-bit tiles (AVX2 and the portable vectors; AVX-512 builds take the 512-bit ones below), up to kMR rows by
+// kNR panels: measured on a Zen AVX2 CPU, 2 rows ~8 % faster than 3 (fewer spills of the 16 ymm).
+struct Ymm {
+    static constexpr int kMR = 2, kNR = 1;
+    template <int MR, int NR, typename Format>
+    static void run(const QuantizedRows& x, int64_t r0, const Format& w, int64_t p0, float* y, int64_t ldy,
+                    int64_t cols) {
+        tile<MR, NR>(x, r0, w, p0, y, ldy, cols);
+    }
+};
+
 template <typename Format>
 using TileFn = void (*)(const QuantizedRows&, int64_t, const Format&, int64_t, float*, int64_t, int64_t);
 
-template <typename Format, int MR, int... NR>
+template <typename Tiles, typename Format, int MR, int... NR>
 constexpr TileFn<Format> pick(int nr, std::integer_sequence<int, NR...>) {
     TileFn<Format> fn = nullptr;
-    ((fn = nr == NR + 1 ? tile<MR, NR + 1, Format> : fn), ...);
+    ((fn = nr == NR + 1 ? &Tiles::template run<MR, NR + 1, Format> : fn), ...);
     return fn;
 }
 
-template <typename Format, int... MR>
+template <typename Tiles, typename Format, int... MR>
 TileFn<Format> tile_for(int mr, int nr, std::integer_sequence<int, MR...>) {
     TileFn<Format> fn = nullptr;
-    ((fn = mr == MR + 1 ? pick<Format, MR + 1>(nr, std::make_integer_sequence<int, kNR>{}) : fn), ...);
+    ((fn = mr == MR + 1 ? pick<Tiles, Format, MR + 1>(nr, std::make_integer_sequence<int, Tiles::kNR>{}) : fn), ...);
     return fn;
+}
+
+// The function of Tiles for an mr x nr tile (1 <= mr <= Tiles::kMR, 1 <= nr <= Tiles::kNR).
+template <typename Tiles, typename Format>
+TileFn<Format> tile_of(int mr, int nr) {
+    return tile_for<Tiles, Format>(mr, nr, std::make_integer_sequence<int, Tiles::kMR>{});
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // AVX-512 builds: a whole 64-byte line (the 16 outputs of a panel) in one zmm register, so each instruction does
 // twice the work of the 256-bit unit above — one vpdpbusd a row, line and quad with VNNI, taking the row's quad of
 // activations as an embedded broadcast from memory; vpmaddubsw's int16 pairs without it — and the 32 registers hold
-// a tile of kZMR rows by kZNR panels. The same integer sums and the same float32 operations per lane, in the same
-// order, as the 256-bit tiles: the results are theirs bit for bit.
+// a tile of zmm::Tiles::kMR rows by kNR panels. The same integer sums and the same float32 operations per lane, in
+// the same order, as the 256-bit tiles: the results are theirs bit for bit.
 #define EOQ_X8_ZMM 1
 namespace zmm {
-
-// 8 int32 and 8 float32 sums, 4 weight registers; on a Zen 5, 32 and 64 rows: 4 x 2 and 3 x 3 equal within noise,
-// 5 x 2 and 6 x 2 ~5-10 % slower, 8 x 1 ~20 %, 2 x 4 3x slower.
-constexpr int kZMR = 4, kZNR = 2;
 
 inline __m512i bcast4(const int8_t* p) {
     int32_t v;
@@ -305,23 +314,20 @@ void tile(const QuantizedRows& x, int64_t r0, const Format& w, int64_t p0, float
     }
 }
 
-template <typename ZF, typename Format, int MR, int... NR>
-constexpr TileFn<Format> pick(int nr, std::integer_sequence<int, NR...>) {
-    TileFn<Format> fn = nullptr;
-    ((fn = nr == NR + 1 ? tile<MR, NR + 1, ZF, Format> : fn), ...);
-    return fn;
-}
-
-template <typename ZF, typename Format, int... MR>
-TileFn<Format> tile_for(int mr, int nr, std::integer_sequence<int, MR...>) {
-    TileFn<Format> fn = nullptr;
-    ((fn = mr == MR + 1 ? pick<ZF, Format, MR + 1>(nr, std::make_integer_sequence<int, kZNR>{}) : fn), ...);
-    return fn;
-}
-
 template <typename Format> struct Of;
 template <> struct Of<Q4> { using type = ZQ4; };
 template <> struct Of<Q8> { using type = ZQ8; };
+
+// The 512-bit tiles for tile_of: 8 int32 and 8 float32 sums, 4 weight registers; on a Zen 5, 32 and 64 rows: 4 x 2
+// and 3 x 3 equal within noise, 5 x 2 and 6 x 2 ~5-10 % slower, 8 x 1 ~20 %, 2 x 4 3x slower.
+struct Tiles {
+    static constexpr int kMR = 4, kNR = 2;
+    template <int MR, int NR, typename Format>
+    static void run(const QuantizedRows& x, int64_t r0, const Format& w, int64_t p0, float* y, int64_t ldy,
+                    int64_t cols) {
+        tile<MR, NR, typename Of<Format>::type>(x, r0, w, p0, y, ldy, cols);
+    }
+};
 
 }  // namespace zmm
 #endif
@@ -331,19 +337,14 @@ template <typename Format>
 void gemm_x8(const float* x, const Format& w, float* y, int64_t rows, int64_t n, int64_t k) {
     const Quantized xq(x, rows, k);
 #if defined(EOQ_X8_ZMM)
-    using ZF = typename zmm::Of<Format>::type;
-    constexpr int MR = zmm::kZMR, NR = zmm::kZNR;
-    auto tile_of = [](int mr, int nr) {
-        return zmm::tile_for<ZF, Format>(mr, nr, std::make_integer_sequence<int, zmm::kZMR>{});
-    };
+    using Tiles = zmm::Tiles;
 #else
-    constexpr int MR = kMR, NR = kNR;
-    auto tile_of = [](int mr, int nr) { return tile_for<Format>(mr, nr, std::make_integer_sequence<int, kMR>{}); };
+    using Tiles = Ymm;
 #endif
-    eoq::panels::for_each_group<NR>(rows, n, [&](eoq::panels::NoScratch&, const eoq::panels::Group& t) {
-        for (int64_t r = 0; r < t.rc; r += MR) {
-            const int mr = static_cast<int>(std::min<int64_t>(MR, t.rc - r));
-            tile_of(mr, t.nr)(xq.rows, t.r0 + r, w, t.p0, y + (t.r0 + r) * n + t.col0, n, t.cols);
+    eoq::panels::for_each_group<Tiles::kNR>(rows, n, [&](eoq::panels::NoScratch&, const eoq::panels::Group& t) {
+        for (int64_t r = 0; r < t.rc; r += Tiles::kMR) {
+            const int mr = static_cast<int>(std::min<int64_t>(Tiles::kMR, t.rc - r));
+            tile_of<Tiles, Format>(mr, t.nr)(xq.rows, t.r0 + r, w, t.p0, y + (t.r0 + r) * n + t.col0, n, t.cols);
         }
     });
 }

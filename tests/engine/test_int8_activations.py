@@ -13,11 +13,13 @@ plus float32 rounding of the scales and of the sums over groups (relative, ~1e-6
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from eoq.engine.device import select_int8_activations
+from eoq.engine.device import AMX_DECODE_PANELS_MAX_TOKENS, decode_panels_max_tokens, select_int8_activations
 from eoq.engine.model.kernels.bindings import CpuKernels
 from eoq.engine.model.kernels.build import build
 from eoq.engine.model.kernels.formats import pack_int4_panels, pack_int8_panels
@@ -285,6 +287,27 @@ def test_bfloat16_decode_panels_take_int8_beyond_the_row_kernels_only(cpu_kernel
         torch.testing.assert_close(lin(x).double(), F.linear(x.double(), weight.double()), atol=0.05, rtol=0.02)
 
 
+def test_bfloat16_decode_panels_stop_at_their_limit(cpu_kernels_lib) -> None:
+    """``decode_panels_max_tokens`` (AMX): decode steps beyond it run the dtype's matmul with bfloat16 activations,
+    as prompts do."""
+    gen = torch.Generator().manual_seed(16)
+    out_f, in_f = 48, 128
+    weight = _on_int4_grid(gen, out_f, in_f)
+    lin = Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    assert lin.quantize("auto") == "int4"
+    lin.to(torch.bfloat16)
+    lin.prepare(torch.bfloat16, max_tokens=4, kernels=cpu_kernels_lib, int8_activations=Int8Activations.DECODE_PANELS,
+                decode_panels_max_tokens=16)
+    x = _activations(gen, 17, in_f).bfloat16()
+    assert lin.runs_int8_activations(16, decode=True) and not lin.runs_int8_activations(17, decode=True)
+    assert torch.equal(lin(x[:16], decode=True),
+                       cpu_kernels_lib.gemm_lowbit(x[:16].float(), lin.lowbit_panels, out_f, True).bfloat16())
+    assert torch.equal(lin(x, decode=True), lin(x))  # the prompt steps' matmul
+    torch.testing.assert_close(lin(x).double(), F.linear(x.double(), weight.double()), atol=0.05, rtol=0.02)
+
+
 def test_an_int8_activation_lm_head_recomputes_its_best_logits_exactly(cpu_kernels_lib) -> None:
     """The head's few largest logits are the copy's float32 ones: greedy picks what float32 would among them."""
     gen = torch.Generator().manual_seed(13)
@@ -313,7 +336,7 @@ PANELS = Int8Activations.DECODE_PANELS
     ("auto", "cpu", torch.float32, NO_BF16, DECODE),  # AVX2-only, AVX-512 without BF16: eoq runs float32 there
     ("auto", "cpu", torch.float32, FAST_BF16, OFF),  # --dtype float32 on a bf16 machine: its path unchanged
     ("auto", "cpu", torch.bfloat16, FAST_BF16, PANELS),  # an AVX-512 BF16 machine as served: VNNI's panels
-    ("auto", "cpu", torch.bfloat16, AMX, OFF),  # AMX: oneDNN's bfloat16 tiles keep every big step
+    ("auto", "cpu", torch.bfloat16, AMX, PANELS),  # AMX too, up to AMX_DECODE_PANELS_MAX_TOKENS rows
     ("auto", "cpu", torch.bfloat16, NO_BF16, OFF),  # bfloat16 asked for on an AVX2 machine
     ("auto", "cuda", torch.float32, NO_BF16, OFF),
     ("auto", "cuda", torch.bfloat16, FAST_BF16, OFF),
@@ -324,8 +347,9 @@ PANELS = Int8Activations.DECODE_PANELS
     ("off", "cpu", torch.bfloat16, FAST_BF16, OFF),
 ])
 def test_activation_quantization_for_each_cpu_kind(setting, device, dtype, fast_bf16, expected) -> None:
-    amx = fast_bf16 == AMX
-    assert select_int8_activations(setting, torch.device(device), dtype, bool(fast_bf16), amx) is expected
+    assert select_int8_activations(setting, torch.device(device), dtype, bool(fast_bf16)) is expected
+    limit = decode_panels_max_tokens(expected, cpu_amx=fast_bf16 == AMX)
+    assert limit == (AMX_DECODE_PANELS_MAX_TOKENS if fast_bf16 == AMX and expected is PANELS else sys.maxsize)
 
 
 def test_an_unknown_activation_quantization_names_the_setting() -> None:

@@ -138,6 +138,41 @@ def test_bfloat16_decode_steps_beyond_the_row_kernels_run_the_int8_panels_in_one
     assert calls == 1 and torch.equal(one_call, layer_by_layer)
 
 
+def amx_core(checkpoint):
+    """An engine in bfloat16 with ``--activation-quantization auto`` decided as on an AMX CPU, its decode panels'
+    limit lowered to 8 rows."""
+    with mock.patch("eoq.engine.builder.cpu_has_fast_bf16", return_value=True), \
+            mock.patch("eoq.engine.builder.cpu_has_amx", return_value=True), \
+            mock.patch("eoq.engine.device.AMX_DECODE_PANELS_MAX_TOKENS", 8):
+        return make_core(checkpoint, dtype="bfloat16", activation_quantization="auto")
+
+
+def test_amx_runs_the_int8_panels_in_one_call_up_to_its_limit_then_onednn(tiny_llama_on_4bit_grid):
+    """On an AMX CPU ``DECODE_PANELS`` stops at ``AMX_DECODE_PANELS_MAX_TOKENS`` rows (here lowered to 8): decode
+    steps up to it run in one call, the panels with int8 activations beyond the row kernels (the same logits as
+    layer by layer); bigger ones run layer by layer on the dtype's weight (oneDNN's AMX tiles), float activations."""
+    core = amx_core(tiny_llama_on_4bit_grid)
+    model = core.runner.model
+    assert model.row_tokens == 4 and model.one_call_tokens == 8
+    qkv = model.layers[0].qkv
+    assert all(lin.decode_panels_max_tokens == 8 for lin in model.linears())
+    assert qkv.runs_int8_activations(8, decode=True) and not qkv.runs_int8_activations(9, decode=True)
+    calls, one_call, layer_by_layer = both_paths(core, [4 + 3 * i for i in range(8)])
+    assert calls == 1 and torch.equal(one_call, layer_by_layer)
+    core = amx_core(tiny_llama_on_4bit_grid)
+    ids, pos, meta, rows = decode_step_inputs(core, [4 + 3 * i for i in range(9)])
+    calls = counted_calls(core.runner.model)
+    with torch.inference_mode():
+        logits = core.runner.model(ids, pos, core.runner.kv_caches, meta, rows)
+    assert calls == [] and logits.shape == (9, model.vocab_size)
+    # bfloat16's matmuls (oneDNN's where it packs): float32's logits within bfloat16's rounding
+    reference = make_core(tiny_llama_on_4bit_grid)
+    ids, pos, meta, rows = decode_step_inputs(reference, [4 + 3 * i for i in range(9)])
+    with torch.inference_mode():
+        exact = reference.runner.model(ids, pos, reference.runner.kv_caches, meta, rows)
+    assert float((logits - exact).norm() / exact.norm()) < 0.05  # 0.022 measured
+
+
 def test_bfloat16_steps_beyond_the_row_kernels_without_int8(tiny_llama_on_4bit_grid):
     """With ``--activation-quantization off`` a bfloat16 model's bigger decode steps run the dtype's own matmul:
     where oneDNN packs bfloat16 (AVX-512) its weight, layer by layer, only the row kernels' steps in one call; where it

@@ -15,6 +15,7 @@ from eoq.engine.core import EngineCore
 from eoq.engine.device import (
     cpu_has_amx,
     cpu_has_fast_bf16,
+    decode_panels_max_tokens,
     dtype_name,
     select_device,
     select_dtype,
@@ -76,10 +77,9 @@ def build_engine_core(cfg: EngineConfig) -> tuple[EngineCore, ModelInfo]:
         model_len = cfg.max_model_len
     state = read_state_dict(cfg.checkpoint)
     ops = _ops(cfg, device, dtype)  # torch's ops or eoq's CPU kernels: chosen here, once
-    int8_activations = select_int8_activations(cfg.activation_quantization, device, dtype, cpu_has_fast_bf16(),
-                                               cpu_has_amx())
-    model = build_model(config, model_len, device, dtype, state, cfg.quantized_weights,
-                        cfg.quantized_max_tokens, ops, int8_activations)
+    int8_activations = select_int8_activations(cfg.activation_quantization, device, dtype, cpu_has_fast_bf16())
+    model = build_model(config, model_len, device, dtype, state, cfg.quantized_weights, cfg.quantized_max_tokens,
+                        ops, int8_activations, decode_panels_max_tokens(int8_activations, cpu_has_amx()))
     del state
     kv_dtype = select_kv_cache_dtype(cfg.kv_cache_dtype, dtype, any(
         lin.runs_int8_activations(1, decode=True) for lin in model.linears()))

@@ -77,23 +77,24 @@ ACTIVATION_QUANTIZATION = ("auto", "int8", "off")
 
 
 def select_int8_activations(setting: str, device: torch.device, dtype: torch.dtype,
-                            cpu_fast_bf16: bool, cpu_amx: bool = False) -> Int8Activations:
+                            cpu_fast_bf16: bool) -> Int8Activations:
     """Which steps of the low-bit weight copies quantize their activations to int8 (``--activation-quantization``).
 
     'auto':
     - on a CPU without fast bfloat16 running float32: the decode steps (those without a prompt token), where the
       integer dot products do less work per weight than float32's FMAs;
-    - on a CPU with AVX-512 BF16 but no AMX running bfloat16: the decode steps bigger than the row kernels', which
-      then run the panels with VNNI's integer dot products instead of oneDNN's bfloat16 GEMM (on a Zen 5 all of
-      the default model's layers at 32 rows ~8.4 ms against 13.3, and 1.26x the tokens a second at 32 streams;
-      not yet measured on a Zen 4); the small steps keep the row kernels' float32 arithmetic, prompts oneDNN's
-      bfloat16 (faster there for both);
-    - else none (AMX's bfloat16 tiles were not measured against it; CUDA).
+    - on a CPU with AVX-512 BF16 running bfloat16: the decode steps bigger than the row kernels', which then run
+      the panels with VNNI's integer dot products instead of oneDNN's bfloat16 GEMM (on a Zen 5 all of the
+      default model's layers at 32 rows ~8.4 ms against 13.3, and 1.26x the tokens a second at 32 streams; not
+      yet measured on a Zen 4), all of them in one kernel call; with AMX only up to
+      ``decode_panels_max_tokens`` rows; the small steps keep the row kernels' float32 arithmetic, prompts
+      oneDNN's bfloat16 (faster there for both);
+    - else none (CUDA).
     A prompt's own steps never take int8 under 'auto' (int8 there flipped the default model's near-tie France
     answer). 'int8' = every step, on any CPU; 'off' = none (float32 stays exact to the checkpoint's values). Only
     weights with a low-bit copy are affected: without one (a checkpoint that is not low-bit, no CPU kernels) nothing
-    changes. ``cpu_fast_bf16``, ``cpu_amx``: ``cpu_has_fast_bf16()``, ``cpu_has_amx()``, passed in so the decision
-    can be tested for every CPU kind."""
+    changes. ``cpu_fast_bf16``: ``cpu_has_fast_bf16()``, passed in so the decision can be tested for every CPU
+    kind."""
     if setting not in ACTIVATION_QUANTIZATION:
         raise ConfigError(f"--activation-quantization {setting!r}: use auto, int8 or off")
     if device.type != "cpu" or setting == "off":
@@ -102,9 +103,24 @@ def select_int8_activations(setting: str, device: torch.device, dtype: torch.dty
         return Int8Activations.ALL_STEPS
     if dtype == torch.float32 and not cpu_fast_bf16:
         return Int8Activations.DECODE_STEPS
-    if dtype == torch.bfloat16 and cpu_fast_bf16 and not cpu_amx:
+    if dtype == torch.bfloat16 and cpu_fast_bf16:
         return Int8Activations.DECODE_PANELS
     return Int8Activations.OFF
+
+
+# AMX: the decode steps of up to this many rows run the int8 panels (every layer in one kernel call), bigger ones
+# oneDNN's bfloat16 tiles, layer by layer. Measured on a 2-core Intel Xeon with AMX (the default model, a step of
+# that many sequences at 200 tokens of context): 8 rows 17 ms against 39, 32 rows 47 against 61, 64 rows 89 against
+# 91, 96 rows 124 against 106, 128 rows 178 against 140.
+AMX_DECODE_PANELS_MAX_TOKENS = 64
+
+
+def decode_panels_max_tokens(int8_activations: Int8Activations, cpu_amx: bool) -> int:
+    """The biggest decode step that ``Int8Activations.DECODE_PANELS`` runs on the panels (``Linear.prepare``):
+    unbounded without AMX, ``AMX_DECODE_PANELS_MAX_TOKENS`` with it (``cpu_amx``: ``cpu_has_amx()``)."""
+    if int8_activations is Int8Activations.DECODE_PANELS and cpu_amx:
+        return AMX_DECODE_PANELS_MAX_TOKENS
+    return sys.maxsize
 
 
 KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -65,13 +66,15 @@ class DecoderModel(nn.Module):
             lin.quantize(mode)
 
     def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, ops: TorchOps = TORCH_OPS,
-                int8_activations: Int8Activations = Int8Activations.OFF) -> None:
+                int8_activations: Int8Activations = Int8Activations.OFF,
+                decode_panels_max_tokens: int = sys.maxsize) -> None:
         """Called once after the weights are loaded and moved, with the ops chosen at load (``ops.select_ops``):
         picks the matmul kernels, tells the norms which dtype the matmuls take and hands them the ops.
-        ``int8_activations``: the low-bit copies' matmuls take int8 activations (``Linear.prepare``)."""
+        ``int8_activations``, ``decode_panels_max_tokens``: which of the low-bit copies' steps take int8
+        activations (``Linear.prepare``)."""
         self.ops = ops
         for lin in self.linears():
-            lin.prepare(dtype, quantized_max_tokens, ops.kernels, int8_activations)
+            lin.prepare(dtype, quantized_max_tokens, ops.kernels, int8_activations, decode_panels_max_tokens)
         for m in self.modules():
             if isinstance(m, Norm):
                 m.prepare(dtype, ops)

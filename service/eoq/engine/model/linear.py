@@ -38,6 +38,7 @@ every step.
 from __future__ import annotations
 
 import enum
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,8 @@ class Linear(nn.Module):
         self._exact_copy = False  # the low-bit copy holds the weight's own values (made by quantize, auto)
         # Which steps of the low-bit copy's kernels (row kernels, panels) take int8 activations (set by prepare).
         self.int8_activations = Int8Activations.OFF
+        # DECODE_PANELS: the decode steps of up to this many rows run the panels (bigger ones the dtype's weight)
+        self.decode_panels_max_tokens = sys.maxsize
         self._kernels: CpuKernels | None = None
 
     def quantize(self, mode: str) -> str | None:
@@ -185,7 +188,8 @@ class Linear(nn.Module):
         return sum(c.nbytes() for c in (self.int4, self.int8, self.lowbit_panels) if c is not None)
 
     def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None,
-                int8_activations: Int8Activations = Int8Activations.OFF) -> None:
+                int8_activations: Int8Activations = Int8Activations.OFF,
+                decode_panels_max_tokens: int = sys.maxsize) -> None:
         """Pick the fastest matmul for the weight's device and dtype (call after weights are loaded; once).
 
         ``max_tokens``: steps of at most this many rows run the low-bit copy's row kernel, if a copy was made (it
@@ -193,7 +197,8 @@ class Linear(nn.Module):
         steps, in panels, and the weight itself is dropped; with ``Int8Activations.DECODE_PANELS`` (bfloat16) the
         panels are kept beside the dtype's weight, for the bigger decode steps. ``int8_activations``: which of a
         low-bit copy's steps quantize their input to int8 (lossy; the float32 weight's own steps, if kept, stay
-        float32)."""
+        float32); ``decode_panels_max_tokens``: with ``DECODE_PANELS`` the biggest decode step on the panels
+        (``device.decode_panels_max_tokens``)."""
         usable = kernels is not None and kernels.supports(self.weight.device, dtype)
         every_step = dtype == torch.float32 or (dtype == torch.bfloat16 and not _onednn_packing_available())
         if not usable:
@@ -205,6 +210,7 @@ class Linear(nn.Module):
         has_copy = usable and (self.int4 is not None or self.int8 is not None)
         self.int8_activations = int8_activations if has_copy else Int8Activations.OFF
         self._kernels = kernels if usable else None
+        self.decode_panels_max_tokens = decode_panels_max_tokens
         if self.int4 is not None:
             self.int4_max_tokens = max_tokens
         if self.int8 is not None:
@@ -237,12 +243,12 @@ class Linear(nn.Module):
             return False
         row_kernel = rows <= max(self.int4_max_tokens, self.int8_max_tokens)
         if mode is Int8Activations.DECODE_PANELS:
-            return not row_kernel and self.lowbit_panels is not None
+            return not row_kernel and self.lowbit_panels is not None and rows <= self.decode_panels_max_tokens
         return row_kernel or self.lowbit_panels is not None
 
     def decodes_run_panels(self) -> bool:
-        """Whether the decode steps beyond the row kernels run the exact 4-bit copy's panels (the one-call step's
-        condition for them)."""
+        """Whether the decode steps beyond the row kernels (up to ``decode_panels_max_tokens`` rows with
+        ``DECODE_PANELS``) run the exact 4-bit copy's panels (the one-call step's condition for them)."""
         return (self.lowbit_panels is not None and self.lowbit_panels.bits == 4
                 and (self.panels_every_step or self.int8_activations is Int8Activations.DECODE_PANELS))
 
@@ -297,12 +303,13 @@ class LMHead(Linear):
         self.tied = True
 
     def prepare(self, dtype: torch.dtype, max_tokens: int = 0, kernels: CpuKernels | None = None,
-                int8_activations: Int8Activations = Int8Activations.OFF) -> None:
+                int8_activations: Int8Activations = Int8Activations.OFF,
+                decode_panels_max_tokens: int = sys.maxsize) -> None:
         if dtype != torch.float32 and self.weight.numel():
             self.recompute_weight = self.weight.data
             self.pack_for_onednn = self.tied
         self._dtype = dtype
-        super().prepare(dtype, max_tokens, kernels, int8_activations)
+        super().prepare(dtype, max_tokens, kernels, int8_activations, decode_panels_max_tokens)
 
     def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:  # (S, in) float32 -> (S, out) float32
         x = x.float()

@@ -130,15 +130,17 @@ class LlamaDecoder(DecoderModel):
         self.register_buffer("sin_table", sin, persistent=False)  # (P, hd)
 
     def prepare(self, dtype: torch.dtype, quantized_max_tokens: int = 0, ops: TorchOps = TORCH_OPS,
-                int8_activations: Int8Activations = Int8Activations.OFF) -> None:
-        super().prepare(dtype, quantized_max_tokens, ops, int8_activations)
+                int8_activations: Int8Activations = Int8Activations.OFF,
+                decode_panels_max_tokens: int = sys.maxsize) -> None:
+        super().prepare(dtype, quantized_max_tokens, ops, int8_activations, decode_panels_max_tokens)
         for layer in self.layers:
             layer.ops = ops
         # Decode steps run every layer in one call of eoq's CPU kernels (csrc/llama_small.cpp) when every projection
         # has a 4-bit copy for them and no bias (with int8 activations where the projections take them: all or
         # none, as prepare set them): steps of up to row_tokens tokens on the row kernels, and where every
         # projection's decodes beyond them run its exact copy in panels (a 4-bit checkpoint: in float32, or beside
-        # oneDNN's bfloat16 weight with Int8Activations.DECODE_PANELS) the bigger ones too, as Linear runs them.
+        # oneDNN's bfloat16 weight with Int8Activations.DECODE_PANELS, up to its decode_panels_max_tokens) the
+        # bigger ones too, as Linear runs them.
         projections = [p for la in self.layers for p in la.projections]
         self.one_call_tokens = self.row_tokens = 0
         self._small_layers = None
@@ -146,7 +148,7 @@ class LlamaDecoder(DecoderModel):
             return
         self.row_tokens = self.one_call_tokens = min(p.int4_max_tokens for p in projections)
         if all(p.decodes_run_panels() for p in projections):
-            self.one_call_tokens = sys.maxsize
+            self.one_call_tokens = min(p.decode_panels_max_tokens for p in projections)
 
     def forward(self, input_ids, positions, kv_caches, meta, logits_indices):
         emb = self.embed(input_ids)  # (T, hidden), model dtype

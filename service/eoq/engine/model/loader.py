@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -41,11 +42,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def build_model(config: PretrainedConfig, max_positions: int, device: torch.device, dtype: torch.dtype,
                 state: dict[str, torch.Tensor], quantized_weights: str = "never", quantized_max_tokens: int = 4,
-                ops: TorchOps = TORCH_OPS,
-                int8_activations: Int8Activations = Int8Activations.OFF) -> DecoderModel:
+                ops: TorchOps = TORCH_OPS, int8_activations: Int8Activations = Int8Activations.OFF,
+                decode_panels_max_tokens: int = sys.maxsize) -> DecoderModel:
     """``quantized_weights`` (auto / int4 / never) and ``quantized_max_tokens``: see ``DecoderModel.quantize``;
-    ``ops``: torch's or eoq's CPU kernels (``ops.select_ops``); ``int8_activations``: the low-bit copies' matmuls
-    take int8 activations (``device.select_int8_activations``)."""
+    ``ops``: torch's or eoq's CPU kernels (``ops.select_ops``); ``int8_activations``, ``decode_panels_max_tokens``:
+    which of the low-bit copies' steps take int8 activations (``device.select_int8_activations``,
+    ``device.decode_panels_max_tokens``)."""
     model = FAMILIES[SUPPORTED_MODEL_TYPES[config.model_type]](config, max_positions)
     model.load_hf_state_dict(dict(state))
     quantize = quantized_weights != "never" and quantized_max_tokens > 0
@@ -58,7 +60,7 @@ def build_model(config: PretrainedConfig, max_positions: int, device: torch.devi
     model.to(device=device, dtype=dtype)
     model.restore_float32(keep, device)
     model.eval()
-    model.prepare(dtype, quantized_max_tokens, ops, int8_activations)
+    model.prepare(dtype, quantized_max_tokens, ops, int8_activations, decode_panels_max_tokens)
     if quantize:
         _log_quantized(model, quantized_weights, quantized_max_tokens, dtype)
     return model
@@ -74,12 +76,13 @@ def _log_quantized(model: DecoderModel, mode: str, max_tokens: int, dtype: torch
         return
     panels = sum(lin.panels_every_step for lin in linears)
     decode_panels = sum(lin.lowbit_panels is not None and not lin.panels_every_step for lin in linears)
+    panels_limit = min(lin.decode_panels_max_tokens for lin in linears)
     int8 = {lin.int8_activations for lin in linears} - {Int8Activations.OFF}
     log.info("quantized weights (%s): %s copies of %d matmuls (%d MiB), used by steps of <= %d tokens%s%s", mode,
              " and ".join(f"{n} {k}" for k, n in kinds.items() if n), len(linears),
              sum(lin.quantized_bytes() for lin in linears) >> 20, max_tokens,
              f"; {panels} of them exact, running every bigger step too in place of their float32 weights"
              if panels else f"; {decode_panels} of them exact, in panels too for the bigger decode steps"
-             if decode_panels else "",
+             + (f" (up to {panels_limit} tokens)" if panels_limit < sys.maxsize else "") if decode_panels else "",
              f"; int8 activations in {' and '.join(sorted(m.value for m in int8))} (integer dot products: "
              f"{model.ops.kernels.int8_dot_isa})" if int8 else "; float32 activations")

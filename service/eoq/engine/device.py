@@ -110,9 +110,11 @@ def select_int8_activations(setting: str, device: torch.device, dtype: torch.dty
 
 # AMX: the decode steps of up to this many rows run the int8 panels (every layer in one kernel call), bigger ones
 # oneDNN's bfloat16 tiles, layer by layer. Measured on a 2-core Intel Xeon with AMX (the default model, a step of
-# that many sequences at 200 tokens of context): 8 rows 17 ms against 39, 32 rows 47 against 61, 64 rows 89 against
-# 91, 96 rows 124 against 106, 128 rows 178 against 140.
-AMX_DECODE_PANELS_MAX_TOKENS = 64
+# that many sequences at 100 tokens of context, against --activation-quantization off): 8 rows 13 ms against 30,
+# 16 rows 21 against 33, 32 rows 38 against 46, 48 rows 53 against 53, 64 rows 69 against 62 (at 200 tokens the
+# same within 2 ms); the server over HTTP (128 tokens each): 8 streams 476 tokens a second against 271, 32 streams
+# 723 against 670, 48 streams 761 against 820, 64 streams 902 against 878 (with the panels up to 48 rows).
+AMX_DECODE_PANELS_MAX_TOKENS = 32
 
 
 def decode_panels_max_tokens(int8_activations: Int8Activations, cpu_amx: bool) -> int:

@@ -255,6 +255,19 @@ def test_decode_steps_take_int8_at_any_size_and_prompt_steps_stay_exact(cpu_kern
         torch.testing.assert_close(lin(x).double(), exact, atol=1e-4, rtol=1e-5)
 
 
+def _bfloat16_decode_panels(gen, out_f: int, in_f: int, kernels, **prepare) -> tuple[Linear, torch.Tensor]:
+    """A bfloat16 Linear over an exact 4-bit weight (returned too) prepared with ``DECODE_PANELS``."""
+    weight = _on_int4_grid(gen, out_f, in_f)
+    lin = Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    assert lin.quantize("auto") == "int4"
+    lin.to(torch.bfloat16)
+    lin.prepare(torch.bfloat16, max_tokens=4, kernels=kernels, int8_activations=Int8Activations.DECODE_PANELS,
+                **prepare)
+    return lin, weight
+
+
 def test_bfloat16_decode_panels_take_int8_beyond_the_row_kernels_only(cpu_kernels_lib) -> None:
     """``DECODE_PANELS`` (auto in bfloat16 on an AVX-512 BF16 CPU): the exact copy in panels is kept beside the
     dtype's weight (oneDNN's, where it packs); decode steps beyond the row kernels run the panels with int8
@@ -262,13 +275,7 @@ def test_bfloat16_decode_panels_take_int8_beyond_the_row_kernels_only(cpu_kernel
     prompts the dtype's matmul."""
     gen = torch.Generator().manual_seed(15)
     out_f, in_f = 48, 128
-    weight = _on_int4_grid(gen, out_f, in_f)
-    lin = Linear(in_f, out_f, bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-    assert lin.quantize("auto") == "int4"
-    lin.to(torch.bfloat16)
-    lin.prepare(torch.bfloat16, max_tokens=4, kernels=cpu_kernels_lib, int8_activations=Int8Activations.DECODE_PANELS)
+    lin, weight = _bfloat16_decode_panels(gen, out_f, in_f, cpu_kernels_lib)
     assert lin.lowbit_panels is not None and lin.decodes_run_panels()
     parts = weight.abs() + 0.05
     for rows in (1, 4):  # the row kernel, float32 arithmetic on the bfloat16 rows
@@ -292,14 +299,7 @@ def test_bfloat16_decode_panels_stop_at_their_limit(cpu_kernels_lib) -> None:
     as prompts do."""
     gen = torch.Generator().manual_seed(16)
     out_f, in_f = 48, 128
-    weight = _on_int4_grid(gen, out_f, in_f)
-    lin = Linear(in_f, out_f, bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-    assert lin.quantize("auto") == "int4"
-    lin.to(torch.bfloat16)
-    lin.prepare(torch.bfloat16, max_tokens=4, kernels=cpu_kernels_lib, int8_activations=Int8Activations.DECODE_PANELS,
-                decode_panels_max_tokens=16)
+    lin, weight = _bfloat16_decode_panels(gen, out_f, in_f, cpu_kernels_lib, decode_panels_max_tokens=16)
     x = _activations(gen, 17, in_f).bfloat16()
     assert lin.runs_int8_activations(16, decode=True) and not lin.runs_int8_activations(17, decode=True)
     assert torch.equal(lin(x[:16], decode=True),

@@ -77,12 +77,16 @@ def _log_quantized(model: DecoderModel, mode: str, max_tokens: int, dtype: torch
     panels = sum(lin.panels_every_step for lin in linears)
     decode_panels = sum(lin.lowbit_panels is not None and not lin.panels_every_step for lin in linears)
     panels_limit = min(lin.decode_panels_max_tokens for lin in linears)
+    if panels:
+        exact = f"; {panels} of them exact, running every bigger step too in place of their float32 weights"
+    elif decode_panels:
+        up_to = f" (up to {panels_limit} tokens)" if panels_limit < sys.maxsize else ""
+        exact = f"; {decode_panels} of them exact, in panels too for the bigger decode steps{up_to}"
+    else:
+        exact = ""
     int8 = {lin.int8_activations for lin in linears} - {Int8Activations.OFF}
     log.info("quantized weights (%s): %s copies of %d matmuls (%d MiB), used by steps of <= %d tokens%s%s", mode,
              " and ".join(f"{n} {k}" for k, n in kinds.items() if n), len(linears),
-             sum(lin.quantized_bytes() for lin in linears) >> 20, max_tokens,
-             f"; {panels} of them exact, running every bigger step too in place of their float32 weights"
-             if panels else f"; {decode_panels} of them exact, in panels too for the bigger decode steps"
-             + (f" (up to {panels_limit} tokens)" if panels_limit < sys.maxsize else "") if decode_panels else "",
+             sum(lin.quantized_bytes() for lin in linears) >> 20, max_tokens, exact,
              f"; int8 activations in {' and '.join(sorted(m.value for m in int8))} (integer dot products: "
              f"{model.ops.kernels.int8_dot_isa})" if int8 else "; float32 activations")

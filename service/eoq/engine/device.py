@@ -87,9 +87,8 @@ def select_int8_activations(setting: str, device: torch.device, dtype: torch.dty
       the panels with VNNI's integer dot products instead of oneDNN's bfloat16 GEMM (on a Zen 5 all of the
       default model's layers at 32 rows ~8.4 ms against 13.3, and 1.26x the tokens a second at 32 streams; on a
       Zen 4 whole decode steps at 32 rows 53 ms against 74 and 1.37x the tokens a second at 32 streams), all of
-      them in one kernel call; with AMX only up to
-      ``decode_panels_max_tokens`` rows; the small steps keep the row kernels' float32 arithmetic, prompts
-      oneDNN's bfloat16 (faster there for both);
+      them in one kernel call; with AMX only up to ``decode_panels_max_tokens`` rows; the small steps keep the
+      row kernels' float32 arithmetic, prompts oneDNN's bfloat16 (faster there for both);
     - else none (CUDA).
     A prompt's own steps never take int8 under 'auto' (int8 there flipped the default model's near-tie France
     answer). 'int8' = every step, on any CPU; 'off' = none (float32 stays exact to the checkpoint's values). Only

@@ -6,8 +6,8 @@ installed; both peers run in child processes, see ``peers.py``), ``http`` and ``
 API — eoq's own HTTP port, llama.cpp's ``llama-server``, vLLM — see ``openai_target.py``) and ``llama-server``
 (llama.cpp's server started from ``--llama-server PATH`` with continuous batching and ``--parallel`` = the highest
 concurrency: the llama.cpp peer as it serves, not one stream at a time). ``--compare server,transformers`` runs several in
-one run, interleaved workload by workload, so their ratios are measured under the same load. Workloads: ``single``, ``conc-N`` and ``turns`` (see ``workloads.py``
-for how each figure is computed). Results: tables on the terminal, ``<out>/<stamp>/results.json`` and PNG plots.
+one run, interleaved workload by workload, so their ratios are measured under the same load. Workloads: ``single``, ``conc-N``, ``turns`` and ``prefill`` (see
+``workloads.py`` for how each figure is computed). Results: tables on the terminal, ``<out>/<stamp>/results.json`` and PNG plots.
 
     eoq bench --address localhost:50051
     eoq bench --compare server,inprocess,transformers,llamacpp --server-pid $(pgrep -f 'eoq serve')
@@ -40,8 +40,10 @@ from eoq_clients.bench.workloads import (
     BenchPlan,
     RequestRecord,
     median_of_runs,
+    prefill_prompt,
     question,
     summarize_batch,
+    summarize_prefill,
     summarize_single,
     summarize_turns,
 )
@@ -61,8 +63,8 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="run the benchmark workloads (single, conc-N, turns) against targets",
-                       description="Run the benchmark workloads (single, conc-N, turns) against an eoq server, "
+    p = sub.add_parser("bench", help="run the benchmark workloads (single, conc-N, turns, prefill) against targets",
+                       description="Run the benchmark workloads (single, conc-N, turns, prefill) against an eoq server, "
                                    "eoq's engine in this process, transformers or llama.cpp; print tables, write "
                                    "results.json and PNG plots.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +81,10 @@ def add_parser(sub) -> None:
     p.add_argument("--turn-max-tokens", type=int, help="most tokens per answer in turns (default 64)")
     p.add_argument("--conversations", type=int, help="parallel conversations in turns (default 8)")
     p.add_argument("--turns", type=int, help="turns per conversation (default 6)")
+    p.add_argument("--prefill-words", type=int,
+                   help="prefill: random words of its prompt (default 110, ~1,130 tokens with the chat template)")
+    p.add_argument("--prefill-requests", type=int,
+                   help="prefill: prompts sent one after another, each new; figures are medians (default 3)")
     p.add_argument("--repeat", type=int, help="runs of each workload; the figures are their medians (default 1)")
     p.add_argument("--warmup-tokens", type=int, help="one short request per target first (0 = none; default 8)")
     p.add_argument("--settle-seconds", type=float, default=5.0,
@@ -123,7 +129,8 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
             raise ValueError(f"--concurrency takes comma-separated numbers, got {args.concurrency!r}") from None
     for flag, name in (("max_tokens", "max_tokens"), ("turn_max_tokens", "turn_max_tokens"),
                        ("conversations", "num_conversations"), ("turns", "num_turns"), ("repeat", "repeat"),
-                       ("warmup_tokens", "warmup_tokens")):
+                       ("warmup_tokens", "warmup_tokens"), ("prefill_words", "prefill_words"),
+                       ("prefill_requests", "prefill_requests")):
         if getattr(args, flag) is not None:
             given[name] = getattr(args, flag)
     return replace(plan, **given)
@@ -215,6 +222,9 @@ class Runner:
                 return {"skipped": target.turns_skipped}
             task, on_tokens = self._task(label, plan.num_conversations * plan.num_turns * plan.turn_max_tokens)
             summary = await self._turns(target, on_tokens)
+        elif workload == "prefill":
+            task, on_tokens = self._task(label, plan.prefill_requests)
+            summary = await self._prefill(target, on_tokens)
         else:
             n = 1 if workload == "single" else int(workload.split("-", 1)[1])
             task, on_tokens = self._task(label, n * plan.max_tokens)
@@ -230,6 +240,14 @@ class Runner:
                 summary["warning"] = f"{len(short)} request(s) did not generate {plan.max_tokens} tokens: {short[:8]}"
         self._done(task)
         return summary
+
+    async def _prefill(self, target: Target, on_tokens: Callable[[int], None]) -> dict:
+        plan = self.plan
+        tag = secrets.token_hex(3)  # a prompt of its own for every request of every run and target
+        records = []
+        for i in range(plan.prefill_requests):  # one after another: each request's TTFT is its prompt's prefill
+            records += await target.generate([prefill_prompt(f"{tag}-{i}", plan.prefill_words)], 1, on_tokens)
+        return summarize_prefill(records)
 
     async def _turns(self, target: Target, on_tokens: Callable[[int], None]) -> dict:
         plan = self.plan

@@ -22,11 +22,14 @@ PLOT_FILES = {"throughput": "throughput.png", "ttft_by_turn": "ttft_by_turn.png"
 
 
 def headline(workload: str, summary: dict) -> float | None:
-    """The one number a workload is compared by: decode tokens/s (single), aggregate tokens/s (conc-N)."""
+    """The one number a workload is compared by: decode tokens/s (single), aggregate tokens/s (conc-N), prompt
+    tokens prefilled a second (prefill)."""
     if workload == "single":
         return summary.get("decode_tokens_per_s")
     if workload.startswith("conc-"):
         return summary.get("tokens_per_s")
+    if workload == "prefill":
+        return summary.get("prefill_tokens_per_s")
     return None
 
 
@@ -43,7 +46,8 @@ def compute_ratios(results: dict, baseline: str) -> dict:
             v = headline(workload, t.get("workloads", {}).get(workload, {}))
             if v is not None:
                 ratios.setdefault(workload, {})[name] = v / b
-    return {"baseline": baseline, "figure": "single: decode tokens/s; conc-N: aggregate tokens/s", "by_workload": ratios}
+    return {"baseline": baseline, "figure": "single: decode tokens/s; conc-N: aggregate tokens/s; prefill: prompt "
+            "tokens/s", "by_workload": ratios}
 
 
 # --- terminal -----------------------------------------------------------------------------------------------
@@ -145,6 +149,18 @@ def print_report(console: Console, results: dict) -> None:
             cells = [f"{_ms(b['ttft_p50_s'])} ({_num(b['cached_prompt_tokens_p50'], '{:.0f}')}/"
                      f"{_num(b['prompt_tokens_p50'], '{:.0f}')})" for b in s["by_turn"]]
             table.add_row(name, *cells)
+        console.print(table)
+
+    if "prefill" in workloads:
+        table = Table(title="prefill: a long prompt, new each time, one forced token (medians)")
+        for col in ("target", "prompt tokens (cached)", "TTFT", "prefill tok/s", *([ratio_col] if ratio_col else [])):
+            table.add_column(col, justify="left" if col == "target" else "right")
+        for name, s in _measured(table, targets, "prefill"):
+            r = ratios.get("prefill", {}).get(name)
+            table.add_row(name, f"{_num(s['prompt_tokens_p50'], '{:.0f}')} "
+                                f"({_num(s['cached_prompt_tokens_p50'], '{:.0f}')})",
+                          _ms(s["ttft_p50_s"]), _num(s["prefill_tokens_per_s"], "{:.0f}"),
+                          *([_num(r, "{:.2f}x")] if ratio_col else []))
         console.print(table)
 
 

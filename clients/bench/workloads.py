@@ -8,12 +8,14 @@ figures are computed here from those records alone, the same way for every targe
 - inter-token latency (ITL): the gap between two consecutive events divided by the tokens in the later event,
   counted once per token (an event with 3 tokens after a 30 ms gap is three 10 ms latencies);
 - decode tokens/s of one stream: tokens after the first event over the time from the first to the last event;
-- aggregate tokens/s of a batch: all generated tokens over the wall time from the first send to the last token.
+- aggregate tokens/s of a batch: all generated tokens over the wall time from the first send to the last token;
+- prefill tokens/s: a long prompt's tokens not found in the prefix cache over its TTFT (one forced token).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,11 +37,18 @@ QUESTIONS: tuple[str, ...] = (
 )
 
 CONCURRENCY_LEVELS: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
-WORKLOAD_KINDS: tuple[str, ...] = ("single", "conc", "turns")
+WORKLOAD_KINDS: tuple[str, ...] = ("single", "conc", "turns", "prefill")
 
 
 def question(i: int) -> str:
     return QUESTIONS[i % len(QUESTIONS)]
+
+
+def prefill_prompt(seed: str, words: int) -> str:
+    """A long question of ``words`` random words ("w" and 9 digits: ~10 tokens each with the default model's
+    tokenizer), different for every ``seed``: a prompt no cache holds, whichever target saw the run's others."""
+    rnd = random.Random(seed)
+    return " ".join(f"w{rnd.randrange(10**9):09d}" for _ in range(words))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +63,15 @@ class BenchPlan:
     turn_max_tokens: int = 64  # an upper bound: answers in `turns` stop at the end-of-answer token
     repeat: int = 1  # runs of each workload; the figures reported are the medians over the runs
     warmup_tokens: int = 8  # one short request per target before measuring (0 = none)
+    prefill_words: int = 110  # `prefill`: the prompt's random words (~1,130 tokens with the chat template)
+    prefill_requests: int = 3  # `prefill`: prompts sent one after another; the figures are their medians
 
     def __post_init__(self) -> None:
         unknown = [w for w in self.workloads if w not in WORKLOAD_KINDS]
         if unknown:
             raise ValueError(f"unknown workload(s) {unknown}: choose from {', '.join(WORKLOAD_KINDS)}")
-        for name in ("max_tokens", "num_conversations", "num_turns", "turn_max_tokens", "repeat"):
+        for name in ("max_tokens", "num_conversations", "num_turns", "turn_max_tokens", "repeat", "prefill_words",
+                     "prefill_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.concurrency or min(self.concurrency) < 1:
@@ -69,7 +81,7 @@ class BenchPlan:
     def quick(cls, workloads: tuple[str, ...] = WORKLOAD_KINDS) -> BenchPlan:
         """A smoke run: every workload, small N, few tokens (seconds, not minutes)."""
         return cls(workloads=workloads, max_tokens=16, concurrency=(1, 4), num_conversations=2, num_turns=3,
-                   turn_max_tokens=16, repeat=1, warmup_tokens=4)
+                   turn_max_tokens=16, repeat=1, warmup_tokens=4, prefill_words=24, prefill_requests=2)
 
     def workload_names(self) -> list[str]:
         names: list[str] = []
@@ -200,6 +212,30 @@ def summarize_turns(by_turn: Sequence[Sequence[RequestRecord]], wall_seconds: fl
         "num_turns": len(by_turn),
         "wall_s": wall_seconds,
         "by_turn": turns,
+    }
+
+
+def summarize_prefill(records: Sequence[RequestRecord]) -> dict:
+    """`prefill` figures, medians over its requests: each request's prompt tokens not found in the prefix cache
+    (all of them where the target does not say) over its TTFT."""
+    rates, ttfts, prompt, cached = [], [], [], []
+    for r in records:
+        if r.ttft is None or r.prompt_tokens is None:
+            continue
+        new = r.prompt_tokens - (r.cached_prompt_tokens or 0)
+        rates.append(new / r.ttft if r.ttft > 0 else None)
+        ttfts.append(r.ttft)
+        prompt.append(r.prompt_tokens)
+        cached.append(r.cached_prompt_tokens or 0)
+    rates = _defined(rates)
+    server_ttfts = _defined(r.server_ttft_seconds for r in records)
+    return {
+        "num_requests": len(records),
+        "prompt_tokens_p50": statistics.median(prompt) if prompt else None,
+        "cached_prompt_tokens_p50": statistics.median(cached) if cached else None,
+        "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
+        "prefill_tokens_per_s": statistics.median(rates) if rates else None,
+        "server_ttft_p50_s": statistics.median(server_ttfts) if server_ttfts else None,
     }
 
 

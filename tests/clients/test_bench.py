@@ -16,7 +16,9 @@ from eoq_clients.bench.workloads import (
     RequestRecord,
     median_of_runs,
     percentile,
+    prefill_prompt,
     summarize_batch,
+    summarize_prefill,
     summarize_single,
     summarize_turns,
 )
@@ -87,6 +89,23 @@ def test_single_and_turns_summaries() -> None:
     assert [b["completion_tokens"] for b in s["by_turn"]] == [4, 2]
 
 
+def test_prefill_summary_counts_the_tokens_not_cached_over_each_ttft() -> None:
+    records = [RequestRecord(0.0, [(0.5, 1)], 1000, 32), RequestRecord(1.0, [(1.25, 1)], 1010, 0),
+               RequestRecord(2.0, [(3.0, 1)], 990, None)]  # a target that does not report cached tokens
+    s = summarize_prefill(records)
+    # (1000 - 32) / 0.5, 1010 / 0.25, 990 / 1.0: the median of the three rates, not a rate of medians
+    assert s["prefill_tokens_per_s"] == pytest.approx(1936.0)
+    assert (s["num_requests"], s["prompt_tokens_p50"], s["cached_prompt_tokens_p50"]) == (3, 1000, 0)
+    assert s["ttft_p50_s"] == pytest.approx(0.5) and s["server_ttft_p50_s"] is None
+    assert summarize_prefill([RequestRecord(0.0)])["prefill_tokens_per_s"] is None  # no token came
+
+
+def test_prefill_prompts_are_new_for_every_seed() -> None:
+    a, b = prefill_prompt("x-0", 110), prefill_prompt("x-1", 110)
+    assert a == prefill_prompt("x-0", 110) and a != b
+    assert len(a.split()) == 110 and all(w[0] == "w" and w[1:].isdigit() and len(w) == 10 for w in a.split())
+
+
 def test_median_of_runs() -> None:
     runs = [{"tokens_per_s": 10.0, "concurrency": 4, "warning": "a"}, {"tokens_per_s": 30.0, "concurrency": 4},
             {"tokens_per_s": 20.0, "concurrency": 4}]
@@ -102,15 +121,21 @@ def test_plan_from_flags(capsys) -> None:
     plan = plan_from_args(args)
     assert plan.concurrency == (2, 8) and plan.max_tokens == 5  # flags win over --quick
     assert plan.num_turns == BenchPlan.quick().num_turns
-    assert plan.workload_names() == ["single", "conc-2", "conc-8", "turns"]
+    assert plan.workload_names() == ["single", "conc-2", "conc-8", "turns", "prefill"]
+    assert (plan.prefill_words, plan.prefill_requests) == (24, 2)
     default = plan_from_args(build_parser().parse_args(["bench"]))
-    assert default.workload_names() == ["single", *(f"conc-{n}" for n in (1, 4, 8, 16, 32, 64)), "turns"]
+    assert default.workload_names() == ["single", *(f"conc-{n}" for n in (1, 4, 8, 16, 32, 64)), "turns", "prefill"]
     assert (default.max_tokens, default.turn_max_tokens, default.num_conversations, default.num_turns) == (128, 64, 8, 6)
+    assert (default.prefill_words, default.prefill_requests) == (110, 3)
+    words = plan_from_args(build_parser().parse_args(["bench", "--workloads", "prefill", "--prefill-words", "50",
+                                                      "--prefill-requests", "5"]))
+    assert words.workload_names() == ["prefill"] and (words.prefill_words, words.prefill_requests) == (50, 5)
 
 
 @pytest.mark.parametrize("argv", [["--workloads", "single,nope"], ["--concurrency", "4,x"], ["--concurrency", "0"],
                                   ["--compare", "server,nope"], ["--compare", "server,server"],
-                                  ["--max-tokens", "0"], ["--compare", "server", "--baseline", "transformers"]])
+                                  ["--max-tokens", "0"], ["--compare", "server", "--baseline", "transformers"],
+                                  ["--prefill-words", "0"]])
 def test_bad_flags_exit_2_before_measuring(argv: list[str], tmp_path: Path, capsys) -> None:
     assert main(["bench", "--address", f"127.0.0.1:{free_port()}", "--out", str(tmp_path), *argv]) == 2
     assert "eoq bench:" in capsys.readouterr().err
@@ -148,6 +173,15 @@ def _assert_png(path: Path) -> None:
     assert path.stat().st_size > 5_000  # axes, lines and labels, not an empty canvas
 
 
+def _assert_prefill(s: dict, words: int) -> None:
+    """``prefill``'s figures: every request answered; its prompt is the random words (~10 tokens each) in the chat
+    template, new each time, so the prefix cache holds at most the template's opening."""
+    assert s["num_requests"] == 2  # --quick
+    assert 8 * words < s["prompt_tokens_p50"] < 16 * words + 100
+    assert s["cached_prompt_tokens_p50"] < s["prompt_tokens_p50"] / 4
+    assert s["ttft_p50_s"] > 0 and s["prefill_tokens_per_s"] > 0
+
+
 def _assert_conc(s: dict, n: int, tokens: int) -> None:
     assert s["concurrency"] == n and s["num_requests"] == n
     assert s["completion_tokens"] == n * tokens  # forced: every request ran to max_tokens
@@ -167,7 +201,7 @@ def test_quick_run_against_the_server(eoq_server: ServerThread, tmp_path: Path, 
     results, folder = _results(tmp_path)
 
     assert results["schema"] == "eoq-bench/1"
-    assert results["plan"]["workload_names"] == ["single", "conc-1", "conc-4", "turns"]
+    assert results["plan"]["workload_names"] == ["single", "conc-1", "conc-4", "turns", "prefill"]
     server = results["targets"]["server"]
     info = server["info"]
     assert info["model"] == "SmolLM2-135M-Instruct"
@@ -197,11 +231,15 @@ def test_quick_run_against_the_server(eoq_server: ServerThread, tmp_path: Path, 
     cached = [b["cached_prompt_tokens_p50"] for b in by_turn]
     assert cached[2] > cached[0], f"later turns reuse the history's KV from the prefix cache: {cached}"
 
+    _assert_prefill(w["prefill"], 24)
+
     assert results["ratios"]["baseline"] == "server"
+    assert results["ratios"]["by_workload"]["prefill"]["server"] == 1.0
     for name in ("throughput.png", "itl.png", "ttft_by_turn.png"):
         _assert_png(folder / name)
     assert set(results["files"]) == {"throughput", "itl", "ttft_by_turn"}
-    for title in ("Targets", "single: one stream", "conc-N: N concurrent", "turns: median TTFT by turn"):
+    for title in ("Targets", "single: one stream", "conc-N: N concurrent", "turns: median TTFT by turn",
+                  "prefill: a long prompt"):
         assert title in printed
     # the run's conversations (1 + 1 + 4 + 2, and the warm-up's) were deleted at the end
     assert _conversation_ids(eoq_server) == conversations_before
@@ -271,6 +309,8 @@ def test_compare_inprocess_engine_with_the_peers(tmp_path: Path, capsys) -> None
     assert hf["workloads"]["single"]["completion_tokens"] == 6
     _assert_conc(hf["workloads"]["conc-2"], 2, 6)
     assert "skipped" in hf["workloads"]["turns"]
+    _assert_prefill(inprocess["workloads"]["prefill"], 24)
+    _assert_prefill(hf["workloads"]["prefill"], 24)
 
     ratios = results["ratios"]
     assert ratios["baseline"] == "transformers"
@@ -369,3 +409,6 @@ def test_grpc_and_http_targets_on_one_server(http_server_thread: ServerThread, t
     assert prompt[0] < prompt[1] < prompt[2], "the client resends the growing conversation"
     cached = [b["cached_prompt_tokens_p50"] for b in by_turn]
     assert cached[2] > cached[0], f"the stateless requests hit the prefix cache: {cached}"
+    # the second target on the same server: prompts of their own, not the gRPC target's again from the cache
+    _assert_prefill(w["prefill"], 24)
+    _assert_prefill(results["targets"]["server"]["workloads"]["prefill"], 24)

@@ -91,7 +91,8 @@ def add_parser(sub) -> None:
                    help="pause after starting the targets, before measuring: a peer that just warmed up may "
                         "still hold a CPU (llama.cpp's threads spin for a while), which skews the first runs")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: conc 1,4, 16 tokens, 2 conversations x 3 turns (flags given still win)")
+                   help="smoke run: conc 1,4, 16 tokens, 2 conversations x 3 turns, 2 prefill prompts of 24 words "
+                        "(flags given still win)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder (default bench-results/)")
     p.add_argument("--server-pid", type=int, help="the server's process id, to read its RSS from /proc")
     p.add_argument("--model", default="default",

@@ -5,9 +5,10 @@ gRPC), ``transformers`` (the baseline: ``generate`` in float32) and ``llamacpp``
 installed; both peers run in child processes, see ``peers.py``), ``http`` and ``http-peer`` (any OpenAI-compatible
 API — eoq's own HTTP port, llama.cpp's ``llama-server``, vLLM — see ``openai_target.py``) and ``llama-server``
 (llama.cpp's server started from ``--llama-server PATH`` with continuous batching and ``--parallel`` = the highest
-concurrency: the llama.cpp peer as it serves, not one stream at a time). ``--compare server,transformers`` runs several in
-one run, interleaved workload by workload, so their ratios are measured under the same load. Workloads: ``single``, ``conc-N``, ``turns`` and ``prefill`` (see
-``workloads.py`` for how each figure is computed). Results: tables on the terminal, ``<out>/<stamp>/results.json`` and PNG plots.
+concurrency: the llama.cpp peer as it serves, not one stream at a time). ``--compare server,transformers`` runs
+several in one run, interleaved workload by workload, so their ratios are measured under the same load. Workloads:
+``single``, ``conc-N``, ``turns`` and ``prefill`` (see ``workloads.py`` for how each figure is computed). Results:
+tables on the terminal, ``<out>/<stamp>/results.json`` and PNG plots.
 
     eoq bench --address localhost:50051
     eoq bench --compare server,inprocess,transformers,llamacpp --server-pid $(pgrep -f 'eoq serve')
@@ -64,9 +65,9 @@ EXAMPLES = """examples:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="run the benchmark workloads (single, conc-N, turns, prefill) against targets",
-                       description="Run the benchmark workloads (single, conc-N, turns, prefill) against an eoq server, "
-                                   "eoq's engine in this process, transformers or llama.cpp; print tables, write "
-                                   "results.json and PNG plots.",
+                       description="Run the benchmark workloads (single, conc-N, turns, prefill) against an eoq "
+                                   "server, eoq's engine in this process, transformers or llama.cpp; print tables, "
+                                   "write results.json and PNG plots.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_connection_flags(p)
     p.add_argument("--target", choices=TARGETS, default="server", help="what to measure (default: server)")

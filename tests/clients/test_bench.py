@@ -124,7 +124,8 @@ def test_plan_from_flags(capsys) -> None:
     assert plan.workload_names() == ["single", "conc-2", "conc-8", "turns", "prefill"]
     assert (plan.prefill_words, plan.prefill_requests) == (24, 2)
     default = plan_from_args(build_parser().parse_args(["bench"]))
-    assert default.workload_names() == ["single", *(f"conc-{n}" for n in (1, 4, 8, 16, 32, 64)), "turns", "prefill"]
+    levels = (1, 4, 8, 16, 32, 64)
+    assert default.workload_names() == ["single", *(f"conc-{n}" for n in levels), "turns", "prefill"]
     assert (default.max_tokens, default.turn_max_tokens, default.num_conversations, default.num_turns) == (128, 64, 8, 6)
     assert (default.prefill_words, default.prefill_requests) == (110, 3)
     words = plan_from_args(build_parser().parse_args(["bench", "--workloads", "prefill", "--prefill-words", "50",
